@@ -1,0 +1,23 @@
+# The README's two commands: `make quickstart` and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install install-test quickstart test lint
+
+# torch==2.13.0 only when no torch is importable: a GPU user's CUDA build is left alone.
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e .
+
+install-test:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test]"
+
+quickstart: install
+	bash examples/quickstart.sh
+
+lint:
+	$(PYTHON) -m ruff check .
+
+test: install-test lint
+	$(PYTHON) -m pytest

@@ -1,0 +1,1 @@
+"""Triton kernels (flash attention, RMSNorm) with PyTorch autograd wrappers."""

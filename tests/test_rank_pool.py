@@ -1,0 +1,31 @@
+"""The multi-rank harness itself: real gloo collectives, errors carried back with the rank."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.rank_pool import RankFailure, RankPool
+
+
+def _all_reduce_rank() -> tuple[int, float]:
+    t = torch.tensor([float(dist.get_rank())])
+    dist.all_reduce(t)
+    return dist.get_rank(), t.item()
+
+
+def _fail_on_rank_one() -> int:
+    if dist.get_rank() == 1:
+        raise ValueError("deliberate")
+    return dist.get_rank()
+
+
+def test_pool_runs_collectives_and_reports_errors():
+    pool = RankPool(world_size=3)
+    try:
+        assert pool.run(_all_reduce_rank) == [(0, 3.0), (1, 3.0), (2, 3.0)]
+        with pytest.raises(RankFailure, match="(?s)rank 1:.*ValueError: deliberate"):
+            pool.run(_fail_on_rank_one)
+        # The pool restarts after a failure.
+        assert pool.run(_all_reduce_rank) == [(0, 3.0), (1, 3.0), (2, 3.0)]
+    finally:
+        pool.close()
