@@ -1,0 +1,5 @@
+"""Gradient reduction across ranks after the backward pass."""
+
+from engine.distributed.finalize_grads import finalize_model_grads, mark_partial_over_tp
+
+__all__ = ["finalize_model_grads", "mark_partial_over_tp"]

@@ -1,0 +1,54 @@
+"""The compute backends that attention and RMSNorm call, chosen by name in `ModelConfig`.
+
+"torch" is the portable reference (scaled_dot_product_attention, an eager RMSNorm); "triton"
+calls the kernels in `kernels/`, imported only when chosen so that Triton stays optional.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[..., torch.Tensor]
+"""``fn(q, k, v, is_causal, dropout_p) -> out``; q ``[b, hq, s, d]``, k/v ``[b, hkv, s, d]``."""
+
+NormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+"""``fn(x, weight, eps) -> out``; x ``[*, h]``, weight ``[h]``."""
+
+
+def torch_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """PyTorch SDPA; fewer K/V heads than query heads means grouped-query attention."""
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1)
+    )
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA's RMSNorm: statistics in float32, normalised value cast back before the weight."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def triton_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, dropout_p: float = 0.0
+) -> torch.Tensor:
+    if dropout_p:
+        raise ValueError("the triton attention backend has no dropout; use --attention-dropout 0")
+    from kernels.flash_attention import flash_attn_func
+
+    return flash_attn_func(q, k, v, is_causal=is_causal)
+
+
+def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from kernels.rmsnorm import rms_norm
+
+    return rms_norm(x, weight, eps)
+
+
+ATTENTION_BACKENDS: dict[str, AttentionFn] = {"torch": torch_attention, "triton": triton_attention}
+NORM_BACKENDS: dict[str, NormFn] = {"torch": torch_rms_norm, "triton": triton_rms_norm}

@@ -1,0 +1,289 @@
+"""Tensor-parallel layers: column- and row-parallel linear, vocab-parallel embedding.
+
+A transformer block pairs them so that one all-reduce (or, with sequence parallelism, one
+all-gather and one reduce-scatter) covers a whole attention or MLP sub-block:
+
+    x [s, b, h] -> ColumnParallel -> [s, b, o/tp] -> local op -> RowParallel -> [s, b, h]
+
+Initialisation does not depend on the layout: each layer builds its full (unsharded) weight on
+the CPU in float32, fills it with ``init_method``, and keeps its own slice. With seeded init
+methods, gathered weights are therefore identical for every TP size.
+
+Parameters carry the attributes that checkpointing, resharding and gradient clipping read:
+``tensor_model_parallel`` (bool), ``partition_dim`` and ``partition_sizes`` (the full sizes of
+the blocks that are each split over TP, for fused projections such as Q|K|V or gate|up).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from engine import parallel_state
+from engine.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from engine.tensor_parallel.sharding import shard_tensor
+
+InitMethod = Callable[[torch.Tensor], None]
+"""Fills a full, unsharded float32 CPU weight in place."""
+
+
+def normal_init(std: float = 0.02, seed: int | None = None) -> InitMethod:
+    """Normal(0, std) init; with a seed it draws from its own generator (layout-independent)."""
+
+    def init(weight: torch.Tensor) -> None:
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            weight.normal_(0.0, std, generator=generator)
+
+    return init
+
+
+def _tp_group_rank_size(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup, int, int]:
+    group = parallel_state.get_tensor_model_parallel_group() if group is None else group
+    return group, dist.get_rank(group), dist.get_world_size(group)
+
+
+def _divide(total: int, parts: int, what: str) -> int:
+    if total % parts != 0:
+        raise ValueError(f"{what} ({total}) is not divisible by tensor parallel size ({parts})")
+    return total // parts
+
+
+def _make_weight(
+    shape: tuple[int, int], dtype: torch.dtype | None, device: torch.device | str | None
+) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+
+
+def _initialise_shard(
+    weight: nn.Parameter,
+    full_shape: tuple[int, int],
+    init_method: InitMethod,
+    partition_dim: int,
+    partition_sizes: Sequence[int],
+    rank: int,
+    world: int,
+) -> None:
+    """Fill ``weight`` with this rank's slice of a freshly initialised full weight."""
+    if weight.device.type == "meta":
+        return
+    full = torch.empty(full_shape, dtype=torch.float32)
+    init_method(full)
+    with torch.no_grad():
+        weight.copy_(shard_tensor(full, partition_dim, partition_sizes, rank, world))
+
+
+def _mark(param: nn.Parameter, partition_dim: int, partition_sizes: Sequence[int]) -> None:
+    param.tensor_model_parallel = True
+    param.partition_dim = partition_dim
+    param.partition_sizes = tuple(partition_sizes)
+
+
+class ColumnParallelLinear(nn.Module):
+    """``Y = X A^T + b`` with the output features (rows of A) split over the TP group.
+
+    Args:
+        input_size: input features ``h``.
+        output_size: output features, or a list of block sizes for a fused projection
+            (e.g. ``[q, kv, kv]``): each block is split over TP on its own, so every rank holds
+            whole heads of each.
+        bias: add a (sharded) bias.
+        gather_output: all-gather the output so every rank gets all features.
+        sequence_parallel: the input is sharded along the sequence; it is all-gathered first.
+        init_method: fills the full weight (see `InitMethod`); default normal(0, 0.02).
+
+    Shapes:
+        input ``[s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism; any leading dims
+        otherwise), output ``[s, b, o/tp]`` (``[s, b, o]`` with ``gather_output``).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int | Sequence[int],
+        *,
+        bias: bool = False,
+        gather_output: bool = False,
+        sequence_parallel: bool = False,
+        init_method: InitMethod | None = None,
+        group: dist.ProcessGroup | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.group, rank, world = _tp_group_rank_size(group)
+        sizes = [output_size] if isinstance(output_size, int) else list(output_size)
+        if gather_output and len(sizes) > 1:
+            raise ValueError("gather_output is not supported for fused (multi-block) projections")
+        if gather_output and sequence_parallel:
+            raise ValueError("gather_output cannot be combined with sequence_parallel")
+        local = [_divide(size, world, "output block size") for size in sizes]
+        self.input_size, self.output_size = input_size, sum(sizes)
+        self.output_size_per_partition = sum(local)
+        self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
+
+        self.weight = _make_weight((self.output_size_per_partition, input_size), dtype, device)
+        _initialise_shard(
+            self.weight, (self.output_size, input_size), init_method or normal_init(),
+            0, sizes, rank, world,
+        )  # fmt: skip
+        _mark(self.weight, 0, sizes)
+        if bias:
+            self.bias = nn.Parameter(
+                torch.zeros(self.output_size_per_partition, dtype=dtype, device=device)
+            )
+            _mark(self.bias, 0, sizes)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight`` overrides the layer's own (a tied output head passes the embedding's)."""
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, self.group)
+        else:
+            x = copy_to_tensor_model_parallel_region(x, self.group)
+        y = F.linear(x, self.weight if weight is None else weight, self.bias)
+        if self.gather_output:
+            y = gather_from_tensor_model_parallel_region(y, self.group)
+        return y
+
+
+class RowParallelLinear(nn.Module):
+    """``Y = X A^T + b`` with the input features (columns of A) split over the TP group.
+
+    Each rank multiplies its slice of the input by its slice of A; the partial products are
+    summed by an all-reduce (or reduce-scattered along the sequence with sequence parallelism).
+
+    Args:
+        input_is_parallel: the input already arrives split along its last dimension (from a
+            column-parallel layer); otherwise it is scattered first.
+        sequence_parallel: leave the output sharded along the sequence: ``[s/tp, b, h]``.
+
+    Shapes:
+        input ``[s, b, i/tp]`` (``[s, b, i]`` when not ``input_is_parallel``), output
+        ``[s, b, o]`` (``[s/tp, b, o]`` with sequence parallelism).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        bias: bool = False,
+        input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
+        init_method: InitMethod | None = None,
+        group: dist.ProcessGroup | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.group, rank, world = _tp_group_rank_size(group)
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("sequence_parallel requires input_is_parallel=True")
+        self.input_size, self.output_size = input_size, output_size
+        self.input_size_per_partition = _divide(input_size, world, "input size")
+        self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
+
+        self.weight = _make_weight((output_size, self.input_size_per_partition), dtype, device)
+        _initialise_shard(
+            self.weight, (output_size, input_size), init_method or normal_init(),
+            1, [input_size], rank, world,
+        )  # fmt: skip
+        _mark(self.weight, 1, [input_size])
+        if bias:
+            # The bias is added once, after the reduction, so it is replicated; with sequence
+            # parallelism each rank sees a slice of the sequence, so its gradient is partial.
+            self.bias = nn.Parameter(torch.zeros(output_size, dtype=dtype, device=device))
+            self.bias.sequence_parallel = sequence_parallel
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_model_parallel_region(x, self.group)
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(y, self.group)
+        else:
+            y = reduce_from_tensor_model_parallel_region(y, self.group)
+        return y if self.bias is None else y + self.bias
+
+
+def pad_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: int = 128) -> int:
+    """Megatron's ``--make-vocab-size-divisible-by``: pad to a multiple of divisible_by x TP."""
+    multiple = divisible_by * tensor_parallel_size
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the (padded) vocabulary split over the TP group.
+
+    Each rank looks up the ids in its vocabulary range and contributes zeros for the others;
+    an all-reduce (or a reduce-scatter along the sequence) assembles the result. Padding rows
+    (ids ``vocab_size .. padded_vocab_size``) are initialised to zero.
+
+    Args:
+        vocab_size: the tokenizer's vocabulary size.
+        make_vocab_size_divisible_by: padding granularity per TP rank (Megatron's default 128).
+        sequence_parallel: ids come sequence-first ``[s, b]`` and the output stays sharded
+            along the sequence, ``[s/tp, b, h]``.
+
+    Shapes:
+        ids ``[*]`` -> ``[*, h]``; with sequence parallelism ``[s, b]`` -> ``[s/tp, b, h]``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int,
+        *,
+        make_vocab_size_divisible_by: int = 128,
+        sequence_parallel: bool = False,
+        init_method: InitMethod | None = None,
+        group: dist.ProcessGroup | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.group, rank, world = _tp_group_rank_size(group)
+        self.vocab_size, self.embedding_dim = vocab_size, embedding_dim
+        self.padded_vocab_size = pad_vocab_size(vocab_size, world, make_vocab_size_divisible_by)
+        self.num_embeddings_per_partition = self.padded_vocab_size // world
+        self.vocab_start_index = rank * self.num_embeddings_per_partition
+        self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
+        self.sequence_parallel = sequence_parallel
+
+        self.weight = _make_weight(
+            (self.num_embeddings_per_partition, embedding_dim), dtype, device
+        )
+        init = init_method or normal_init()
+        _initialise_shard(
+            self.weight, (self.padded_vocab_size, embedding_dim),
+            lambda full: (init(full[:vocab_size]), full[vocab_size:].zero_()),
+            0, [self.padded_vocab_size], rank, world,
+        )  # fmt: skip
+        _mark(self.weight, 0, [self.padded_vocab_size])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if dist.get_world_size(self.group) > 1:
+            outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)
+            local_ids = (ids - self.vocab_start_index).masked_fill(outside, 0)
+            out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        else:
+            out = F.embedding(ids, self.weight)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(out, self.group)
+        return reduce_from_tensor_model_parallel_region(out, self.group)

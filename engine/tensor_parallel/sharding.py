@@ -1,0 +1,44 @@
+"""How a tensor-parallel parameter maps to its full tensor, both ways.
+
+A parameter marked by the parallel layers (``tensor_model_parallel``, ``partition_dim``,
+``partition_sizes``) holds, along ``partition_dim``, this rank's chunk of each block of the full
+tensor, concatenated: for a fused Q|K|V projection that is ``[q_r | k_r | v_r]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def shard_tensor(
+    full: torch.Tensor, partition_dim: int, partition_sizes: Sequence[int], rank: int, world: int
+) -> torch.Tensor:
+    """This rank's shard of ``full``: chunk ``rank`` of every block, concatenated."""
+    blocks = full.split(list(partition_sizes), dim=partition_dim)
+    return torch.cat(
+        [block.chunk(world, dim=partition_dim)[rank] for block in blocks], partition_dim
+    )
+
+
+def gather_tensor(
+    local: torch.Tensor,
+    partition_dim: int,
+    partition_sizes: Sequence[int],
+    group: dist.ProcessGroup,
+) -> torch.Tensor:
+    """The full tensor from every rank's shard (collective over ``group``)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return local.clone()
+    shards = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(shards, local.contiguous(), group=group)
+    local_sizes = [size // world for size in partition_sizes]
+    per_rank_blocks = [shard.split(local_sizes, dim=partition_dim) for shard in shards]
+    blocks = [
+        torch.cat([blocks[i] for blocks in per_rank_blocks], dim=partition_dim)
+        for i in range(len(partition_sizes))
+    ]
+    return torch.cat(blocks, dim=partition_dim)
