@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import parallel_state
-from engine.config import ModelConfig
+from engine.config import ModelConfig, ParallelConfig, validate
 from engine.distributed.finalize_grads import mark_partial_over_tp
 from engine.models.backends import ATTENTION_BACKENDS, NORM_BACKENDS
 from engine.tensor_parallel import (
@@ -262,6 +262,16 @@ class LlamaModel(nn.Module):
         layer_numbers: list[int] | None = None,
     ):
         super().__init__()
+        validate(
+            config,
+            ParallelConfig(
+                tensor_model_parallel_size=_tp_size(),
+                pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+                virtual_pipeline_model_parallel_size=(
+                    parallel_state.get_virtual_pipeline_model_parallel_world_size()
+                ),
+            ),
+        )
         self.config = config
         self.pre_process = (
             parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process
@@ -287,6 +297,7 @@ class LlamaModel(nn.Module):
         if self.post_process:
             self.final_norm = RMSNorm(config)
             padded = pad_vocab_size(config.vocab_size, self.tp, config.make_vocab_size_divisible_by)
+            self.padded_vocab_size = padded
             # A tied head off the first stage keeps its own copy, initialised like the
             # embedding (same seed); the pipeline keeps the two in sync.
             head_seed_name = "embedding" if config.tie_word_embeddings else "output"

@@ -1,4 +1,5 @@
-"""Tensor parallelism: communication ops, parallel layers and vocab-parallel cross entropy."""
+"""Tensor parallelism: communication ops, parallel layers, vocab-parallel cross entropy, and
+the RNG streams and activation recomputation that go with them."""
 
 from engine.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from engine.tensor_parallel.layers import (
@@ -18,8 +19,24 @@ from engine.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
+from engine.tensor_parallel.random import (
+    MODEL_PARALLEL_RNG_NAME,
+    RNGStatesTracker,
+    checkpoint,
+    get_rng_states,
+    get_rng_tracker,
+    model_parallel_seed,
+    set_rng_states,
+)
 
 __all__ = [
+    "MODEL_PARALLEL_RNG_NAME",
+    "RNGStatesTracker",
+    "checkpoint",
+    "get_rng_states",
+    "get_rng_tracker",
+    "model_parallel_seed",
+    "set_rng_states",
     "ColumnParallelLinear",
     "InitMethod",
     "RowParallelLinear",
