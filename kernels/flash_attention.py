@@ -393,6 +393,22 @@ def document_bounds(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
+def document_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The varlen interface: cumulative lengths -> `document_ids` for `flash_attn_func`.
+
+    Args:
+        cu_seqlens: [documents + 1] integers 0, l0, l0 + l1, ... (as in flash-attn's varlen API).
+        seq_len: the packed length; positions past ``cu_seqlens[-1]`` (padding) form one more
+            document of their own.
+
+    Returns:
+        [1, seq_len] int32: pack the documents as a batch of one sequence.
+    """
+    positions = torch.arange(seq_len, device=cu_seqlens.device)
+    ids = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
+    return ids.to(torch.int32)[None]
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,

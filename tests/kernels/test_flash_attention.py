@@ -14,6 +14,7 @@ pytest.importorskip("triton", reason="the Triton kernels need the `triton` packa
 from kernels.flash_attention import (  # noqa: E402
     _fits_shared_memory,
     document_bounds,
+    document_ids_from_cu_seqlens,
     flash_attn_func,
 )
 from kernels.reference import attention_reference  # noqa: E402
@@ -115,6 +116,12 @@ def test_document_bounds():
     start, end = document_bounds(ids)
     assert start.tolist() == [[0, 0, 2, 2, 2, 5], [0, 1, 1, 3, 3, 3]]
     assert end.tolist() == [[2, 2, 5, 5, 5, 6], [1, 3, 3, 6, 6, 6]]  # a reused id is a new run
+
+
+def test_document_ids_from_cu_seqlens():
+    ids = document_ids_from_cu_seqlens(torch.tensor([0, 3, 7, 10]), 12)
+    assert ids.dtype == torch.int32
+    assert ids.tolist() == [[0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3]]  # the padding is its own run
 
 
 def test_shared_memory_pruning_keeps_small_tiles_for_wide_heads():
