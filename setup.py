@@ -3,7 +3,19 @@
 torch is a lower bound only: GPU users keep whatever CUDA build they already have.
 """
 
+from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
+
+# The data pipeline's index builders (csrc/helpers.cpp); pybind11 comes from pyproject.toml's
+# [build-system] requires, so a plain `pip install -e .` builds it.
+ext_modules = [
+    Pybind11Extension(
+        "engine.data.helpers",
+        ["csrc/helpers.cpp"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    )
+]
 
 setup(
     name="engine",
@@ -11,6 +23,8 @@ setup(
     description="A Megatron-style 3D-parallel training engine for LLaMA-family models",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
     python_requires=">=3.10",
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
     install_requires=["torch>=2.3", "numpy>=1.24"],
     extras_require={
         "test": [
@@ -21,6 +35,10 @@ setup(
             "safetensors>=0.4",
             "ruff>=0.5",
             "triton>=3.0; platform_system == 'Linux'",
+            # Data-pipeline tests only: Megatron-Core reads/writes the reference .bin/.idx
+            # files; zstandard reads .zst input.
+            "megatron-core>=0.16.1",
+            "zstandard>=0.22",
         ],
         "triton": ["triton>=3.0"],
     },

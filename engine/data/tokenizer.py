@@ -1,0 +1,218 @@
+"""Tokenizers with Megatron's interface: vocab_size, eod, bos, pad, tokenize, detokenize.
+
+Two families, chosen by `--tokenizer-type` as in Megatron-LM:
+
+- SentencePiece (`SentencePieceTokenizer`, `GPTSentencePieceTokenizer`, `Llama2Tokenizer`): a
+  `.model` file such as LLaMA-2's. `tokenize` adds no BOS/EOS (Megatron's default for
+  documents); `eod` is the model's EOS id.
+- HuggingFace (`HuggingFaceTokenizer`): a `tokenizer.json`, or a directory holding one (and
+  optionally `tokenizer_config.json`, which names the EOS/BOS/PAD tokens). As Megatron-LM's
+  wrapper does by default (since it dropped the opposite default of Megatron-Core 0.16),
+  `tokenize` applies the tokenizer's post-processor, so LLaMA-style ones add BOS;
+  `add_special_tokens=False` (`--tokenizer-hf-no-include-special-tokens`) leaves it out.
+
+`tokenize_batch` encodes many texts with the library's own multi-threaded batch encoder; the
+preprocessing tool uses it to stay close to the tokenizer's raw speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+HUGGINGFACE_TYPES = ("HuggingFaceTokenizer",)
+TOKENIZER_TYPES = SENTENCEPIECE_TYPES + HUGGINGFACE_TYPES
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids (unpadded)."""
+
+    @property
+    @abstractmethod
+    def eod(self) -> int:
+        """End-of-document id appended by `--append-eod`."""
+
+    @property
+    @abstractmethod
+    def bos(self) -> int | None:
+        """Beginning-of-sequence id, if the vocabulary has one."""
+
+    @property
+    @abstractmethod
+    def pad(self) -> int | None:
+        """Padding id, if the vocabulary has one."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of one text."""
+
+    @abstractmethod
+    def detokenize(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of token ids."""
+
+    def tokenize_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        """`tokenize` of each text; subclasses use the library's threaded batch encoder."""
+        return [self.tokenize(text) for text in texts]
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece `.model` (LLaMA-2 style: BOS 1 and EOS 2, added by the caller)."""
+
+    def __init__(self, model_path: str | os.PathLike):
+        import sentencepiece
+
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--tokenizer-model {path}: no such SentencePiece model file")
+        self.model_path = str(path)
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=self.model_path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def eod(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def bos(self) -> int | None:
+        return _optional_id(self._sp.bos_id())
+
+    @property
+    def pad(self) -> int | None:
+        return _optional_id(self._sp.pad_id())
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def tokenize_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        # SentencePiece encodes a list on its own C++ threads without the GIL.
+        return self._sp.encode(list(texts), num_threads=num_threads)
+
+    def detokenize(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def __getstate__(self) -> dict:
+        return {"model_path": self.model_path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_path"])
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A HuggingFace `tokenizers` tokenizer from a `tokenizer.json` or a directory with one."""
+
+    def __init__(self, path: str | os.PathLike, add_special_tokens: bool = True):
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"--tokenizer-model {path}: expected a tokenizer.json or a directory holding one"
+            )
+        self.path = str(path)
+        self.add_special_tokens = add_special_tokens
+        self._tok = _HFTokenizer.from_file(str(file))
+        config = _read_json(file.parent / "tokenizer_config.json")
+        self._special = {
+            role: _token_text(config.get(f"{role}_token")) for role in ("eos", "bos", "pad")
+        }
+
+    def _special_id(self, role: str) -> int | None:
+        text = self._special[role]
+        if text is None:
+            return None
+        return self._tok.token_to_id(text)
+
+    @property
+    def vocab_size(self) -> int:
+        # Megatron's HF wrapper uses len(tokenizer): the vocabulary plus added tokens.
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eod(self) -> int:
+        eos = self._special_id("eos")
+        if eos is None:
+            for candidate in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>"):
+                eos = self._tok.token_to_id(candidate)
+                if eos is not None:
+                    break
+        if eos is None:
+            raise ValueError(
+                f"{self.path}: no end-of-document token: add eos_token to tokenizer_config.json"
+            )
+        return eos
+
+    @property
+    def bos(self) -> int | None:
+        return self._special_id("bos")
+
+    @property
+    def pad(self) -> int | None:
+        return self._special_id("pad")
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=self.add_special_tokens).ids
+
+    def tokenize_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        # encode_batch parallelises in Rust (RAYON_NUM_THREADS caps it) without the GIL.
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
+        return [encoding.ids for encoding in encodings]
+
+    def detokenize(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "add_special_tokens": self.add_special_tokens}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+
+def build_tokenizer(
+    tokenizer_type: str,
+    tokenizer_model: str | os.PathLike | None,
+    hf_include_special_tokens: bool = True,
+) -> Tokenizer:
+    """The tokenizer for Megatron's `--tokenizer-type` and `--tokenizer-model` flags
+    (`hf_include_special_tokens=False` is `--tokenizer-hf-no-include-special-tokens`)."""
+    if tokenizer_model is None:
+        raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model")
+    if tokenizer_type in SENTENCEPIECE_TYPES:
+        return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type in HUGGINGFACE_TYPES:
+        return HuggingFaceTokenizer(tokenizer_model, hf_include_special_tokens)
+    raise ValueError(
+        f"--tokenizer-type {tokenizer_type!r} is not supported; use one of {TOKENIZER_TYPES}"
+    )
+
+
+def _optional_id(token_id: int) -> int | None:
+    return None if token_id < 0 else token_id  # SentencePiece says -1 for "none"
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _token_text(entry: str | dict | None) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
+    if isinstance(entry, dict):
+        return entry.get("content")
+    return entry

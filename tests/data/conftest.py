@@ -1,0 +1,66 @@
+"""Fixtures shared by the data-pipeline tests: the shared test data and a small HF tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+SP_MODEL = SHARED_DATA / "llama2-tokenizer.model"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def sp_model() -> Path:
+    """The LLaMA-2 SentencePiece model from ../shared/data (skips when it is absent)."""
+    if not SP_MODEL.is_file():
+        pytest.skip(f"{SP_MODEL} absent: the shared test data is not checked out beside the repo")
+    return SP_MODEL
+
+
+@pytest.fixture(scope="session")
+def shakespeare_docs() -> list[str]:
+    """tinyshakespeare split into paragraphs, one document each (skips when absent)."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(
+            f"{SHAKESPEARE} absent: the shared test data is not checked out beside the repo"
+        )
+    return SHAKESPEARE.read_text(encoding="utf-8").split("\n\n")
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE tokenizer (2,000 entries, BOS added by its post-processor), trained
+    here on a few sentences so the test needs no download; saved as tokenizer.json plus a
+    tokenizer_config.json naming its special tokens, as a HuggingFace model directory has."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [
+        "First Citizen: Before we proceed any further, hear me speak.",
+        "All: Speak, speak. You are all resolved rather to die than to famish?",
+        "We are accounted poor citizens, the patricians good.",
+    ] * 20
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    directory = tmp_path_factory.mktemp("hf_tokenizer")
+    tok.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory

@@ -1,0 +1,344 @@
+"""JSONL (plain, .gz or .zst) -> `{output_prefix}_{key}_document.bin/.idx`, Megatron-LM style.
+
+Same flags and same bytes as Megatron-LM's `tools/preprocess_data.py`::
+
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
+        --tokenizer-type Llama2Tokenizer --tokenizer-model tokenizer.model --append-eod \\
+        --workers 2
+
+What Megatron's tool writes, and so this one: one document per input line and, for a string
+value, one sequence per document; a list of strings is a document of one sequence per
+non-empty string; EOD is appended to the last sequence of non-empty documents only; a
+document that tokenizes to nothing is still recorded (a document-index entry with no
+sequence); tokens are uint16 below 65,500 vocabulary entries, else int32. With
+`--partitions P`, Megatron sends line i to partition i % P and concatenates the partitions in
+order; this tool keeps that order so the output stays byte-identical.
+
+How it differs: the input is streamed in bounded batches (memory does not grow with the
+corpus), the tokenizer's own threaded batch encoder does the work (`--workers` threads) while
+the next batch is parsed, and malformed lines are counted, reported with line numbers and
+skipped (or fatal with `--strict`) instead of crashing the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import chain
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.data.indexed_dataset import IndexedDatasetBuilder, optimal_dtype  # noqa: E402
+from engine.data.tokenizer import TOKENIZER_TYPES, Tokenizer, build_tokenizer  # noqa: E402
+
+_BATCH_LINES = 2048
+_BATCH_BYTES = 8 << 20  # a batch holds at most this much JSON (plus one line)
+_REPORTED_MALFORMED = 10
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse Megatron-LM's preprocessing flags (plus `--strict`)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = parser.add_argument_group("input data")
+    group.add_argument("--input", required=True, help="JSONL file (.gz/.zst ok) or a glob")
+    group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize")
+    group.add_argument("--strict", action="store_true", help="stop at the first malformed line")
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    group.add_argument("--tokenizer-model", help="SentencePiece .model, or HF tokenizer.json/dir")
+    group.add_argument(
+        "--tokenizer-hf-no-include-special-tokens",
+        action="store_true",
+        help="HuggingFaceTokenizer: do not add BOS/EOS templates",
+    )
+    group.add_argument("--append-eod", action="store_true", help="append EOD to each document")
+    group = parser.add_argument_group("output data")
+    group.add_argument("--output-prefix", required=True, help="output path without suffix")
+    group = parser.add_argument_group("runtime")
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="tokenizer threads (default: all cores)",
+    )
+    group.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="Megatron's partition count; only changes document order",
+    )
+    group.add_argument(
+        "--log-interval", type=int, default=1000, help="documents between progress lines"
+    )
+    args = parser.parse_args(argv)
+    for flag in ("workers", "partitions", "log_interval"):
+        if getattr(args, flag) < 1:
+            parser.error(
+                f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
+            )
+    return args
+
+
+def input_files(pattern: str) -> list[str]:
+    """The files `--input` names: one path, or every match of a glob (sorted)."""
+    if os.path.isfile(pattern):
+        return [pattern]
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise SystemExit(f"error: --input {pattern}: no such file (and no glob match)")
+    return files
+
+
+def open_lines(path: str) -> io.BufferedIOBase:
+    """A binary stream of the decompressed file (gzip by `.gz`, zstd by `.zst`)."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError as error:
+            message = f"error: --input {path}: reading .zst needs `pip install zstandard`"
+            raise SystemExit(message) from error
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+    return open(path, "rb")
+
+
+def check_output_prefix(prefix: str) -> None:
+    """Create the output directory, and fail now (not after hours of work) if it is unwritable."""
+    directory = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        message = f"error: --output-prefix {prefix}: cannot write to {directory}: {error}"
+        raise SystemExit(message) from error
+
+
+@dataclass
+class Stats:
+    """Counters for the progress line and the summary."""
+
+    documents: int = 0
+    tokens: int = 0
+    input_bytes: int = 0
+    malformed: int = 0
+    examples: list[str] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+
+    def rates(self) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return (
+            f"{self.documents / elapsed:,.0f} docs/s, {self.tokens / elapsed:,.0f} tokens/s, "
+            f"{self.input_bytes / elapsed / 2**20:.2f} MB/s"
+        )
+
+
+@dataclass
+class Batch:
+    """Parsed lines: per key, the texts (sentences) of each valid line, and its partition."""
+
+    texts: dict[str, list[str]]
+    sentences: dict[str, list[int]]  # per key: how many texts each document has
+    partitions: list[int]
+    input_bytes: int
+
+
+def parse_line(line: bytes, keys: list[str]) -> tuple[dict[str, list[str]] | None, str]:
+    """The texts of each key of one JSONL line, or (None, why it is malformed)."""
+    if not line.strip():
+        return None, "empty line"
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return None, f"invalid JSON ({error.msg if hasattr(error, 'msg') else error})"
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}"
+    texts = {}
+    for key in keys:
+        if key not in record:
+            return None, f"missing key {key!r}"
+        value = record[key]
+        if isinstance(value, str):
+            texts[key] = [value]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            texts[key] = value  # pre-split sentences, as Megatron accepts
+        else:
+            return None, f"key {key!r} is {type(value).__name__}, expected a string"
+    return texts, ""
+
+
+def read_batches(args: argparse.Namespace, stats: Stats) -> Iterator[Batch]:
+    """Stream the input as parsed batches, recording (or, with --strict, raising) bad lines."""
+    line_number = 0  # over all files, as Megatron's round-robin partitioning counts them
+    for path in input_files(args.input):
+        with open_lines(path) as stream:
+            batch = _new_batch(args.json_keys)
+            for file_line, line in enumerate(stream, start=1):
+                partition = line_number % args.partitions
+                line_number += 1
+                texts, problem = parse_line(line, args.json_keys)
+                batch.input_bytes += len(line)
+                if texts is None:
+                    where = f"{path}:{file_line}: {problem}"
+                    if args.strict:
+                        raise SystemExit(f"error: malformed input line (--strict): {where}")
+                    stats.malformed += 1
+                    if len(stats.examples) < _REPORTED_MALFORMED:
+                        stats.examples.append(where)
+                    continue
+                for key, values in texts.items():
+                    batch.texts[key].extend(values)
+                    batch.sentences[key].append(len(values))
+                batch.partitions.append(partition)
+                if len(batch.partitions) >= _BATCH_LINES or batch.input_bytes >= _BATCH_BYTES:
+                    yield batch
+                    batch = _new_batch(args.json_keys)
+            if batch.partitions or batch.input_bytes:
+                yield batch
+
+
+def _new_batch(keys: list[str]) -> Batch:
+    return Batch({k: [] for k in keys}, {k: [] for k in keys}, [], 0)
+
+
+def encode_batch(batch: Batch, tokenizer: Tokenizer, args: argparse.Namespace) -> dict:
+    """Token ids of every text in the batch, per key (runs while the next batch is parsed)."""
+    return {
+        key: tokenizer.tokenize_batch(texts, num_threads=args.workers)
+        for key, texts in batch.texts.items()
+    }
+
+
+def write_batch(
+    batch: Batch,
+    ids: dict[str, list[list[int]]],
+    builders: dict[tuple[str, int], IndexedDatasetBuilder],
+    eod: int | None,
+    stats: Stats,
+) -> None:
+    """Append the batch's documents to the builder of their key and partition."""
+    partitions = np.asarray(batch.partitions)
+    for key, sentence_ids in ids.items():
+        counts = batch.sentences[key]
+        # Group sentences into documents: drop empty ones, put EOD after the last kept one.
+        docs: list[list[list[int]]] = []
+        start = 0
+        for count in counts:
+            kept = [s for s in sentence_ids[start : start + count] if s]
+            start += count
+            if kept and eod is not None:
+                kept[-1] = [*kept[-1], eod]
+            docs.append(kept)
+        for partition in np.unique(partitions):
+            chosen = [docs[i] for i in np.flatnonzero(partitions == partition)]
+            sequences = list(chain.from_iterable(chosen))
+            lengths = np.fromiter(map(len, sequences), np.int64, len(sequences))
+            total = int(lengths.sum())
+            tokens = np.fromiter(chain.from_iterable(sequences), np.int64, total)
+            per_doc = np.fromiter(map(len, chosen), np.int64, len(chosen))
+            builders[key, int(partition)].add_documents(tokens, lengths, per_doc)
+            stats.tokens += total
+    stats.documents += len(batch.partitions)
+    stats.input_bytes += batch.input_bytes
+
+
+def output_prefix(args: argparse.Namespace, key: str, partition: int | None = None) -> str:
+    """Megatron's names: `{prefix}_{key}_document`, partitions as `{prefix}_{p}_{key}_document`."""
+    prefix = args.output_prefix if partition is None else f"{args.output_prefix}_{partition}"
+    return f"{prefix}_{key}_document"
+
+
+def preprocess(args: argparse.Namespace) -> Stats:
+    """Tokenize `args.input` into indexed datasets; return the counters."""
+    files = input_files(args.input)
+    check_output_prefix(args.output_prefix)
+    tokenizer = build_tokenizer(
+        args.tokenizer_type,
+        args.tokenizer_model,
+        hf_include_special_tokens=not args.tokenizer_hf_no_include_special_tokens,
+    )
+    dtype = optimal_dtype(tokenizer.vocab_size)
+    eod = tokenizer.eod if args.append_eod else None
+    builders = {
+        (key, p): IndexedDatasetBuilder(
+            output_prefix(args, key, p if args.partitions > 1 else None) + ".bin", dtype
+        )
+        for key in args.json_keys
+        for p in range(args.partitions)
+    }
+    stats = Stats()
+    print(f"Opening {', '.join(files)}", file=sys.stderr)
+    next_report = args.log_interval
+    try:
+        with ThreadPoolExecutor(1) as encoder:
+            pending = None
+            # Encode batch k on the tokenizer's threads while batch k+1 is read and parsed.
+            for batch in read_batches(args, stats):
+                future = encoder.submit(encode_batch, batch, tokenizer, args)
+                if pending is not None:
+                    write_batch(*pending[0], pending[1].result(), builders, eod, stats)
+                pending = ((batch,), future)
+                if stats.documents >= next_report:
+                    print(
+                        f"Processed {stats.documents:,} documents ({stats.rates()})",
+                        file=sys.stderr,
+                    )
+                    next_report = (stats.documents // args.log_interval + 1) * args.log_interval
+            if pending is not None:
+                write_batch(*pending[0], pending[1].result(), builders, eod, stats)
+    except BaseException:
+        for builder in builders.values():
+            builder.abort()
+        raise
+    for (key, p), builder in builders.items():
+        builder.finalize(output_prefix(args, key, p if args.partitions > 1 else None) + ".idx")
+    if args.partitions > 1:
+        _merge_partitions(args, dtype)
+    return stats
+
+
+def _merge_partitions(args: argparse.Namespace, dtype: type[np.number]) -> None:
+    for key in args.json_keys:
+        merged = IndexedDatasetBuilder(output_prefix(args, key) + ".bin", dtype)
+        for p in range(args.partitions):
+            merged.add_index(output_prefix(args, key, p))
+        merged.finalize(output_prefix(args, key) + ".idx")
+        for p in range(args.partitions):
+            for suffix in (".bin", ".idx"):
+                os.remove(output_prefix(args, key, p) + suffix)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; prints the progress and a summary to stderr."""
+    args = get_args(argv)
+    stats = preprocess(args)
+    elapsed = time.perf_counter() - stats.start
+    print(
+        f"Done: {stats.documents:,} documents, {stats.tokens:,} tokens, "
+        f"{stats.input_bytes / 2**20:.2f} MB in {elapsed:.2f} s ({stats.rates()})",
+        file=sys.stderr,
+    )
+    for key in args.json_keys:
+        print(f"  wrote {output_prefix(args, key)}.bin/.idx", file=sys.stderr)
+    if stats.malformed:
+        print(f"Skipped {stats.malformed:,} malformed lines; the first:", file=sys.stderr)
+        for example in stats.examples:
+            print(f"  {example}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
