@@ -48,10 +48,11 @@ class ModelConfig:
     """Shard norms and residuals along the sequence over TP (``--sequence-parallel``)."""
     recompute_granularity: str | None = None
     """None, "full" (recompute whole layers) or "selective" (core attention only)."""
-    attention_backend: str = "torch"
-    """"torch" (scaled_dot_product_attention) or "triton" (kernels.flash_attention)."""
-    norm_backend: str = "torch"
-    """"torch" (reference RMSNorm) or "triton" (kernels.rmsnorm)."""
+    attention_backend: str = "auto"
+    """"torch" (scaled_dot_product_attention), "triton" (kernels.flash_attention) or "auto"
+    (Triton on CUDA, PyTorch elsewhere) (``--attention-backend``)."""
+    norm_backend: str = "auto"
+    """"torch" (reference RMSNorm), "triton" (kernels.rmsnorm) or "auto" (``--norm-backend``)."""
     params_dtype: torch.dtype = torch.float32
     """Dtype the parameters are created in."""
 
@@ -190,10 +191,77 @@ def validate(
             f"{model.recompute_granularity!r}"
         )
     for name in ("attention_backend", "norm_backend"):
-        if getattr(model, name) not in ("torch", "triton"):
+        if getattr(model, name) not in ("auto", "torch", "triton"):
             errors.append(
-                f"--{name.replace('_', '-')} must be 'torch' or 'triton', got "
+                f"--{name.replace('_', '-')} must be 'auto', 'torch' or 'triton', got "
                 f"{getattr(model, name)!r}"
             )
     if errors:
         raise ValueError("; ".join(errors))
+
+
+@dataclass
+class DistributedDataParallelConfig:
+    """How gradients are reduced over the data-parallel group (`engine.distributed.ddp`)."""
+
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and reduce gradients in float32 whatever the parameters' dtype
+    (``--accumulate-allreduce-grads-in-fp32``; on by default here, as Megatron forces for bf16)."""
+    overlap_grad_reduce: bool = False
+    """Launch each bucket's reduction as soon as its gradients are ready in the last
+    microbatch's backward (``--overlap-grad-reduce``)."""
+    use_distributed_optimizer: bool = False
+    """ZeRO-1: reduce-scatter gradients, shard optimizer state (``--use-distributed-optimizer``)."""
+    overlap_param_gather: bool = False
+    """Distributed optimizer: all-gather updated parameters during the next forward
+    (``--overlap-param-gather``)."""
+    bucket_size: int | None = 40_000_000
+    """Elements per gradient bucket (``--ddp-bucket-size``); None puts everything in one."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW, mixed precision, clipping and the learning-rate schedule (Megatron's flags)."""
+
+    lr: float = 3e-4
+    """Peak learning rate (``--lr``)."""
+    min_lr: float = 0.0
+    """Floor the schedule decays to (``--min-lr``)."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (``--weight-decay``); never applied to norms and biases."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Clip to this global L2 norm (``--clip-grad``); 0 disables clipping."""
+    bf16: bool = False
+    """bf16 parameters and activations, fp32 main parameters (``--bf16``)."""
+    fp16: bool = False
+    """fp16 parameters with dynamic loss scaling (``--fp16``)."""
+    loss_scale: float | None = None
+    """A constant loss scale for fp16 (``--loss-scale``); None means dynamic."""
+    initial_loss_scale: float = 2.0**32
+    """Dynamic scaling's first scale (``--initial-loss-scale``)."""
+    min_loss_scale: float = 1.0
+    """Dynamic scaling never goes below this (``--min-loss-scale``)."""
+    loss_scale_window: int = 1000
+    """Steps without inf/nan before the scale doubles (``--loss-scale-window``)."""
+    hysteresis: int = 2
+    """Overflowing steps tolerated before the scale is lowered (``--hysteresis``)."""
+    lr_decay_style: str = "linear"
+    """constant, linear, cosine, inverse-square-root or WSD (``--lr-decay-style``)."""
+    lr_warmup_iters: int = 0
+    lr_warmup_samples: int = 0
+    lr_warmup_fraction: float | None = None
+    """Warm-up as a fraction of the decay span (``--lr-warmup-fraction``)."""
+    lr_decay_iters: int | None = None
+    lr_decay_samples: int | None = None
+    lr_wsd_decay_style: str = "exponential"
+    """WSD's final decay: exponential, linear, cosine or minus_sqrt (``--lr-wsd-decay-style``)."""
+    lr_wsd_decay_iters: int | None = None
+    lr_wsd_decay_samples: int | None = None
+    start_weight_decay: float | None = None
+    """Weight decay schedule start (``--start-weight-decay``); None = ``weight_decay``."""
+    end_weight_decay: float | None = None
+    weight_decay_incr_style: str = "constant"
+    """constant, linear or cosine (``--weight-decay-incr-style``)."""

@@ -63,7 +63,7 @@ def _check(model_overrides=None, tp=1, pp=1, vpp=None, world_size=None, seq_leng
         ),
         (
             dict(model_overrides=dict(attention_backend="cuda")),
-            r"--attention-backend must be 'torch' or 'triton', got 'cuda'",
+            r"--attention-backend must be 'auto', 'torch' or 'triton', got 'cuda'",
         ),
         (dict(tp=0), r"parallel sizes must be at least 1"),
     ],

@@ -52,3 +52,17 @@ def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 ATTENTION_BACKENDS: dict[str, AttentionFn] = {"torch": torch_attention, "triton": triton_attention}
 NORM_BACKENDS: dict[str, NormFn] = {"torch": torch_rms_norm, "triton": triton_rms_norm}
+
+
+def resolve_backend(name: str) -> str:
+    """ "auto" means Triton where it compiles for real (a CUDA device and triton installed),
+    PyTorch elsewhere; explicit names pass through."""
+    if name != "auto":
+        return name
+    if not torch.cuda.is_available():
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"

@@ -24,7 +24,8 @@ from torch import nn
 from engine import parallel_state
 from engine.config import ModelConfig, ParallelConfig, validate
 from engine.distributed.finalize_grads import mark_partial_over_tp
-from engine.models.backends import ATTENTION_BACKENDS, NORM_BACKENDS
+from engine.models.backends import ATTENTION_BACKENDS, NORM_BACKENDS, resolve_backend
+from engine.pipeline_parallel.partition import chunk_layer_numbers
 from engine.tensor_parallel import (
     ColumnParallelLinear,
     InitMethod,
@@ -88,7 +89,7 @@ class RMSNorm(nn.Module):
         self.eps = config.norm_epsilon
         self.weight = nn.Parameter(torch.ones(config.hidden_size, dtype=config.params_dtype))
         mark_partial_over_tp(self.weight, config.sequence_parallel)
-        self.norm_fn = NORM_BACKENDS[config.norm_backend]
+        self.norm_fn = NORM_BACKENDS[resolve_backend(config.norm_backend)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm_fn(x, self.weight, self.eps)
@@ -144,7 +145,7 @@ class Attention(nn.Module):
         self.local_kv_heads = groups // tp if self.kv_sharded else 1
         self.dropout = config.attention_dropout
         self.recompute_core = config.recompute_granularity == "selective"
-        self.attention_fn = ATTENTION_BACKENDS[config.attention_backend]
+        self.attention_fn = ATTENTION_BACKENDS[resolve_backend(config.attention_backend)]
 
         prefix = f"layers.{layer_number}.attention"
         q_init = (heads * d, _seeded_init(config, f"{prefix}.q"))
@@ -280,7 +281,10 @@ class LlamaModel(nn.Module):
             parallel_state.is_pipeline_last_stage() if post_process is None else post_process
         )
         if layer_numbers is None:
-            layer_numbers = even_stage_layers(config.num_layers)
+            layer_numbers = chunk_layer_numbers(config.num_layers)
+        # Pipeline stages after the first get their input from the schedule (Megatron's
+        # set_input_tensor), so a forward-step function calls every stage the same way.
+        self.input_tensor: torch.Tensor | None = None
         self.tp = _tp_size()
         embedding_kwargs = dict(
             make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
@@ -331,6 +335,8 @@ class LlamaModel(nn.Module):
             ``[b, s, padded_vocab/tp]`` (this rank's vocabulary slice). Other stages: hidden
             states ``[s(/tp), b, h]`` for the next stage.
         """
+        if decoder_input is None:
+            decoder_input = self.input_tensor
         if self.pre_process:
             x = self._embed(input_ids)
         elif decoder_input is None:
@@ -359,6 +365,18 @@ class LlamaModel(nn.Module):
         loss = vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size)
         return loss.t()
 
+    def set_input_tensor(self, input_tensor: torch.Tensor | None) -> None:
+        """The previous stage's hidden states ``[s(/tp), b, h]`` for the next forward."""
+        self.input_tensor = input_tensor
+
+    def shared_embedding_or_output_weight(self) -> nn.Parameter | None:
+        """The weight a tied embedding shares between the first and last stage, if any here."""
+        if not self.config.tie_word_embeddings:
+            return None
+        if self.pre_process:
+            return self.embedding.weight
+        return self.output_layer.weight if self.post_process else None
+
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[b, s]`` ids -> ``[s(/tp), b, h]``."""
         if self.config.sequence_parallel:
@@ -369,14 +387,6 @@ class LlamaModel(nn.Module):
                 )
             return self.embedding(input_ids.t())
         return self.embedding(input_ids).transpose(0, 1).contiguous()
-
-
-def even_stage_layers(num_layers: int) -> list[int]:
-    """The global layer numbers of this rank's pipeline stage, layers split evenly."""
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    rank = parallel_state.get_pipeline_model_parallel_rank()
-    per_stage = num_layers // pp
-    return list(range(rank * per_stage, (rank + 1) * per_stage))
 
 
 def _tp_size() -> int:
