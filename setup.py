@@ -25,7 +25,8 @@ setup(
     python_requires=">=3.10",
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
-    install_requires=["torch>=2.3", "numpy>=1.24"],
+    # torch 2.5: scaled_dot_product_attention(enable_gqa=...).
+    install_requires=["torch>=2.5", "numpy>=1.24"],
     extras_require={
         "test": [
             "pytest>=7",
