@@ -1,0 +1,133 @@
+"""Data-parallel batch samplers that resume exactly from `consumed_samples`.
+
+Training consumes a global batch of `micro_batch_size * data_parallel_size` samples per
+micro-step; each DP rank takes its own `micro_batch_size` slice. A checkpoint records only
+`consumed_samples` (a global count), and a sampler started from it yields exactly the batches
+the uninterrupted run would have yielded next, on every rank and for any DP size that divides
+the same global order.
+
+- `PretrainingSampler`: samples in index order (GPT/blended datasets are shuffled already).
+- `RandomSampler`: per-epoch shuffles seeded by `seed + epoch`, for datasets that are not
+  (e.g. SFT); each rank draws from its own contiguous bucket, as Megatron's random sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+def _check(total: int, consumed: int, micro: int, rank: int, size: int) -> None:
+    if total <= 0:
+        raise ValueError(f"no samples to draw from (total_samples={total})")
+    if micro <= 0 or size <= 0:
+        raise ValueError(f"micro_batch_size={micro} and data_parallel_size={size} must be > 0")
+    if not 0 <= rank < size:
+        raise ValueError(f"data_parallel_rank={rank} is outside [0, {size})")
+    if consumed < 0:
+        raise ValueError(f"consumed_samples={consumed} must not be negative")
+
+
+class PretrainingSampler(torch.utils.data.Sampler):
+    """Sequential global order from `consumed_samples` on; yields this rank's micro-batches.
+
+    Args:
+        total_samples: samples in the dataset.
+        consumed_samples: samples (over all DP ranks) consumed before this run.
+        micro_batch_size: samples per rank per micro-step.
+        data_parallel_rank, data_parallel_size: this rank's place in the DP group.
+        drop_last: drop a final incomplete global batch (else each rank gets its share of it).
+    """
+
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+        drop_last: bool = True,
+    ):
+        _check(total_samples, 0, micro_batch_size, data_parallel_rank, data_parallel_size)
+        if consumed_samples >= total_samples:
+            raise ValueError(
+                f"consumed_samples={consumed_samples} is not below total_samples={total_samples}: "
+                "the run has used the whole dataset (ask for more --train-samples)"
+            )
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.rank = data_parallel_rank
+        self.global_batch = micro_batch_size * data_parallel_size
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        remaining = self.total_samples - self.consumed_samples
+        full, partial = divmod(remaining, self.global_batch)
+        return full + (0 if self.drop_last or partial == 0 else 1)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = slice(self.rank * self.micro_batch_size, (self.rank + 1) * self.micro_batch_size)
+        start = self.consumed_samples
+        while start + self.global_batch <= self.total_samples:
+            yield list(range(start, start + self.global_batch))[mine]
+            start += self.global_batch
+        if start < self.total_samples and not self.drop_last:
+            # Split the remainder evenly so every rank still takes a step.
+            rest = np.array_split(
+                np.arange(start, self.total_samples), self.global_batch // self.micro_batch_size
+            )
+            yield rest[self.rank].tolist()
+
+
+class RandomSampler(torch.utils.data.Sampler):
+    """Epochs of seeded shuffles; resumes mid-epoch from `consumed_samples`.
+
+    Each epoch uses `total_samples` rounded down to whole global batches. Rank r owns the
+    contiguous bucket `[r * bucket, (r + 1) * bucket)` and walks a permutation of it seeded by
+    `seed + epoch`; after `k` global batches every rank has taken `k * micro_batch_size` of
+    its bucket, so the offset into the permutation follows from `consumed_samples` alone.
+    Iterates forever (epoch after epoch); the training loop decides when to stop.
+    """
+
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+        seed: int = 0,
+    ):
+        _check(total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
+               data_parallel_size)  # fmt: skip
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_size = data_parallel_size
+        self.rank = data_parallel_rank
+        self.seed = seed
+        self.global_batch = micro_batch_size * data_parallel_size
+        self.bucket = (total_samples // self.global_batch) * micro_batch_size
+        if self.bucket == 0:
+            raise ValueError(
+                f"total_samples={total_samples} is smaller than one global batch "
+                f"({micro_batch_size} x {data_parallel_size})"
+            )
+        self.epoch_samples = self.bucket * data_parallel_size
+        self.consumed_samples = consumed_samples
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, in_epoch = divmod(self.consumed_samples, self.epoch_samples)
+        if in_epoch % self.global_batch:
+            raise ValueError(
+                f"consumed_samples={self.consumed_samples} is not a whole number of global "
+                f"batches ({self.global_batch}); was the DP size or micro-batch size changed?"
+            )
+        offset = in_epoch // self.data_parallel_size
+        while True:
+            order = np.random.RandomState(self.seed + epoch).permutation(self.bucket)
+            order = order + self.rank * self.bucket
+            for start in range(offset, self.bucket, self.micro_batch_size):
+                yield order[start : start + self.micro_batch_size].tolist()
+            epoch, offset = epoch + 1, 0
