@@ -32,8 +32,34 @@ def _all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup) -> Non
         grad.copy_(synced)
 
 
+def allreduce_embedding_grads(model_chunks: list[nn.Module]) -> None:
+    """Sum the gradients of a tied embedding's two copies over the embedding group.
+
+    With pipeline parallelism and tied embeddings, the first stage's input embedding and the
+    last stage's output head are two copies of one weight ``[vocab/tp, h]``; each gets the
+    gradient of its own use. Summing them keeps the copies equal after every step (they start
+    equal: same seed). Chunk 0 holds the first stage's copy, the last chunk the last stage's.
+    """
+    group = parallel_state.get_embedding_group()
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    ends = {id(chunk): chunk for chunk in (model_chunks[0], model_chunks[-1])}.values()
+    for chunk in ends:
+        while hasattr(chunk, "module"):  # data-parallel / mixed-precision wrappers
+            chunk = chunk.module
+        weight = chunk.shared_embedding_or_output_weight()
+        if weight is None:
+            continue
+        # A data-parallel wrapper may accumulate into a main_grad buffer instead of .grad.
+        grad = getattr(weight, "main_grad", None)
+        dist.all_reduce(weight.grad if grad is None else grad, group=group)
+
+
 def finalize_model_grads(model_chunks: Iterable[nn.Module]) -> None:
-    """Sum the TP-partial gradients of ``model_chunks`` over the TP group (after backward)."""
+    """Sum the TP-partial gradients of ``model_chunks`` over the TP group (after backward),
+    and the tied embedding's gradients over the first and last pipeline stage."""
+    model_chunks = list(model_chunks)
+    allreduce_embedding_grads(model_chunks)
     group = parallel_state.get_tensor_model_parallel_group()
     if dist.get_world_size(group) == 1:
         return
