@@ -101,8 +101,13 @@ class RandomSampler(torch.utils.data.Sampler):
         data_parallel_size: int,
         seed: int = 0,
     ):
-        _check(total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
-               data_parallel_size)  # fmt: skip
+        _check(
+            total_samples,
+            consumed_samples,
+            micro_batch_size,
+            data_parallel_rank,
+            data_parallel_size,
+        )
         self.micro_batch_size = micro_batch_size
         self.data_parallel_size = data_parallel_size
         self.rank = data_parallel_rank
