@@ -117,7 +117,7 @@ def pipeline_run(
         parallel_state.destroy_model_parallel()
 
 
-def _check_parity(per_rank: list[list[dict]], pp: int, what: str) -> None:
+def check_parity(per_rank: list[list[dict]], pp: int, what: str) -> None:
     for index, reference_result in enumerate(per_rank[0]):
         m, reference = reference_result["m"], reference_result["reference"]
         ranks = [results[index] for results in per_rank if results[index]["dp_rank"] == 0]
@@ -145,7 +145,7 @@ def _check_parity(per_rank: list[list[dict]], pp: int, what: str) -> None:
             )
 
 
-def _check_1f1b_bound(per_rank: list[list[dict]], pp: int) -> None:
+def check_1f1b_bound(per_rank: list[list[dict]], pp: int) -> None:
     for results in per_rank:
         for r in results:
             assert r["final_in_flight"] == 0
@@ -166,20 +166,25 @@ LAYERS4 = ModelConfig.from_preset("tiny", num_layers=4)
 )
 def test_1f1b_matches_single_process(pool, config, tp, pp):
     per_rank = pool.run(pipeline_run, config, tp, pp, None, [1, pp, 2 * pp + 1])
-    _check_parity(per_rank, pp, f"tp={tp} pp={pp}")
-    _check_1f1b_bound(per_rank, pp)
+    check_parity(per_rank, pp, f"tp={tp} pp={pp}")
+    check_1f1b_bound(per_rank, pp)
 
 
 def test_no_pipelining_matches_single_process(pool):
     config = ModelConfig.from_preset("tiny", sequence_parallel=True)
     per_rank = pool.run(pipeline_run, config, 2, 1, None, [1, 3])
-    _check_parity(per_rank, 1, "tp=2 pp=1")
+    check_parity(per_rank, 1, "tp=2 pp=1")
 
 
-def _interleaved_warmup(pp: int, rank: int, vpp: int, m: int) -> int:
-    if m == pp:
-        return m * vpp
-    return min((pp - rank - 1) * 2 + (vpp - 1) * pp, m * vpp)
+def check_interleaved_bound(per_rank: list[list[dict]], pp: int, vpp: int) -> None:
+    """Interleaved 1F1B keeps its warm-up forwards plus one in flight (Megatron's warm-up:
+    ``2·(p - r - 1) + (v - 1)·p``, or everything when m = p)."""
+    for results in per_rank:
+        for r in results:
+            m, total = r["m"], r["m"] * vpp
+            warmup = total if m == pp else min((pp - r["pp_rank"] - 1) * 2 + (vpp - 1) * pp, total)
+            assert r["final_in_flight"] == 0
+            assert r["peak_in_flight"] == min(warmup + 1, total), r
 
 
 @pytest.mark.parametrize(
@@ -192,25 +197,21 @@ def _interleaved_warmup(pp: int, rank: int, vpp: int, m: int) -> int:
 )
 def test_interleaved_matches_single_process(pool, config, tp):
     per_rank = pool.run(pipeline_run, config, tp, 2, 2, [2, 4, 6])
-    _check_parity(per_rank, 2, f"tp={tp} pp=2 v=2")
-    for results in per_rank:
-        for r in results:
-            assert r["final_in_flight"] == 0
-            assert r["peak_in_flight"] == min(_interleaved_warmup(2, r["pp_rank"], 2, r["m"]) + 1,
-                                              2 * r["m"])  # fmt: skip
+    check_parity(per_rank, 2, f"tp={tp} pp=2 v=2")
+    check_interleaved_bound(per_rank, 2, 2)
 
 
 @pytest.mark.parametrize("vpp", [None, 2], ids=["1f1b", "interleaved"])
 def test_tied_embeddings_under_pipelining(pool, vpp):
     config = ModelConfig.from_preset("tiny", num_layers=4, tie_word_embeddings=True)
     per_rank = pool.run(pipeline_run, config, 1, 2, vpp, [2])
-    _check_parity(per_rank, 2, f"tied pp=2 v={vpp}")
+    check_parity(per_rank, 2, f"tied pp=2 v={vpp}")
 
 
 def test_uneven_first_and_last_stages(pool):
     config = ModelConfig.from_preset("tiny", num_layers=8)
     per_rank = pool.run(pipeline_run, config, 1, 4, None, [4], (1, 3))
-    _check_parity(per_rank, 4, "pp=4 first=1 last=3")
+    check_parity(per_rank, 4, "pp=4 first=1 last=3")
 
 
 def hooks_run(vpp: int | None, m: int) -> dict:
