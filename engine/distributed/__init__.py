@@ -1,5 +1,6 @@
-"""Gradient reduction across ranks after the backward pass."""
+"""Data parallelism and gradient reduction across ranks after the backward pass."""
 
+from engine.distributed.ddp import DistributedDataParallel
 from engine.distributed.finalize_grads import finalize_model_grads, mark_partial_over_tp
 
-__all__ = ["finalize_model_grads", "mark_partial_over_tp"]
+__all__ = ["DistributedDataParallel", "finalize_model_grads", "mark_partial_over_tp"]

@@ -55,19 +55,34 @@ def allreduce_embedding_grads(model_chunks: list[nn.Module]) -> None:
         dist.all_reduce(weight.grad if grad is None else grad, group=group)
 
 
+def finish_data_parallel_grad_sync(model_chunks: list[nn.Module]) -> None:
+    """Wait for the DP reduction of chunks wrapped in DistributedDataParallel: it may still be
+    in flight (overlapped with backward), and the sums below must neither race with it nor
+    miss it."""
+    for chunk in model_chunks:
+        if hasattr(chunk, "finish_grad_sync"):
+            chunk.finish_grad_sync()
+
+
+def _grad_of(param: nn.Parameter) -> torch.Tensor | None:
+    """The gradient to reduce: the DP wrapper's float32 ``main_grad`` if any, else ``.grad``."""
+    return param.main_grad if hasattr(param, "main_grad") else param.grad
+
+
 def finalize_model_grads(model_chunks: Iterable[nn.Module]) -> None:
     """Sum the TP-partial gradients of ``model_chunks`` over the TP group (after backward),
     and the tied embedding's gradients over the first and last pipeline stage."""
     model_chunks = list(model_chunks)
+    finish_data_parallel_grad_sync(model_chunks)
     allreduce_embedding_grads(model_chunks)
     group = parallel_state.get_tensor_model_parallel_group()
     if dist.get_world_size(group) == 1:
         return
     grads = [
-        p.grad
+        _grad_of(p)
         for chunk in model_chunks
         for p in chunk.parameters()
-        if getattr(p, "partial_grad_over_tp", False) and p.grad is not None
+        if getattr(p, "partial_grad_over_tp", False) and _grad_of(p) is not None
     ]
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for grad in grads:

@@ -1,0 +1,38 @@
+"""AdamW with float32 main parameters (fp32 / bf16 / fp16 with loss scaling), gradient
+clipping by the global norm, and learning-rate / weight-decay schedules."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from engine.config import OptimizerConfig
+from engine.optimizer.clip_grads import clip_grads_by_total_norm, get_grad_norm_fp32
+from engine.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from engine.optimizer.lr_schedule import OptimizerParamScheduler, build_lr_scheduler
+from engine.optimizer.optimizer import MixedPrecisionOptimizer, StepResult
+
+
+def build_optimizer(
+    config: OptimizerConfig, model_chunks: list[nn.Module]
+) -> MixedPrecisionOptimizer:
+    """The optimizer for ``model_chunks`` (wrapped in DistributedDataParallel): distributed
+    (ZeRO-1) when the chunks were wrapped with ``use_distributed_optimizer``."""
+    if all(chunk.config.use_distributed_optimizer for chunk in model_chunks):
+        # Imported here: engine.distributed.distributed_optimizer builds on this package.
+        from engine.distributed.distributed_optimizer import DistributedOptimizer
+
+        return DistributedOptimizer(config, model_chunks)
+    return MixedPrecisionOptimizer(config, model_chunks)
+
+
+__all__ = [
+    "ConstantGradScaler",
+    "DynamicGradScaler",
+    "MixedPrecisionOptimizer",
+    "OptimizerParamScheduler",
+    "StepResult",
+    "build_lr_scheduler",
+    "build_optimizer",
+    "clip_grads_by_total_norm",
+    "get_grad_norm_fp32",
+]

@@ -1,0 +1,202 @@
+"""Data parallelism and the distributed optimizer against a single process, on real gloo ranks.
+
+The reference is plain PyTorch: the unwrapped model on the whole global batch,
+``torch.optim.AdamW`` (no decay on norms and biases) and ``clip_grad_norm_``. The parallel
+runs split the same global batch over DP ranks and microbatches, go through
+DistributedDataParallel (buckets, optional overlap), finalize_model_grads and our optimizer
+(replicated or ZeRO-1). After 5 steps, losses, gradient norms and every parameter (gathered to
+full canonical tensors) must agree within 1e-5 relative in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from engine import parallel_state
+from engine.config import DistributedDataParallelConfig, OptimizerConfig
+from engine.distributed import DistributedDataParallel, finalize_model_grads
+from engine.models import LlamaModel, ModelConfig
+from engine.models.weights import gather_full_state
+from engine.optimizer import build_optimizer
+from engine.optimizer.optimizer import uses_weight_decay
+from tests.rank_pool import RankPool
+
+GLOBAL_BATCH, SEQ, STEPS = 8, 16, 5
+# Small buckets so that the tiny model spans several, and DP slices cut through parameters.
+BUCKET = 30_000
+
+
+@pytest.fixture(scope="module")
+def pool():
+    pool = RankPool(world_size=4)
+    yield pool
+    pool.close()
+
+
+def batches(vocab_size: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` global batches of (inputs, labels), each ``[GLOBAL_BATCH, SEQ]``."""
+    generator = torch.Generator().manual_seed(11)
+    out = []
+    for _ in range(steps):
+        tokens = torch.randint(0, vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=generator)
+        out.append((tokens[:, :-1], tokens[:, 1:]))
+    return out
+
+
+def optimizer_config(**overrides) -> OptimizerConfig:
+    # adam_eps 1e-5: gradients agree with the reference to ~5e-7 of each tensor's largest
+    # element (summation order differs with the split of the batch), so an element whose
+    # gradient is ~1e-9 differs by ~50%; with Adam's default eps (1e-8) such an element moves by
+    # up to lr either way. With eps 1e-5 Adam's response to near-zero gradients stays linear,
+    # so the comparison measures the parallelism, not float rounding.
+    defaults = dict(
+        lr=1e-3, weight_decay=0.1, clip_grad=0.5, lr_decay_style="constant", adam_eps=1e-5
+    )
+    return OptimizerConfig(**{**defaults, **overrides})
+
+
+def reference_training(model_config: ModelConfig, opt: OptimizerConfig, steps: int) -> dict:
+    """Single process, whole global batch, torch.optim.AdamW: losses, norms, full weights.
+
+    Needs model-parallel groups of size 1 (TP=1) to build the model; no communication."""
+    model = LlamaModel(model_config)
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if uses_weight_decay(n, p)]},
+        {"params": [p for n, p in named if not uses_weight_decay(n, p)], "weight_decay": 0.0},
+    ]
+    adamw = torch.optim.AdamW(
+        groups, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps,
+        weight_decay=opt.weight_decay, foreach=False,
+    )  # fmt: skip
+    losses, norms = [], []
+    for inputs, labels in batches(model_config.vocab_size, steps):
+        adamw.zero_grad()
+        loss = model(inputs, labels=labels).mean()
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad).item())
+        adamw.step()
+        losses.append(loss.item())
+    return {"losses": losses, "norms": norms, "weights": gather_full_state(model)}
+
+
+def data_parallel_subgroup(size: int) -> dist.ProcessGroup:
+    """Consecutive global ranks in groups of ``size`` (every rank creates every group)."""
+    mine = None
+    for start in range(0, dist.get_world_size(), size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= dist.get_rank() < start + size:
+            mine = group
+    return mine
+
+
+def build(
+    model_config: ModelConfig,
+    ddp: DistributedDataParallelConfig,
+    opt: OptimizerConfig,
+    dp_group: dist.ProcessGroup | None = None,
+):
+    """This rank's DDP-wrapped model and optimizer (model-parallel groups already up)."""
+    model = DistributedDataParallel(LlamaModel(model_config), ddp, dp_group)
+    return model, build_optimizer(opt, [model])
+
+
+def train_steps(model, optimizer, step_batches, micro_batch: int) -> tuple[list, list]:
+    """Megatron's iteration: microbatches under no_sync but the last, finalize, step.
+
+    Returns the global-batch losses (averaged over DP) and the gradient norms."""
+    group = model.data_parallel_group
+    dp, rank = dist.get_world_size(group), dist.get_rank(group)
+    losses, norms = [], []
+    for inputs, labels in step_batches:
+        local = GLOBAL_BATCH // dp
+        rows = slice(rank * local, (rank + 1) * local)
+        micro = list(
+            zip(inputs[rows].split(micro_batch), labels[rows].split(micro_batch), strict=True)
+        )
+        optimizer.zero_grad()
+        total = torch.zeros(1)
+        for i, (x, y) in enumerate(micro):
+            last = i == len(micro) - 1
+            with contextlib.nullcontext() if last else model.no_sync():
+                loss = model(x, labels=y).float().mean() / len(micro)
+                optimizer.scale_loss(loss).backward()
+            total += loss.detach()
+        finalize_model_grads([model])
+        result = optimizer.step()
+        dist.all_reduce(total, group=group)
+        losses.append(total.item() / dp)
+        norms.append(result.grad_norm)
+    model.finish_param_sync()
+    return losses, norms
+
+
+def parity_run(model_config, tp, ddp, opt, micro_batch) -> dict | None:
+    """Reference on rank 0, then the parallel run; rank 0 returns both."""
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    try:
+        reference = reference_training(model_config, opt, STEPS) if dist.get_rank() == 0 else None
+    finally:
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    try:
+        model, optimizer = build(model_config, ddp, opt)
+        losses, norms = train_steps(
+            model, optimizer, batches(model_config.vocab_size, STEPS), micro_batch
+        )
+        weights = gather_full_state(model.module)
+    finally:
+        parallel_state.destroy_model_parallel()
+    if dist.get_rank() != 0:
+        return None
+    return {
+        "reference": reference,
+        "parallel": {"losses": losses, "norms": norms, "weights": weights},
+    }
+
+
+def assert_same_training(reference: dict, other: dict, what: str) -> None:
+    torch.testing.assert_close(
+        torch.tensor(other["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0
+    )
+    torch.testing.assert_close(
+        torch.tensor(other["norms"]), torch.tensor(reference["norms"]), rtol=1e-5, atol=0
+    )
+    assert other["weights"].keys() == reference["weights"].keys(), what
+    for name, weight in reference["weights"].items():
+        scale = weight.abs().max().item()
+        torch.testing.assert_close(
+            other["weights"][name],
+            weight,
+            rtol=1e-5,
+            atol=1e-5 * scale,
+            msg=lambda m, name=name: f"{what}: {name}\n{m}",
+        )
+
+
+@pytest.mark.parametrize("distributed_optimizer", [False, True])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_dp4_matches_single_process(pool, overlap, distributed_optimizer):
+    ddp = DistributedDataParallelConfig(
+        overlap_grad_reduce=overlap, use_distributed_optimizer=distributed_optimizer,
+        overlap_param_gather=overlap and distributed_optimizer, bucket_size=BUCKET,
+    )  # fmt: skip
+    result = pool.run(parity_run, ModelConfig.from_preset("tiny"), 1, ddp, optimizer_config(), 1)[0]
+    assert_same_training(result["reference"], result["parallel"], f"DP=4 {ddp}")
+
+
+@pytest.mark.parametrize("distributed_optimizer", [False, True])
+def test_tp2_dp2_matches_single_process(pool, distributed_optimizer):
+    """TP=2 x DP=2 with sequence parallelism (norm gradients are TP-partial) and GQA with
+    replicated K/V (a partial, replicated weight)."""
+    config = ModelConfig.from_preset("tiny-gqa", num_query_groups=1, sequence_parallel=True)
+    ddp = DistributedDataParallelConfig(
+        overlap_grad_reduce=True, use_distributed_optimizer=distributed_optimizer,
+        overlap_param_gather=distributed_optimizer, bucket_size=BUCKET,
+    )  # fmt: skip
+    result = pool.run(parity_run, config, 2, ddp, optimizer_config(), 2)[0]
+    assert_same_training(result["reference"], result["parallel"], f"TP=2 x DP=2 {ddp}")
