@@ -303,3 +303,38 @@ def errors_run() -> list[str]:
 
 def test_clear_errors(pool):
     pool.run(errors_run)
+
+
+def deallocation_run(vpp: int | None) -> tuple[int, list[int]]:
+    """Sizes, after the step, of the outputs every forward produced on this rank."""
+    parallel_state.initialize_model_parallel(1, 2, vpp)
+    try:
+        config = ModelConfig.from_preset("tiny", num_layers=4)
+        chunks = build_model_chunks(config)
+        outputs = []
+
+        def keeping_forward_step(data_iterator, model):
+            output, loss_func = forward_step(data_iterator, model)
+            outputs.append(output)
+            return output, loss_func
+
+        batches = _microbatches(config.vocab_size, 4)
+        get_forward_backward_func()(
+            keeping_forward_step, [iter(batches) for _ in chunks] if vpp else iter(batches),
+            chunks, 4, SEQ, MICRO_BATCH,
+        )  # fmt: skip
+        return parallel_state.get_pipeline_model_parallel_rank(), [o.numel() for o in outputs]
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("vpp", [None, 2], ids=["1f1b", "interleaved"])
+def test_sent_outputs_are_deallocated(pool, vpp):
+    hidden_states = SEQ * MICRO_BATCH * LAYERS4.hidden_size
+    for pp_rank, sizes in pool.run(deallocation_run, vpp):
+        if vpp is None and pp_rank == 1:  # the last stage keeps its losses [b, s]
+            assert sizes == [MICRO_BATCH * SEQ] * 4
+        elif vpp is None:
+            assert sizes == [1] * 4, f"hidden states [s, b, h] ({hidden_states}) not freed"
+        else:  # chunk 0 sent downstream on both ranks; chunk 1 of rank 0 too
+            assert sizes.count(1) == (8 if pp_rank == 0 else 4), sizes

@@ -135,6 +135,8 @@ class _Step:
         self.model, self.num_microbatches = model, num_microbatches
         self.forward_only, self.grad_scale_func = forward_only, grad_scale_func
         self.recorder = recorder if recorder is not None else ScheduleRecorder()
+        self.recorder.pipeline_size = parallel_state.get_pipeline_model_parallel_world_size()
+        self.recorder.num_microbatches, self.recorder.virtual_size = num_microbatches, len(model)
         self.no_sync_funcs = [f for f in _per_chunk(no_sync_func, len(model), "no_sync_func") if f]
         self.grad_sync_funcs = _per_chunk(grad_sync_func, len(model), "grad_sync_func")
         self.losses: list[Any] = []

@@ -14,7 +14,7 @@ across hosts, compare each rank's own fractions only.
 The bubble of a step is the fraction of the step's wall time (first start to last end over
 all ranks) during which a rank computes nothing, averaged over ranks. With equal-cost stages
 the theory (Narayanan et al. 2021) is ``(p-1)/(m+p-1)`` for 1F1B and ``(p-1)/(v·m+p-1)`` with
-v interleaved chunks per rank; `SleepStage` builds such stages for checking the schedules.
+v interleaved chunks per rank; `engine.pipeline_parallel.bubble` builds such stages.
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
-from torch import nn
 
 
 @dataclass
@@ -47,6 +44,10 @@ class ScheduleRecorder:
     """Per-rank record of one or more schedule runs (see the module docstring)."""
 
     rank: int = 0
+    pipeline_size: int = 1
+    num_microbatches: int = 0
+    virtual_size: int = 1
+    """The run's layout, filled in by the schedule."""
     spans: list[Span] = field(default_factory=list)
     in_flight: int = 0
     peak_in_flight: int = 0
@@ -88,7 +89,7 @@ class ScheduleRecorder:
     def from_dict(cls, data: dict) -> ScheduleRecorder:
         spans = [Span(**s) for s in data["spans"]]
         trace = [tuple(t) for t in data["in_flight_trace"]]
-        return cls(data["rank"], spans, data["in_flight"], data["peak_in_flight"], trace)
+        return cls(**{**data, "spans": spans, "in_flight_trace": trace})
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict()))
@@ -116,13 +117,10 @@ def measured_bubble(recorders: list[ScheduleRecorder]) -> float:
     return sum(idle) / len(idle)
 
 
-def format_report(
-    recorders: list[ScheduleRecorder],
-    pipeline_size: int,
-    num_microbatches: int,
-    virtual_size: int = 1,
-) -> str:
+def format_report(recorders: list[ScheduleRecorder]) -> str:
     """Per-rank compute / communication / peak in-flight table and the bubble vs theory."""
+    pipeline_size, virtual_size = recorders[0].pipeline_size, recorders[0].virtual_size
+    num_microbatches = recorders[0].num_microbatches
     start = min(s.start_s for r in recorders for s in r.spans)
     end = max(s.end_s for r in recorders for s in r.spans)
     lines = [f"{'rank':>4} {'compute_s':>10} {'comm_wait_s':>11} {'peak_in_flight':>14}"]
@@ -173,50 +171,3 @@ def plot_timeline(recorders: list[ScheduleRecorder], path: str | Path, title: st
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-class _Sleep(torch.autograd.Function):
-    """Identity that sleeps a fixed time in forward and in backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, forward_s: float, backward_s: float) -> torch.Tensor:
-        ctx.backward_s = backward_s
-        time.sleep(forward_s)
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        time.sleep(ctx.backward_s)
-        return grad, None, None
-
-
-@dataclass
-class SleepStageConfig:
-    """The fields a schedule reads from a model chunk's ``config`` (as `ModelConfig` has)."""
-
-    hidden_size: int
-    sequence_parallel: bool = False
-    params_dtype: torch.dtype = torch.float32
-
-
-class SleepStage(nn.Module):
-    """A pipeline stage of known, equal cost: ``x * weight`` plus a fixed sleep.
-
-    Sleeping instead of computing makes the cost exact and leaves the CPU free, so a bubble
-    measured with several ranks on a few cores is the schedule's, not the machine's.
-    ``forward(x)`` maps ``[s, b, h]`` to ``[s, b, h]``.
-    """
-
-    def __init__(self, hidden_size: int, forward_s: float, backward_s: float):
-        super().__init__()
-        self.config = SleepStageConfig(hidden_size)
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.forward_s, self.backward_s = forward_s, backward_s
-        self.input_tensor: torch.Tensor | None = None
-
-    def set_input_tensor(self, input_tensor: torch.Tensor | None) -> None:
-        self.input_tensor = input_tensor
-
-    def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.input_tensor if x is None else x
-        return _Sleep.apply(x * self.weight, self.forward_s, self.backward_s)
