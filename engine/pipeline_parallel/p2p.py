@@ -91,13 +91,18 @@ def communicate(
 
 
 def _checked(tensor: torch.Tensor, spec: P2PSpec) -> torch.Tensor:
-    """The tensor to send, contiguous; a shape other than the agreed one is a bug upstream
-    (the receiver's buffer would silently get the wrong bytes), so say so."""
+    """The tensor to send, contiguous; a shape or dtype other than the agreed one is a bug
+    upstream (the receiver's buffer would silently get the wrong bytes), so say so."""
     if tuple(tensor.shape) != tuple(spec.tensor_shape):
         raise ValueError(
             f"pipeline stage output has shape {tuple(tensor.shape)}, but the schedule's "
             f"tensor shape is {tuple(spec.tensor_shape)} ([seq(/tp), micro_batch, hidden]): check "
             "--seq-length, --micro-batch-size and --sequence-parallel"
+        )
+    if tensor.dtype != spec.dtype:
+        raise ValueError(
+            f"pipeline stage output is {tensor.dtype}, but the schedule's p2p dtype is "
+            f"{spec.dtype}: set the model config's pipeline_dtype to the activations' dtype"
         )
     return tensor.detach().contiguous()
 

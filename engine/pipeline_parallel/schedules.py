@@ -15,10 +15,11 @@ microbatch in order, on the last pipeline stage (an empty list elsewhere). The l
 divided by ``num_microbatches`` before backward, so gradients are those of the mean loss.
 
 Point-to-point messages have the fixed shape ``[s/tp if sequence parallel else s, b, h]``
-and the chunk's ``config.params_dtype``. Once a stage's output has been sent downstream only
-its autograd graph is needed, so its data is freed (`deallocate_output_tensor`) and the
-backward is started with `custom_backward`: activation memory then follows the schedule's
-bound (1F1B: at most ``p - r`` microbatches in flight on rank r).
+and the chunk's ``config.pipeline_dtype`` (if set, else ``config.params_dtype``). Once a
+stage's output has been sent downstream only its autograd graph is needed, so its data is
+freed (`deallocate_output_tensor`) and the backward is started with `custom_backward`:
+activation memory then follows the schedule's bound (1F1B: at most ``p - r`` microbatches in
+flight on rank r).
 
 Gradient-sync hooks follow Megatron-LM's config names, for a data-parallel wrapper:
 ``no_sync_func()`` is a context manager that suspends gradient reduction (or a list, one per
@@ -151,9 +152,10 @@ class _Step:
             )
         seq = seq_length // tp if config.sequence_parallel else seq_length
         device = next(model[0].parameters()).device
-        self.spec = P2PSpec(
-            (seq, micro_batch_size, config.hidden_size), config.params_dtype, device, recorder
-        )
+        # Activations travel in Megatron's ``pipeline_dtype`` when the config has one (mixed
+        # precision computes in bfloat16 over float32 parameters), else the parameters' dtype.
+        dtype = getattr(config, "pipeline_dtype", None) or config.params_dtype
+        self.spec = P2PSpec((seq, micro_batch_size, config.hidden_size), dtype, device, recorder)
         if not forward_only:
             self.disable_grad_sync()
 
