@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine.data.indexed_dataset import IndexedDatasetBuilder, optimal_dtype  # noqa: E402
 from engine.data.tokenizer import TOKENIZER_TYPES, Tokenizer, build_tokenizer  # noqa: E402
 
-_BATCH_LINES = 2048
-_BATCH_BYTES = 8 << 20  # a batch holds at most this much JSON (plus one line)
+_BATCH_LINES = 1024
+_BATCH_BYTES = 2 << 20  # a batch holds at most this much JSON (plus one line)
 _REPORTED_MALFORMED = 10
 
 
@@ -230,29 +230,54 @@ def write_batch(
     stats: Stats,
 ) -> None:
     """Append the batch's documents to the builder of their key and partition."""
-    partitions = np.asarray(batch.partitions)
     for key, sentence_ids in ids.items():
-        counts = batch.sentences[key]
-        # Group sentences into documents: drop empty ones, put EOD after the last kept one.
-        docs: list[list[list[int]]] = []
-        start = 0
-        for count in counts:
-            kept = [s for s in sentence_ids[start : start + count] if s]
-            start += count
-            if kept and eod is not None:
-                kept[-1] = [*kept[-1], eod]
-            docs.append(kept)
-        for partition in np.unique(partitions):
-            chosen = [docs[i] for i in np.flatnonzero(partitions == partition)]
-            sequences = list(chain.from_iterable(chosen))
-            lengths = np.fromiter(map(len, sequences), np.int64, len(sequences))
-            total = int(lengths.sum())
-            tokens = np.fromiter(chain.from_iterable(sequences), np.int64, total)
-            per_doc = np.fromiter(map(len, chosen), np.int64, len(chosen))
-            builders[key, int(partition)].add_documents(tokens, lengths, per_doc)
-            stats.tokens += total
+        sequences, per_doc = _documents(sentence_ids, batch.sentences[key], eod)
+        if len(builders) == len(ids):  # one partition: no regrouping
+            stats.tokens += _append(builders[key, 0], sequences, per_doc)
+            continue
+        partitions = np.asarray(batch.partitions)
+        seq_partition = np.repeat(partitions, per_doc)
+        for partition in np.unique(partitions).tolist():
+            chosen = np.flatnonzero(seq_partition == partition).tolist()
+            stats.tokens += _append(
+                builders[key, partition],
+                [sequences[i] for i in chosen],
+                [n for n, p in zip(per_doc, batch.partitions, strict=True) if p == partition],
+            )
     stats.documents += len(batch.partitions)
     stats.input_bytes += batch.input_bytes
+
+
+def _documents(
+    sentence_ids: list[list[int]], counts: list[int], eod: int | None
+) -> tuple[list[list[int]], list[int]]:
+    """Non-empty sequences in order and how many each document has (EOD on the last one)."""
+    if len(sentence_ids) == len(counts):  # one text per document: the common, fast case
+        sequences = [ids for ids in sentence_ids if ids]
+        per_doc = [1 if ids else 0 for ids in sentence_ids]
+    else:
+        sequences, per_doc, start = [], [], 0
+        for count in counts:
+            kept = [ids for ids in sentence_ids[start : start + count] if ids]
+            start += count
+            sequences.extend(kept)
+            per_doc.append(len(kept))
+    if eod is not None:
+        # The encoder's lists are ours: append in place rather than copy every document.
+        ends = np.cumsum(per_doc)
+        for end, n in zip(ends.tolist(), per_doc, strict=True):
+            if n:
+                sequences[end - 1].append(eod)
+    return sequences, per_doc
+
+
+def _append(builder: IndexedDatasetBuilder, sequences: list[list[int]], per_doc: list[int]) -> int:
+    lengths = np.fromiter(map(len, sequences), np.int64, len(sequences))
+    total = int(lengths.sum())
+    # Straight into the file's dtype: one pass over the Python ints, no int64 copy.
+    tokens = np.fromiter(chain.from_iterable(sequences), builder.dtype, total)
+    builder.add_documents(tokens, lengths, np.asarray(per_doc, np.int64))
+    return total
 
 
 def output_prefix(args: argparse.Namespace, key: str, partition: int | None = None) -> str:
