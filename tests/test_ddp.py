@@ -200,3 +200,182 @@ def test_tp2_dp2_matches_single_process(pool, distributed_optimizer):
     )  # fmt: skip
     result = pool.run(parity_run, config, 2, ddp, optimizer_config(), 2)[0]
     assert_same_training(result["reference"], result["parallel"], f"TP=2 x DP=2 {ddp}")
+
+
+# Communication volume ---------------------------------------------------------------------
+
+_COLLECTIVES = (
+    "all_reduce", "reduce_scatter_single", "reduce_scatter_tensor", "all_gather_single",
+    "all_gather_into_tensor", "all_gather", "broadcast", "reduce_scatter",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def recording_collectives(log: list[tuple[str, int, int]]):
+    """Record ``(op, group size, bytes)`` of every collective while calling the real one.
+
+    Bytes are the buffer the algorithm moves: the tensor for all-reduce and broadcast, the
+    full (input) tensor for reduce-scatter, the full (output) tensor for all-gather."""
+    originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
+
+    def wrap(name, real):
+        def recorded(*args, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            full = max(tensors, key=torch.Tensor.numel) if tensors else None
+            size = dist.get_world_size(kwargs.get("group"))
+            nbytes = 0 if full is None else full.numel() * full.element_size()
+            log.append((name, size, nbytes))
+            return real(*args, **kwargs)
+
+        return recorded
+
+    for name, real in originals.items():
+        setattr(dist, name, wrap(name, real))
+    try:
+        yield
+    finally:
+        for name, real in originals.items():
+            setattr(dist, name, real)
+
+
+def one_step_collectives(ddp: DistributedDataParallelConfig) -> dict:
+    """One DP=4 iteration (two microbatches): the collectives it issued and the buffer sizes."""
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    try:
+        model, optimizer = build(ModelConfig.from_preset("tiny"), ddp, optimizer_config())
+        ((inputs, labels),) = batches(model.module.config.vocab_size, 1)
+        rank = dist.get_rank()
+        micro = [
+            (inputs[2 * rank + i : 2 * rank + i + 1], labels[2 * rank + i : 2 * rank + i + 1])
+            for i in range(2)
+        ]
+        log, launched = [], []
+        with recording_collectives(log):
+            optimizer.zero_grad()
+            for i, (x, y) in enumerate(micro):
+                with contextlib.nullcontext() if i == 1 else model.no_sync():
+                    (model(x, labels=y).mean() / 2).backward()
+                launched.append([bucket.grad_launched for bucket in model.buckets])
+            finalize_model_grads([model])
+            optimizer.step()
+            model.finish_param_sync()
+        (buffer,) = model.buffers
+        return {
+            "log": log,
+            "launched_after_backward": launched,
+            "grad_bytes": buffer.grad_data.numel() * buffer.grad_data.element_size(),
+            "param_bytes": buffer.numel * buffer.param_dtype.itemsize,
+            "buckets": len(buffer.buckets),
+        }
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_one_all_reduce_of_the_gradient_buffer(pool, overlap):
+    ddp = DistributedDataParallelConfig(overlap_grad_reduce=overlap, bucket_size=BUCKET)
+    for result in pool.run(one_step_collectives, ddp):
+        log, n = result["log"], result["buckets"]
+        assert n > 1
+        assert all(op == "all_reduce" and size == 4 for op, size, _ in log), log
+        assert sum(nbytes for _, _, nbytes in log) == result["grad_bytes"]
+        assert len(log) == n
+        # Nothing launches in the no_sync microbatch; with overlap every bucket launched in
+        # the last backward, before finalize_model_grads.
+        assert result["launched_after_backward"] == [[False] * n, [overlap] * n]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_distributed_optimizer_one_reduce_scatter_and_one_all_gather(pool, overlap):
+    ddp = DistributedDataParallelConfig(
+        overlap_grad_reduce=overlap, use_distributed_optimizer=True,
+        overlap_param_gather=overlap, bucket_size=BUCKET,
+    )  # fmt: skip
+    for result in pool.run(one_step_collectives, ddp):
+        log, n = result["log"], result["buckets"]
+        big = [(op, nbytes) for op, _, nbytes in log if nbytes > 8]
+        scatter = [b for op, b in big if op.startswith("reduce_scatter")]
+        gather = [b for op, b in big if op.startswith("all_gather")]
+        assert len(scatter) == len(gather) == n and len(big) == 2 * n, log
+        assert sum(scatter) == result["grad_bytes"]
+        assert sum(gather) == result["param_bytes"]
+        # The only other traffic: the squared gradient norm summed over the DP slices.
+        assert [(op, nbytes) for op, _, nbytes in log if nbytes <= 8] == [("all_reduce", 4)]
+
+
+# Optimizer state memory ---------------------------------------------------------------------
+
+
+def state_bytes_run(dtype: torch.dtype) -> dict:
+    """Per-rank optimizer-state bytes after one step, replicated and distributed (DP=4)."""
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    try:
+        config = ModelConfig.from_preset("tiny", params_dtype=dtype)
+        opt = optimizer_config(bf16=dtype == torch.bfloat16)
+        out = {}
+        for distributed in (False, True):
+            ddp = DistributedDataParallelConfig(
+                use_distributed_optimizer=distributed, bucket_size=BUCKET
+            )
+            model, optimizer = build(config, ddp, opt)
+            train_steps(model, optimizer, batches(config.vocab_size, 1), micro_batch=2)
+            out[distributed] = optimizer.state_bytes()
+            out["buckets"] = len(model.buckets)
+        return out
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_distributed_optimizer_state_is_one_dp_th(pool, dtype):
+    # Per element of state: exp_avg + exp_avg_sq (fp32 model: main params alias it), plus the
+    # float32 main parameter for bf16.
+    per_element = 8 if dtype == torch.float32 else 12
+    for result in pool.run(state_bytes_run, dtype):
+        replicated, sharded = result[False], result[True]
+        padding = result["buckets"] * 4 * 64 * per_element  # at most one shard alignment each
+        assert abs(sharded - replicated / 4) <= padding, (replicated, sharded, padding)
+        assert sharded < replicated / 4 + padding
+    print(f"{dtype}: optimizer state per rank {replicated} B replicated, {sharded} B sharded")
+
+
+# Resharding the optimizer state ------------------------------------------------------------
+
+
+def reshard_run(model_config: ModelConfig, opt: OptimizerConfig) -> dict | None:
+    """3 steps at DP=4 (ZeRO-1), gather the state, resume at DP=2 (ZeRO-1 with other buckets,
+    and replicated) for 2 more steps; rank 0 also returns the uninterrupted reference."""
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    try:
+        reference = reference_training(model_config, opt, STEPS) if dist.get_rank() == 0 else None
+        data = batches(model_config.vocab_size, STEPS)
+        ddp = DistributedDataParallelConfig(
+            use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True,
+            bucket_size=BUCKET,
+        )  # fmt: skip
+        model, optimizer = build(model_config, ddp, opt)
+        first_losses, _ = train_steps(model, optimizer, data[:3], micro_batch=1)
+        state = optimizer.full_state_dict()
+        dp2 = data_parallel_subgroup(2)
+        resumed = {}
+        for distributed, bucket in ((True, 10_000), (False, None)):
+            ddp = DistributedDataParallelConfig(
+                use_distributed_optimizer=distributed, bucket_size=bucket
+            )
+            model, optimizer = build(model_config, ddp, opt, dp2)
+            optimizer.load_full_state_dict(state)  # float32 main params restore the model too
+            losses, _ = train_steps(model, optimizer, data[3:], micro_batch=2)
+            resumed[distributed] = {
+                "losses": first_losses + losses,
+                "weights": gather_full_state(model.module),
+            }
+        return {"reference": reference, "resumed": resumed} if dist.get_rank() == 0 else None
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_optimizer_state_reloads_at_another_dp_size(pool):
+    result = pool.run(reshard_run, ModelConfig.from_preset("tiny"), optimizer_config())[0]
+    for distributed, run in result["resumed"].items():
+        run["norms"] = result["reference"]["norms"] = []  # not recorded across the restart
+        assert_same_training(result["reference"], run, f"DP=4 -> DP=2 distributed={distributed}")
