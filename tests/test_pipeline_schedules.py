@@ -338,3 +338,39 @@ def test_sent_outputs_are_deallocated(pool, vpp):
             assert sizes == [1] * 4, f"hidden states [s, b, h] ({hidden_states}) not freed"
         else:  # chunk 0 sent downstream on both ranks; chunk 1 of rank 0 too
             assert sizes.count(1) == (8 if pp_rank == 0 else 4), sizes
+
+
+def forward_only_run(vpp: int | None, m: int) -> dict:
+    """Evaluation: losses without gradients or stored activations."""
+    config = ModelConfig.from_preset("tiny", num_layers=4)
+    reference = reference_run(config, m)
+    parallel_state.initialize_model_parallel(1, 2, vpp)
+    try:
+        chunks = build_model_chunks(config)
+        batches = _microbatches(config.vocab_size, m)
+        recorder = ScheduleRecorder()
+        with torch.no_grad():
+            losses = get_forward_backward_func()(
+                forward_step, [iter(batches) for _ in chunks] if vpp else iter(batches), chunks,
+                m, SEQ, MICRO_BATCH, forward_only=True, recorder=recorder,
+            )  # fmt: skip
+        return {
+            "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+            "losses": losses,
+            "reference": reference["losses"],
+            "grads": [p.grad for c in chunks for p in c.parameters() if p.grad is not None],
+            "peak_in_flight": recorder.peak_in_flight,
+        }
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("vpp, m", [(None, 3), (2, 4)], ids=["1f1b", "interleaved"])
+def test_forward_only(pool, vpp, m):
+    for r in pool.run(forward_only_run, vpp, m):
+        assert r["grads"] == [] and r["peak_in_flight"] == 0
+        if r["pp_rank"] == 1:
+            for got, expected in zip(r["losses"], r["reference"], strict=True):
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+        else:
+            assert r["losses"] == []
