@@ -21,6 +21,7 @@ interleaved schedule uses to pass a microbatch from one model chunk to the next.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,23 @@ import torch.distributed as dist
 
 from engine import parallel_state
 from engine.pipeline_parallel.timeline import ScheduleRecorder
+
+# Pipeline groups that have had their first collective (see `_ensure_ready`).
+_READY_GROUPS: weakref.WeakSet[dist.ProcessGroup] = weakref.WeakSet()
+
+
+def _ensure_ready(group: dist.ProcessGroup) -> None:
+    """Run one barrier over the pipeline group before its first p2p batch.
+
+    PyTorch requires every rank of a group to take part in the group's first collective call
+    when that call is `batch_isend_irecv` on NCCL (the communicator is created then); the
+    schedules' first batches involve only pairs of ranks. Every pipeline rank reaches its first
+    p2p call without waiting on another pipeline rank, so a barrier there cannot deadlock. It
+    runs on gloo too (harmless, once per group), so this path is the tested one.
+    """
+    if group not in _READY_GROUPS:
+        dist.barrier(group=group)
+        _READY_GROUPS.add(group)
 
 
 @dataclass
@@ -64,8 +82,9 @@ def communicate(
         (activation from prev or None, gradient from next or None). A received activation
         requires grad, so the stage's backward produces the gradient to send back.
     """
-    start = time.perf_counter()
     group = parallel_state.get_pipeline_model_parallel_group()
+    _ensure_ready(group)
+    start = time.perf_counter()
     next_rank = parallel_state.get_pipeline_model_parallel_next_rank()
     prev_rank = parallel_state.get_pipeline_model_parallel_prev_rank()
     recv_prev_buffer = recv_next_buffer = None
