@@ -59,20 +59,25 @@ def optimizer_config(**overrides) -> OptimizerConfig:
     return OptimizerConfig(**{**defaults, **overrides})
 
 
-def reference_training(model_config: ModelConfig, opt: OptimizerConfig, steps: int) -> dict:
-    """Single process, whole global batch, torch.optim.AdamW: losses, norms, full weights.
-
-    Needs model-parallel groups of size 1 (TP=1) to build the model; no communication."""
-    model = LlamaModel(model_config)
+def torch_adamw(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.AdamW:
+    """PyTorch's reference AdamW (single-tensor loop), no decay on norms and biases."""
     named = list(model.named_parameters())
     groups = [
         {"params": [p for n, p in named if uses_weight_decay(n, p)]},
         {"params": [p for n, p in named if not uses_weight_decay(n, p)], "weight_decay": 0.0},
     ]
-    adamw = torch.optim.AdamW(
+    return torch.optim.AdamW(
         groups, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps,
         weight_decay=opt.weight_decay, foreach=False,
     )  # fmt: skip
+
+
+def reference_training(model_config: ModelConfig, opt: OptimizerConfig, steps: int) -> dict:
+    """Single process, whole global batch, torch.optim.AdamW: losses, norms, full weights.
+
+    Needs model-parallel groups of size 1 (TP=1) to build the model; no communication."""
+    model = LlamaModel(model_config)
+    adamw = torch_adamw(model, opt)
     losses, norms = [], []
     for inputs, labels in batches(model_config.vocab_size, steps):
         adamw.zero_grad()
