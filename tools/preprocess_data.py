@@ -138,6 +138,15 @@ class Stats:
     examples: list[str] = field(default_factory=list)
     start: float = field(default_factory=time.perf_counter)
 
+    def progress(self, total_bytes: int | None) -> str:
+        """One progress line: a bar when the input size is known, then counts and rates."""
+        bar = ""
+        if total_bytes:
+            done = min(self.input_bytes / total_bytes, 1.0)
+            filled = int(done * 30)
+            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {done:6.1%} "
+        return f"{bar}{self.documents:,} documents ({self.rates()})"
+
     def rates(self) -> str:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return (
@@ -305,6 +314,9 @@ def preprocess(args: argparse.Namespace) -> Stats:
         for p in range(args.partitions)
     }
     stats = Stats()
+    # The fraction done is known only for uncompressed input (bytes read of the file sizes).
+    compressed = any(f.endswith((".gz", ".zst")) for f in files)
+    total_bytes = None if compressed else sum(os.path.getsize(f) for f in files)
     print(f"Opening {', '.join(files)}", file=sys.stderr)
     next_report = args.log_interval
     try:
@@ -317,10 +329,7 @@ def preprocess(args: argparse.Namespace) -> Stats:
                     write_batch(*pending[0], pending[1].result(), builders, eod, stats)
                 pending = ((batch,), future)
                 if stats.documents >= next_report:
-                    print(
-                        f"Processed {stats.documents:,} documents ({stats.rates()})",
-                        file=sys.stderr,
-                    )
+                    print(stats.progress(total_bytes), file=sys.stderr)
                     next_report = (stats.documents // args.log_interval + 1) * args.log_interval
             if pending is not None:
                 write_batch(*pending[0], pending[1].result(), builders, eod, stats)

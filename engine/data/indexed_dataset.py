@@ -246,57 +246,68 @@ class IndexedDataset:
         return os.path.isfile(idx_path(path_prefix)) and os.path.isfile(bin_path(path_prefix))
 
 
-def write_index(
-    path: str | os.PathLike,
-    dtype: type[np.number],
-    sequence_lengths: np.ndarray,
-    document_indices: np.ndarray,
-) -> None:
-    """Write an `.idx` file for tokens of `dtype` laid out back to back in the `.bin`."""
-    lengths = np.asarray(sequence_lengths, dtype=np.int32)
-    pointers = np.zeros(len(lengths), np.int64)
-    np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(dtype).itemsize, out=pointers[1:])
-    docs = np.asarray(document_indices, dtype=np.int64)
-    with open(path, "wb") as f:
-        f.write(MAGIC)
-        f.write(struct.pack("<QBQQ", VERSION, dtype_code(dtype), len(lengths), len(docs)))
-        f.write(lengths.tobytes())
-        f.write(pointers.tobytes())
-        f.write(docs.tobytes())
-
-
 class IndexedDatasetBuilder:
     """Writes a `.bin/.idx` pair, appending documents and whole datasets.
 
-    Both files are written under temporary names and renamed into place by `finalize`, so a
-    reader (or a crash) never sees a half-written dataset.
+    Memory stays constant however large the dataset: tokens go straight to the `.bin`, and
+    the sequence lengths and document ends are spilled to two side files in chunks, from
+    which `finalize` streams the `.idx`. Everything is written under temporary names and
+    renamed into place by `finalize`, so a reader (or a crash) never sees a half-written
+    dataset.
 
     Args:
         bin_path: the `.bin` to produce (Megatron's builder takes the same argument).
         dtype: token dtype; `optimal_dtype(vocab_size)` picks Megatron's choice.
     """
 
+    _SPILL_ENTRIES = 1 << 20  # buffered index entries before they go to the side files
+
     def __init__(self, bin_path: str | os.PathLike, dtype: type[np.number] = np.int32):
         self.bin_path = os.fspath(bin_path)
         self.dtype = np.dtype(dtype).type
         dtype_code(self.dtype)  # fail early on an unstorable dtype
-        self._tmp_bin = f"{self.bin_path}.tmp.{os.getpid()}"
-        self._file = open(self._tmp_bin, "wb")
-        # Python lists grow in amortised O(1); they become arrays at each add_index/finalize.
+        tmp = f"{self.bin_path}.tmp.{os.getpid()}"
+        self._tmp_paths = [tmp, f"{tmp}.lengths", f"{tmp}.documents"]
+        self._file = open(tmp, "wb")
+        self._lengths_file = open(self._tmp_paths[1], "wb")  # int32 per sequence
+        self._documents_file = open(self._tmp_paths[2], "wb")  # int64 end of each document
         self._lengths: list[int] = []
-        self._document_ends: list[int] = []  # absolute sequence index ending each document
-        self._pieces: list[tuple[np.ndarray, np.ndarray]] = []  # (lengths, document ends)
-        self._flushed_sequences = 0
+        self._document_ends: list[int] = []
+        self._spilled_sequences = 0
+        self._num_documents = 0
+
+    def _sequence_count(self) -> int:
+        return self._spilled_sequences + len(self._lengths)
+
+    def _spill(self, lengths: np.ndarray | None = None, ends: np.ndarray | None = None) -> None:
+        """Write the buffered entries, then `lengths`/`ends` if given, to the side files."""
+        if self._lengths or self._document_ends:
+            buffered = (np.asarray(self._lengths, np.int32), np.asarray(self._document_ends))
+            self._lengths, self._document_ends = [], []
+            self._spill(*buffered)
+        if lengths is not None:
+            self._lengths_file.write(np.asarray(lengths, np.int32).tobytes())
+            self._spilled_sequences += len(lengths)
+        if ends is not None:
+            self._documents_file.write(np.asarray(ends, np.int64).tobytes())
+            self._num_documents += len(ends)
+
+    def _buffer(self, lengths: list[int], document_end: bool) -> None:
+        self._lengths.extend(lengths)
+        if document_end:
+            self._document_ends.append(self._sequence_count())
+        if len(self._lengths) + len(self._document_ends) >= self._SPILL_ENTRIES:
+            self._spill()
 
     def add_item(self, tokens: Sequence[int] | np.ndarray) -> None:
         """Append one sequence (call `end_document` after the last sequence of a document)."""
         array = np.asarray(tokens, dtype=self.dtype)
         self._file.write(array.tobytes())
-        self._lengths.append(array.size)
+        self._buffer([array.size], document_end=False)
 
     def end_document(self) -> None:
         """Close the current document."""
-        self._document_ends.append(self._sequence_count())
+        self._buffer([], document_end=True)
 
     def add_document(
         self, tokens: Sequence[int] | np.ndarray, lengths: Iterable[int] | None = None
@@ -306,12 +317,11 @@ class IndexedDatasetBuilder:
         As in Megatron, an empty document (no lengths) still gets its document-index entry.
         """
         array = np.asarray(tokens, dtype=self.dtype)
-        lengths = [array.size] if lengths is None else list(lengths)
+        lengths = [array.size] if lengths is None else [int(n) for n in lengths]
         if sum(lengths) != array.size:
             raise ValueError(f"sequence lengths {lengths} do not add up to {array.size} tokens")
         self._file.write(array.tobytes())
-        self._lengths.extend(lengths)
-        self._document_ends.append(self._sequence_count())
+        self._buffer(lengths, document_end=True)
 
     def add_documents(
         self, tokens: np.ndarray, sequence_lengths: np.ndarray, sequences_per_document: np.ndarray
@@ -324,12 +334,10 @@ class IndexedDatasetBuilder:
             sequences_per_document: sequences in each document, `[num_documents]` (0 for an
                 empty document, which still gets its document-index entry).
         """
-        array = np.asarray(tokens, dtype=self.dtype)
-        self._file.write(array.tobytes())
-        first = self._sequence_count()
-        self._lengths.extend(np.asarray(sequence_lengths).tolist())
-        ends = first + np.cumsum(sequences_per_document, dtype=np.int64)
-        self._document_ends.extend(ends.tolist())
+        self._file.write(np.asarray(tokens, dtype=self.dtype).tobytes())
+        self._spill()
+        ends = self._sequence_count() + np.cumsum(sequences_per_document, dtype=np.int64)
+        self._spill(sequence_lengths, ends)
 
     def add_index(self, path_prefix: str | os.PathLike) -> None:
         """Append every document of another dataset (same dtype) by copying its bytes."""
@@ -339,39 +347,52 @@ class IndexedDatasetBuilder:
                 f"{idx_path(path_prefix)}: dtype {np.dtype(other.dtype).name} does not match "
                 f"the builder's {np.dtype(self.dtype).name}"
             )
+        self._spill()
         offset = self._sequence_count()
-        self._flush_lists()
-        self._pieces.append(
-            (np.array(other.sequence_lengths), np.array(other.document_indices[1:]) + offset)
-        )
-        self._flushed_sequences += len(other)
+        step = self._SPILL_ENTRIES
+        for start in range(0, len(other), step):
+            self._spill(other.sequence_lengths[start : start + step])
+        ends = other.document_indices[1:]
+        for start in range(0, len(ends), step):
+            self._spill(ends=ends[start : start + step] + offset)
         with open(bin_path(path_prefix), "rb") as src:
-            while chunk := src.read(64 << 20):  # bounded memory for any size
+            while chunk := src.read(64 << 20):
                 self._file.write(chunk)
-
-    def _sequence_count(self) -> int:
-        return self._flushed_sequences + len(self._lengths)
-
-    def _flush_lists(self) -> None:
-        if self._lengths or self._document_ends:
-            lengths = np.asarray(self._lengths, np.int32)
-            self._pieces.append((lengths, np.asarray(self._document_ends, np.int64)))
-            self._flushed_sequences += len(lengths)
-            self._lengths, self._document_ends = [], []
 
     def finalize(self, idx_path: str | os.PathLike) -> None:
         """Write the `.idx` and move both files into place (`.bin` first, `.idx` last)."""
-        self._flush_lists()
-        self._file.close()
-        lengths = [piece for piece, _ in self._pieces]
-        docs = [np.zeros(1, np.int64)] + [piece for _, piece in self._pieces]
-        all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+        self._spill()
+        for f in (self._file, self._lengths_file, self._documents_file):
+            f.close()
         tmp_idx = f"{os.fspath(idx_path)}.tmp.{os.getpid()}"
-        write_index(tmp_idx, self.dtype, all_lengths, np.concatenate(docs))
-        os.replace(self._tmp_bin, self.bin_path)
+        n_seq, n_doc = self._spilled_sequences, self._num_documents + 1
+        itemsize = np.dtype(self.dtype).itemsize
+        step = self._SPILL_ENTRIES
+        with open(tmp_idx, "wb") as out:
+            out.write(MAGIC)
+            out.write(struct.pack("<QBQQ", VERSION, dtype_code(self.dtype), n_seq, n_doc))
+            with open(self._tmp_paths[1], "rb") as f:  # lengths, as they are
+                while chunk := f.read(4 * step):
+                    out.write(chunk)
+            pointer = 0  # byte offsets: a running sum over the lengths, chunk by chunk
+            with open(self._tmp_paths[1], "rb") as f:
+                while chunk := f.read(4 * step):
+                    sizes = np.frombuffer(chunk, np.int32).astype(np.int64) * itemsize
+                    ends = np.cumsum(sizes) + pointer
+                    out.write((ends - sizes).tobytes())
+                    pointer = int(ends[-1])
+            out.write(np.zeros(1, np.int64).tobytes())
+            with open(self._tmp_paths[2], "rb") as f:
+                while chunk := f.read(8 * step):
+                    out.write(chunk)
+        os.replace(self._tmp_paths[0], self.bin_path)
         os.replace(tmp_idx, idx_path)
+        for path in self._tmp_paths[1:]:
+            os.remove(path)
 
     def abort(self) -> None:
         """Drop everything written so far (no output files appear)."""
-        self._file.close()
-        Path(self._tmp_bin).unlink(missing_ok=True)
+        for f in (self._file, self._lengths_file, self._documents_file):
+            f.close()
+        for path in self._tmp_paths:
+            Path(path).unlink(missing_ok=True)

@@ -212,3 +212,31 @@ def test_megatron_core_reads_ours_and_we_read_theirs(tmp_path):
         assert (tmp_path / f"theirs{suffix}").read_bytes() == (
             tmp_path / f"ours{suffix}"
         ).read_bytes()
+
+
+def test_spilling_the_index_in_small_chunks_changes_nothing(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    docs = random_documents(rng, 150, 500)
+    write(tmp_path / "part", docs[:40], np.uint16)
+    write(tmp_path / "whole", docs + docs[:40], np.uint16)
+    # Spill every few entries, across add_document, add_documents and add_index.
+    monkeypatch.setattr(IndexedDatasetBuilder, "_SPILL_ENTRIES", 7)
+    builder = IndexedDatasetBuilder(f"{tmp_path}/small.bin", np.uint16)
+    for sequences in docs[:100]:
+        tokens = np.concatenate(sequences) if sequences else np.zeros(0, np.int64)
+        builder.add_document(tokens, [len(s) for s in sequences])
+    rest = docs[100:]
+    flat = [s for d in rest for s in d]
+    builder.add_documents(
+        np.concatenate(flat), np.array([len(s) for s in flat]), np.array([len(d) for d in rest])
+    )
+    builder.add_index(tmp_path / "part")
+    builder.finalize(f"{tmp_path}/small.idx")
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"small{suffix}").read_bytes() == (
+            tmp_path / f"whole{suffix}"
+        ).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if "small" in p.name) == [
+        "small.bin",
+        "small.idx",
+    ]

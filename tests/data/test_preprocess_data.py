@@ -276,3 +276,30 @@ def test_command_line_prints_progress_and_summary(tmp_path, corpus, sp_model):
     )
     assert "docs/s" in result.stderr and "tokens/s" in result.stderr and "MB/s" in result.stderr
     assert "Done: 1,503 documents" in result.stderr
+
+
+def test_memory_does_not_grow_with_the_corpus(tmp_path, sp_model):
+    """Peak Python memory for 10x the documents stays within a small margin of 1x."""
+    import tracemalloc
+
+    def peak_bytes(num_docs: int) -> int:
+        path = tmp_path / f"in{num_docs}.jsonl"
+        line = json.dumps({"text": "Speak, speak. We are accounted poor citizens."}) + "\n"
+        path.write_text(line * num_docs)
+        tracemalloc.start()
+        run_tool(
+            "--input",
+            path,
+            "--output-prefix",
+            tmp_path / f"out{num_docs}",
+            "--tokenizer-type",
+            "Llama2Tokenizer",
+            "--tokenizer-model",
+            sp_model,
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    small, large = peak_bytes(3_000), peak_bytes(30_000)
+    assert large < 1.2 * small, (small, large)
