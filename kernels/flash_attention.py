@@ -92,6 +92,17 @@ def _mask(q_idx, k_idx, seq_q, seq_k, doc_start, doc_end, IS_CAUSAL: tl.constexp
 
 
 @jit
+def _needs_mask(m_start, n_start, seq_q, seq_k, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Whether the tile of query block m_start and key block n_start masks any pair; interior
+    tiles (most of them for long sequences) skip the masking arithmetic."""
+    edge = (m_start + BLOCK_M > seq_q) | (n_start + BLOCK_N > seq_k) | HAS_DOCS
+    if IS_CAUSAL:
+        edge |= n_start + BLOCK_N - 1 > m_start  # some key of the tile lies after some row
+    return edge
+
+
+@jit
 def _row_documents(DOC_START, DOC_END, rows, row_ok, HAS_DOCS: tl.constexpr):
     """Per-row key range [start, end) of the row's document; zeros without documents."""
     if HAS_DOCS:
@@ -174,11 +185,7 @@ def _attention_forward_kernel(
         v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :], mask=cols[:, None] < seq_k,
                     other=0.0)  # fmt: skip
         qk = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-        # Interior blocks (all keys valid, below the diagonal, no documents) skip the mask.
-        edge = (n_start + BLOCK_N > seq_k) | HAS_DOCS
-        if IS_CAUSAL:
-            edge |= n_start + BLOCK_N - 1 > m_start
-        if edge:
+        if _needs_mask(m_start, n_start, seq_q, seq_k, IS_CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N):
             allowed = _mask(offs_m[:, None], cols[None, :], seq_q, seq_k, doc_start[:, None],
                             doc_end[:, None], IS_CAUSAL, HAS_DOCS)  # fmt: skip
             qk = tl.where(allowed, qk, float("-inf"))
@@ -276,10 +283,11 @@ def _attention_backward_dkdv_kernel(
             delta = tl.load(DELTA + row_stats + rows, mask=row_ok, other=0.0)
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
             p_t = tl.math.exp2(qk_t - lse[None, :])
-            doc_start, doc_end = _row_documents(DOC_START, DOC_END, rows, row_ok, HAS_DOCS)
-            allowed = _mask(rows[None, :], offs_n[:, None], seq_q, seq_k, doc_start[None, :],
-                            doc_end[None, :], IS_CAUSAL, HAS_DOCS)  # fmt: skip
-            p_t = tl.where(allowed, p_t, 0.0)
+            if _needs_mask(m_start, n_start, seq_q, seq_k, IS_CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N):
+                doc_start, doc_end = _row_documents(DOC_START, DOC_END, rows, row_ok, HAS_DOCS)
+                allowed = _mask(rows[None, :], offs_n[:, None], seq_q, seq_k, doc_start[None, :],
+                                doc_end[None, :], IS_CAUSAL, HAS_DOCS)  # fmt: skip
+                p_t = tl.where(allowed, p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
@@ -342,9 +350,10 @@ def _attention_backward_dq_kernel(
                       other=0.0)  # fmt: skip
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
-        allowed = _mask(offs_m[:, None], cols[None, :], seq_q, seq_k, doc_start[:, None],
-                        doc_end[:, None], IS_CAUSAL, HAS_DOCS)  # fmt: skip
-        p = tl.where(allowed, p, 0.0)
+        if _needs_mask(m_start, n_start, seq_q, seq_k, IS_CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N):
+            allowed = _mask(offs_m[:, None], cols[None, :], seq_q, seq_k, doc_start[:, None],
+                            doc_end[:, None], IS_CAUSAL, HAS_DOCS)  # fmt: skip
+            p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
