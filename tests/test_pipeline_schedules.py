@@ -374,3 +374,50 @@ def test_forward_only(pool, vpp, m):
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
         else:
             assert r["losses"] == []
+
+
+def data_parallel_run(vpp: int | None, m: int) -> dict:
+    """PP=2 x DP=2 with each chunk in `DistributedDataParallel` (overlapped, small buckets),
+    plugged in through the schedule's hooks; each DP replica takes its own m microbatches."""
+    from engine.config import DistributedDataParallelConfig
+    from engine.distributed.ddp import DistributedDataParallel
+
+    config = ModelConfig.from_preset("tiny", num_layers=4, tie_word_embeddings=True)
+    reference = reference_run(config, 2 * m)  # the mean over both replicas' microbatches
+    parallel_state.initialize_model_parallel(1, 2, vpp)
+    try:
+        ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=True, bucket_size=20_000)
+        chunks = [DistributedDataParallel(c, ddp_config) for c in build_model_chunks(config)]
+        dp_rank = parallel_state.get_data_parallel_rank()
+        batches = _microbatches(config.vocab_size, 2 * m)[dp_rank * m : (dp_rank + 1) * m]
+        losses = get_forward_backward_func()(
+            forward_step, [iter(batches) for _ in chunks] if vpp else iter(batches), chunks,
+            m, SEQ, MICRO_BATCH,
+            no_sync_func=[c.no_sync for c in chunks],
+            grad_sync_func=[c.start_grad_sync for c in chunks],
+            finalize_model_grads_func=finalize_model_grads,
+        )  # fmt: skip
+        for chunk in chunks:
+            for param in chunk.module.parameters():
+                param.grad = param.main_grad  # the DP-averaged gradient, for gathering
+        return {
+            "m": m,
+            "reference": {
+                "losses": reference["losses"][dp_rank * m : (dp_rank + 1) * m],
+                "grads": reference["grads"],
+            },  # fmt: skip
+            "losses": losses,
+            "grads": _full_grads([c.module for c in chunks]),
+            "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+            "dp_rank": dp_rank,
+        }
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("vpp", [None, 2], ids=["1f1b", "interleaved"])
+def test_data_parallel_wrapper_through_hooks(pool, vpp):
+    per_rank = pool.run(data_parallel_run, vpp, 4)
+    for dp_rank in range(2):  # each replica: its own losses, the DP-averaged gradients
+        replica = [[{**r, "dp_rank": 0}] for r in per_rank if r["dp_rank"] == dp_rank]
+        check_parity(replica, 2, f"pp=2 dp=2 ddp v={vpp} replica {dp_rank}")
