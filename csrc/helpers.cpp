@@ -22,6 +22,8 @@ using SizesArray = py::array_t<int32_t, py::array::c_style | py::array::forcecas
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+constexpr int64_t kPrefetch = 16;
+
 // Walk the concatenated token stream (documents in `document_index` order) and record where
 // every sample starts: sample i starts at stream position i * seq_length and needs
 // `extra_token` more tokens after its last one (the shifted label). Row i is (position in
@@ -59,6 +61,11 @@ py::array_t<Out> sample_idx_impl(const int32_t *sizes, int64_t num_sizes,
       const int64_t needed = start + extra_token;  // tokens the previous sample consumes
       while (doc_end < needed && entry + 1 < num_entries) {
         ++entry;
+        // The walk gathers sizes in shuffled order: fetch a few entries ahead.
+        if (entry + kPrefetch < num_entries) {
+          const int64_t ahead = static_cast<int64_t>(document_index[entry + kPrefetch]);
+          if (ahead >= 0 && ahead < num_sizes) __builtin_prefetch(sizes + ahead);
+        }
         doc_start = doc_end;
         doc_end += size_of(entry);
       }
@@ -83,11 +90,9 @@ template <typename DocIndex>
 py::array dispatch_output(const SizesArray &sizes, const py::array_t<DocIndex> &document_index,
                           int64_t seq_length, int64_t total_tokens, bool drop_last,
                           int64_t extra_token) {
-  int64_t max_size = 0;
-  for (int64_t i = 0; i < sizes.size(); ++i) max_size = std::max<int64_t>(max_size, sizes.data()[i]);
-  // int32 rows halve the cache when every value fits, as Megatron-Core's do.
-  const bool fits = std::max<int64_t>(document_index.size(), max_size) <=
-                    std::numeric_limits<int32_t>::max();
+  // Offsets are below a document's int32 size, so int32 rows fit whenever the document
+  // index does; they halve the cache, as Megatron-Core's do.
+  const bool fits = document_index.size() <= std::numeric_limits<int32_t>::max();
   if (fits) {
     return sample_idx_impl<DocIndex, int32_t>(sizes.data(), sizes.size(), document_index.data(),
                                               document_index.size(), seq_length, total_tokens,
