@@ -123,79 +123,68 @@ py::array build_sample_idx(const SizesArray &sizes, const py::array &document_in
                                   extra);
 }
 
-// Greedy blending: sample i goes to the dataset whose achieved count lags its target
-// weight * max(i, 1) the most (lowest index on ties).
-py::tuple build_blending_indices(
-    const py::array_t<double, py::array::c_style | py::array::forcecast> &weights, int64_t size) {
-  const int64_t n = weights.size();
+// The greedy rule both blends share: sample i goes to the dataset whose achieved count lags
+// its target weight * max(i, 1) the most (lowest index on ties); with `caps`, a dataset that
+// has reached its cap is passed over. Runs without the GIL.
+void greedy_blend(const std::vector<double> &weights, const std::vector<int64_t> *caps,
+                  int64_t size, int16_t *which, int64_t *nth) {
+  py::gil_scoped_release release;
+  const int64_t n = static_cast<int64_t>(weights.size());
+  std::vector<int64_t> counts(n, 0);
+  for (int64_t i = 0; i < size; ++i) {
+    const double target = static_cast<double>(std::max<int64_t>(i, 1));
+    int64_t best = -1;
+    double best_lag = std::numeric_limits<double>::lowest();
+    for (int64_t d = 0; d < n; ++d) {
+      if (caps != nullptr && counts[d] == (*caps)[d]) continue;
+      const double lag = weights[d] * target - static_cast<double>(counts[d]);
+      if (best < 0 || lag > best_lag) {
+        best_lag = lag;
+        best = d;
+      }
+    }
+    which[i] = static_cast<int16_t>(best);
+    nth[i] = counts[best]++;
+  }
+}
+
+void check_dataset_count(int64_t n) {
   if (n < 1 || n > std::numeric_limits<int16_t>::max()) {
     throw std::invalid_argument("need between 1 and 32767 datasets, got " + std::to_string(n));
   }
+}
+
+// Greedy blending by weight: `size` samples.
+py::tuple build_blending_indices(
+    const py::array_t<double, py::array::c_style | py::array::forcecast> &weights, int64_t size) {
+  check_dataset_count(weights.size());
   py::array_t<int16_t> dataset_index(size);
   py::array_t<int64_t> dataset_sample_index(size);
-  int16_t *which = dataset_index.mutable_data();
-  int64_t *nth = dataset_sample_index.mutable_data();
-  const std::vector<double> w(weights.data(), weights.data() + n);
-  {
-    py::gil_scoped_release release;
-    std::vector<int64_t> counts(n, 0);
-    for (int64_t i = 0; i < size; ++i) {
-      const double target = static_cast<double>(std::max<int64_t>(i, 1));
-      int64_t best = 0;
-      double best_lag = w[0] * target - static_cast<double>(counts[0]);
-      for (int64_t d = 1; d < n; ++d) {
-        const double lag = w[d] * target - static_cast<double>(counts[d]);
-        if (lag > best_lag) {
-          best_lag = lag;
-          best = d;
-        }
-      }
-      which[i] = static_cast<int16_t>(best);
-      nth[i] = counts[best]++;
-    }
-  }
+  const std::vector<double> w(weights.data(), weights.data() + weights.size());
+  greedy_blend(w, nullptr, size, dataset_index.mutable_data(),
+               dataset_sample_index.mutable_data());
   return py::make_tuple(dataset_index, dataset_sample_index);
 }
 
-// Exhaustive blending: take exactly sizes[d] samples from each dataset d, interleaved by the
-// same greedy rule with weights sizes / sum(sizes); a dataset drops out once it is used up.
+// Exhaustive blending: exactly sizes[d] samples of each dataset d, interleaved by the same
+// rule with weights sizes / sum(sizes); a dataset drops out once it is used up.
 py::tuple build_exhaustive_blending_indices(
     const py::array_t<int64_t, py::array::c_style | py::array::forcecast> &sizes) {
-  const int64_t n = sizes.size();
-  if (n < 1 || n > std::numeric_limits<int16_t>::max()) {
-    throw std::invalid_argument("need between 1 and 32767 datasets, got " + std::to_string(n));
-  }
-  const std::vector<int64_t> want(sizes.data(), sizes.data() + n);
+  check_dataset_count(sizes.size());
+  const std::vector<int64_t> caps(sizes.data(), sizes.data() + sizes.size());
   int64_t total = 0;
-  for (int64_t s : want) {
+  for (int64_t s : caps) {
     if (s < 0) throw std::invalid_argument("dataset sizes must not be negative");
     total += s;
   }
+  std::vector<double> w(caps.size());
+  for (size_t d = 0; d < caps.size(); ++d) {
+    w[d] = static_cast<double>(caps[d]) / static_cast<double>(total);
+  }
   py::array_t<int16_t> dataset_index(total);
   py::array_t<int64_t> dataset_sample_index(total);
-  int16_t *which = dataset_index.mutable_data();
-  int64_t *nth = dataset_sample_index.mutable_data();
-  {
-    py::gil_scoped_release release;
-    std::vector<double> w(n);
-    std::vector<int64_t> counts(n, 0);
-    for (int64_t d = 0; d < n; ++d) w[d] = static_cast<double>(want[d]) / static_cast<double>(total);
-    for (int64_t i = 0; i < total; ++i) {
-      const double target = static_cast<double>(std::max<int64_t>(i, 1));
-      int64_t best = -1;
-      double best_lag = std::numeric_limits<double>::lowest();
-      for (int64_t d = 0; d < n; ++d) {
-        if (counts[d] == want[d]) continue;
-        const double lag = w[d] * target - static_cast<double>(counts[d]);
-        if (lag > best_lag) {
-          best_lag = lag;
-          best = d;
-        }
-      }
-      which[i] = static_cast<int16_t>(best);
-      nth[i] = counts[best]++;
-    }
-  }
+  greedy_blend(w, &caps, total, dataset_index.mutable_data(),
+               dataset_sample_index.mutable_data());
   return py::make_tuple(dataset_index, dataset_sample_index);
 }
 

@@ -48,21 +48,28 @@ def build_sample_idx(
     return result
 
 
-def build_blending_indices(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy blending: sample i goes to the dataset lagging its target most.
-
-    The target of dataset d after i samples is `weights[d] * max(i, 1)`; ties go to the
-    lowest index. Returns (dataset_index int16[size], dataset_sample_index int64[size]).
-    """
-    weights = np.asarray(weights, np.float64)
+def _greedy(weights: np.ndarray, size: int, caps: np.ndarray | None):
+    """Sample i goes to the dataset lagging its target `weights[d] * max(i, 1)` most (first
+    on ties), skipping datasets that reached `caps`."""
     counts = np.zeros(len(weights), np.int64)
     which = np.zeros(size, np.int16)
     nth = np.zeros(size, np.int64)
     for i in range(size):
-        d = int(np.argmax(weights * max(i, 1) - counts))  # argmax keeps the first maximum
+        lag = weights * max(i, 1) - counts
+        if caps is not None:
+            lag = np.where(counts < caps, lag, -np.inf)
+        d = int(np.argmax(lag))  # argmax keeps the first maximum
         which[i], nth[i] = d, counts[d]
         counts[d] += 1
     return which, nth
+
+
+def build_blending_indices(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy blending of `size` samples by weight.
+
+    Returns (dataset_index int16[size], dataset_sample_index int64[size]).
+    """
+    return _greedy(np.asarray(weights, np.float64), size, None)
 
 
 def build_exhaustive_blending_indices(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -72,13 +79,4 @@ def build_exhaustive_blending_indices(sizes: np.ndarray) -> tuple[np.ndarray, np
     """
     sizes = np.asarray(sizes, np.int64)
     total = int(sizes.sum())
-    weights = sizes / total
-    counts = np.zeros(len(sizes), np.int64)
-    which = np.zeros(total, np.int16)
-    nth = np.zeros(total, np.int64)
-    for i in range(total):
-        lag = np.where(counts < sizes, weights * max(i, 1) - counts, -np.inf)
-        d = int(np.argmax(lag))
-        which[i], nth[i] = d, counts[d]
-        counts[d] += 1
-    return which, nth
+    return _greedy(sizes / total, total, sizes)

@@ -19,18 +19,39 @@ import numpy as np
 import torch
 
 
-def _check(total: int, consumed: int, micro: int, rank: int, size: int) -> None:
-    if total <= 0:
-        raise ValueError(f"no samples to draw from (total_samples={total})")
-    if micro <= 0 or size <= 0:
-        raise ValueError(f"micro_batch_size={micro} and data_parallel_size={size} must be > 0")
-    if not 0 <= rank < size:
-        raise ValueError(f"data_parallel_rank={rank} is outside [0, {size})")
-    if consumed < 0:
-        raise ValueError(f"consumed_samples={consumed} must not be negative")
+class _DataParallelSampler(torch.utils.data.Sampler):
+    """What both samplers share: the DP layout, checked, and the global batch it implies."""
+
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+    ):
+        if total_samples <= 0:
+            raise ValueError(f"no samples to draw from (total_samples={total_samples})")
+        if micro_batch_size <= 0 or data_parallel_size <= 0:
+            raise ValueError(
+                f"micro_batch_size={micro_batch_size} and data_parallel_size="
+                f"{data_parallel_size} must be > 0"
+            )
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(
+                f"data_parallel_rank={data_parallel_rank} is outside [0, {data_parallel_size})"
+            )
+        if consumed_samples < 0:
+            raise ValueError(f"consumed_samples={consumed_samples} must not be negative")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.rank = data_parallel_rank
+        self.data_parallel_size = data_parallel_size
+        self.global_batch = micro_batch_size * data_parallel_size
 
 
-class PretrainingSampler(torch.utils.data.Sampler):
+class PretrainingSampler(_DataParallelSampler):
     """Sequential global order from `consumed_samples` on; yields this rank's micro-batches.
 
     Args:
@@ -50,17 +71,18 @@ class PretrainingSampler(torch.utils.data.Sampler):
         data_parallel_size: int,
         drop_last: bool = True,
     ):
-        _check(total_samples, 0, micro_batch_size, data_parallel_rank, data_parallel_size)
+        super().__init__(
+            total_samples,
+            consumed_samples,
+            micro_batch_size,
+            data_parallel_rank,
+            data_parallel_size,
+        )
         if consumed_samples >= total_samples:
             raise ValueError(
                 f"consumed_samples={consumed_samples} is not below total_samples={total_samples}: "
                 "the run has used the whole dataset (ask for more --train-samples)"
             )
-        self.total_samples = total_samples
-        self.consumed_samples = consumed_samples
-        self.micro_batch_size = micro_batch_size
-        self.rank = data_parallel_rank
-        self.global_batch = micro_batch_size * data_parallel_size
         self.drop_last = drop_last
 
     def __len__(self) -> int:
@@ -82,7 +104,7 @@ class PretrainingSampler(torch.utils.data.Sampler):
             yield rest[self.rank].tolist()
 
 
-class RandomSampler(torch.utils.data.Sampler):
+class RandomSampler(_DataParallelSampler):
     """Epochs of seeded shuffles; resumes mid-epoch from `consumed_samples`.
 
     Each epoch uses `total_samples` rounded down to whole global batches. Rank r owns the
@@ -101,18 +123,14 @@ class RandomSampler(torch.utils.data.Sampler):
         data_parallel_size: int,
         seed: int = 0,
     ):
-        _check(
+        super().__init__(
             total_samples,
             consumed_samples,
             micro_batch_size,
             data_parallel_rank,
             data_parallel_size,
         )
-        self.micro_batch_size = micro_batch_size
-        self.data_parallel_size = data_parallel_size
-        self.rank = data_parallel_rank
         self.seed = seed
-        self.global_batch = micro_batch_size * data_parallel_size
         self.bucket = (total_samples // self.global_batch) * micro_batch_size
         if self.bucket == 0:
             raise ValueError(
@@ -120,7 +138,6 @@ class RandomSampler(torch.utils.data.Sampler):
                 f"({micro_batch_size} x {data_parallel_size})"
             )
         self.epoch_samples = self.bucket * data_parallel_size
-        self.consumed_samples = consumed_samples
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, in_epoch = divmod(self.consumed_samples, self.epoch_samples)

@@ -62,8 +62,15 @@ def megatron_reference(
             builder.finalize(f"{prefix}_{key}_document.idx")
 
 
-def run_tool(*args: str) -> preprocess_data.Stats:
-    return preprocess_data.preprocess(preprocess_data.get_args([str(a) for a in args]))
+def sp_flags(model) -> list[str]:
+    """The LLaMA-2 SentencePiece tokenizer flags."""
+    return ["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", str(model)]
+
+
+def run_tool(input_path, output_prefix, *flags) -> preprocess_data.Stats:
+    """Run the tool in this process on `input_path` (the rest are its other flags)."""
+    argv = ["--input", input_path, "--output-prefix", output_prefix, *flags]
+    return preprocess_data.preprocess(preprocess_data.get_args([str(a) for a in argv]))
 
 
 def assert_same_files(ours: str, theirs: str) -> None:
@@ -96,16 +103,11 @@ def test_byte_identical_to_megatron_sentencepiece(
 ):
     flags = ["--append-eod"] if append_eod else []
     run_tool(
-        "--input",
         corpus,
-        "--output-prefix",
         tmp_path / "out/ours",
         "--json-keys",
         *keys,
-        "--tokenizer-type",
-        "Llama2Tokenizer",
-        "--tokenizer-model",
-        sp_model,
+        *sp_flags(sp_model),
         "--workers",
         2,
         "--partitions",
@@ -129,9 +131,7 @@ def test_byte_identical_to_megatron_huggingface(tmp_path, corpus, hf_tokenizer_d
     # --tokenizer-hf-no-include-special-tokens; Megatron-Core's wrapper takes it as an argument.
     flags = [] if special_tokens else ["--tokenizer-hf-no-include-special-tokens"]
     run_tool(
-        "--input",
         corpus,
-        "--output-prefix",
         tmp_path / "ours",
         "--append-eod",
         *flags,
@@ -158,15 +158,10 @@ def test_decodes_back_to_the_text(tmp_path, corpus, sp_model):
     import sentencepiece
 
     run_tool(
-        "--input",
         corpus,
-        "--output-prefix",
         tmp_path / "ours",
         "--append-eod",
-        "--tokenizer-type",
-        "Llama2Tokenizer",
-        "--tokenizer-model",
-        sp_model,
+        *sp_flags(sp_model),
     )
     ds = IndexedDataset(tmp_path / "ours_text_document", verify_pointers=True)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
@@ -205,7 +200,7 @@ def test_malformed_lines_are_counted_reported_and_skipped(tmp_path, sp_model, ca
     path.write_text("\n".join(lines) + "\n")
     clean = tmp_path / "clean.jsonl"
     clean.write_text("\n".join(good) + "\n")
-    common = ["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", str(sp_model)]
+    common = sp_flags(sp_model)
     preprocess_data.main(["--input", str(path), "--output-prefix", str(tmp_path / "a"), *common])
     err = capsys.readouterr().err
     assert "Skipped 5 malformed lines" in err
@@ -217,11 +212,11 @@ def test_malformed_lines_are_counted_reported_and_skipped(tmp_path, sp_model, ca
         (8, "expected a JSON object"),
     ]:
         assert f"{path}:{line_number}: {why}" in err
-    run_tool("--input", clean, "--output-prefix", tmp_path / "b", *common)
+    run_tool(clean, tmp_path / "b", *common)
     assert_same_files(f"{tmp_path}/a_text_document", f"{tmp_path}/b_text_document")
 
     with pytest.raises(SystemExit, match=rf"--strict.*{path.name}:2: invalid JSON"):
-        run_tool("--input", path, "--output-prefix", tmp_path / "c", "--strict", *common)
+        run_tool(path, tmp_path / "c", "--strict", *common)
     assert not list(tmp_path.glob("c_*"))  # nothing half-written is left behind
 
 
@@ -230,25 +225,25 @@ def test_compressed_inputs_give_the_same_bytes(tmp_path, corpus, sp_model):
     raw = corpus.read_bytes()
     (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress(raw))
     (tmp_path / "in.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
-    common = ["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", sp_model]
+    common = sp_flags(sp_model)
     for name in ("plain", "gz", "zst"):
         source = corpus if name == "plain" else tmp_path / f"in.jsonl.{name}"
-        run_tool("--input", source, "--output-prefix", tmp_path / name, *common)
+        run_tool(source, tmp_path / name, *common)
     assert_same_files(f"{tmp_path}/gz_text_document", f"{tmp_path}/plain_text_document")
     assert_same_files(f"{tmp_path}/zst_text_document", f"{tmp_path}/plain_text_document")
 
 
 def test_output_directory_created_and_unwritable_one_rejected_first(tmp_path, corpus, sp_model):
-    common = ["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", sp_model]
-    run_tool("--input", corpus, "--output-prefix", tmp_path / "new/deeper/out", *common)
+    common = sp_flags(sp_model)
+    run_tool(corpus, tmp_path / "new/deeper/out", *common)
     assert IndexedDataset.exists(tmp_path / "new/deeper/out_text_document")
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     # A regular file where a directory should be is unwritable even for root.
     with pytest.raises(SystemExit, match=r"--output-prefix .*a_file/out: cannot write"):
-        run_tool("--input", corpus, "--output-prefix", blocker / "out", *common)
+        run_tool(corpus, blocker / "out", *common)
     with pytest.raises(SystemExit, match=r"--input .*missing.jsonl: no such file"):
-        run_tool("--input", tmp_path / "missing.jsonl", "--output-prefix", tmp_path / "x", *common)
+        run_tool(tmp_path / "missing.jsonl", tmp_path / "x", *common)
 
 
 def test_command_line_prints_progress_and_summary(tmp_path, corpus, sp_model):
@@ -288,14 +283,9 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path, sp_model):
         path.write_text(line * num_docs)
         tracemalloc.start()
         run_tool(
-            "--input",
             path,
-            "--output-prefix",
             tmp_path / f"out{num_docs}",
-            "--tokenizer-type",
-            "Llama2Tokenizer",
-            "--tokenizer-model",
-            sp_model,
+            *sp_flags(sp_model),
         )
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
