@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the `triton` package")
 
 from kernels.flash_attention import (  # noqa: E402
-    _fits_shared_memory,
+    _prune_configs,
     document_bounds,
     document_ids_from_cu_seqlens,
     flash_attn_func,
@@ -124,16 +124,25 @@ def test_document_ids_from_cu_seqlens():
     assert ids.tolist() == [[0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 3, 3]]  # the padding is its own run
 
 
-def test_shared_memory_pruning_keeps_small_tiles_for_wide_heads():
+def test_config_pruning_drops_spilling_tiles_for_wide_heads():
+    """Checked against ptxas: dK/dV with 128-key blocks and 8 warps at head dim 128 spills
+    about 14 KB a thread on sm_80; 64 x 64 with 8 warps does not; at head dim 64 both fit."""
     triton = pytest.importorskip("triton")
     configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=s)
-        for m, n, s in ((128, 128, 3), (64, 64, 2), (128, 64, 4))
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=3)
+        for m, n, w in ((32, 128, 8), (64, 64, 8), (32, 32, 8))
     ]
-    q = torch.empty(1, 1, 1, 256, dtype=torch.float16)
-    kept = _fits_shared_memory(configs, {"Q": q}, HEAD_DIM=256)
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept] == [(64, 64)]
-    assert len(_fits_shared_memory(configs, {"Q": q}, HEAD_DIM=64)) == 3
+    bf16 = {"Q": torch.empty(0, dtype=torch.bfloat16)}
+
+    def kept(head_dim, kernel="dkdv", args=bf16):
+        pruned = _prune_configs(configs, args, kernel=kernel, HEAD_DIM=head_dim)
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in pruned]
+
+    assert kept(128) == [(64, 64, 8), (32, 32, 8)]
+    assert kept(64) == [(32, 128, 8), (64, 64, 8), (32, 32, 8)]
+    assert kept(256) == [(32, 32, 8)]
+    fp32 = {"Q": torch.empty(0, dtype=torch.float32)}
+    assert len(kept(256, "forward", fp32)) == 1  # never empty: the smallest stays
 
 
 def _tensor(shape, dtype=torch.float32):
