@@ -299,6 +299,8 @@ def preprocess(args: argparse.Namespace) -> Stats:
     """Tokenize `args.input` into indexed datasets; return the counters."""
     files = input_files(args.input)
     check_output_prefix(args.output_prefix)
+    # HuggingFace tokenizers size their Rust thread pool from this on first use.
+    os.environ.setdefault("RAYON_NUM_THREADS", str(args.workers))
     tokenizer = build_tokenizer(
         args.tokenizer_type,
         args.tokenizer_model,
