@@ -153,3 +153,35 @@ class RandomSampler(_DataParallelSampler):
             for start in range(offset, self.bucket, self.micro_batch_size):
                 yield order[start : start + self.micro_batch_size].tolist()
             epoch, offset = epoch + 1, 0
+
+
+def build_data_loader(
+    dataset: torch.utils.data.Dataset,
+    consumed_samples: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of this rank's micro-batches, resuming after `consumed_samples`.
+
+    `shuffle=False` walks the dataset in order (GPT/blended datasets are pre-shuffled);
+    `shuffle=True` uses `RandomSampler` with `seed`, epoch after epoch.
+    """
+    layout = (
+        len(dataset),
+        consumed_samples,
+        micro_batch_size,
+        data_parallel_rank,
+        data_parallel_size,
+    )
+    sampler = RandomSampler(*layout, seed=seed) if shuffle else PretrainingSampler(*layout)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )

@@ -53,3 +53,21 @@ def test_random_sampler_epochs_partition_and_resume():
     assert all_ranks(make(0, seed=12), dp, steps=6) != run[:6]
     with pytest.raises(ValueError, match="not a whole number of global batches"):
         next(iter(make(3)(0)))
+
+
+def test_data_loader_resumes_mid_run():
+    import torch
+
+    from engine.data.samplers import build_data_loader
+
+    dataset = [torch.tensor([i, 10 * i]) for i in range(40)]
+    full = list(build_data_loader(dataset, 0, 3, 1, 2))
+    resumed = list(build_data_loader(dataset, 12, 3, 1, 2))  # after 2 global batches
+    assert len(full) == 6 and len(resumed) == 4
+    for a, b in zip(full[2:], resumed, strict=True):
+        assert torch.equal(a, b)
+    assert full[0][:, 0].tolist() == [3, 4, 5]  # rank 1 takes the second micro-batch
+    shuffled = build_data_loader(dataset, 0, 3, 1, 2, shuffle=True, seed=5)
+    first = next(iter(shuffled))
+    again = next(iter(build_data_loader(dataset, 0, 3, 1, 2, shuffle=True, seed=5)))
+    assert torch.equal(first, again) and first.shape == (3, 2)
