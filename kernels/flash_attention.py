@@ -23,90 +23,14 @@ Layout (as Liger-Kernel): Triton kernels, launchers, autograd.Function, public f
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 
 from kernels._triton import autotune, check_device, interpreting, jit, tl, triton
+from kernels.flash_attention_tuning import tuning
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2_E = 1.4426950408889634  # exp(x) == exp2(x * log2(e))
-
-
-# --------------------------------------------------------------------------- autotune configs
-
-
-def _configs(block_pairs: list[tuple[int, int]], interpreted: tuple[int, int]) -> list:
-    """Configs for Ampere (A100: 164 KB shared memory, stages 2-3) and Hopper (H100: 228 KB,
-    stages 3-4, 8 warps for 128-row blocks). Under the interpreter one small config, so tests
-    neither tune nor loop over big tiles."""
-    if interpreting():
-        m, n = interpreted
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=1, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n in block_pairs
-        for w in (4, 8)
-        for s in (2, 3, 4)
-    ]
-
-
-# What each kernel keeps resident for its whole loop and what it streams, per block row:
-# (resident block, fp32 accumulators, input tiles resident, streamed block, tiles streamed).
-# Forward: acc and q for a query block, K and V streamed. dK/dV: dk, dv, k, v for a key block,
-# q and dO streamed. dQ: dq, q, dO for a query block, K and V streamed.
-_FOOTPRINTS = {
-    "forward": ("BLOCK_M", 1, 1, "BLOCK_N", 2),
-    "dkdv": ("BLOCK_N", 2, 2, "BLOCK_M", 2),
-    "dq": ("BLOCK_M", 1, 2, "BLOCK_N", 2),
-}
-_MAX_RESIDENT_REGISTERS = 128  # per thread, of 255: the score tiles need the rest
-_SHARED_MEMORY_BYTES = 160 * 1024  # A100 has 164 KB a block, H100 227 KB
-
-
-def _prune_configs(configs: list, named_args: dict, *, kernel: str, **kwargs) -> list:
-    """Drop configs that would spill registers or overflow shared memory, before tuning.
-
-    Spilling is the trap for head dims 128-256: e.g. dK/dV with 128-key blocks and 4 warps
-    holds 2 x 128 x 128 fp32 accumulators plus K and V, about 384 registers a thread, and ptxas
-    spills kilobytes to local memory. A coarse estimate; a config that still overflows shared
-    memory fails to compile and the autotuner skips it (OutOfResources).
-    """
-    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-    element_bytes = named_args["Q"].element_size()
-    resident, accumulators, inputs, streamed, streamed_tiles = _FOOTPRINTS[kernel]
-
-    def registers(config) -> float:
-        rows = config.kwargs[resident]
-        resident_bytes = rows * head_dim * (4 * accumulators + element_bytes * inputs)
-        return resident_bytes / 4 / (32 * config.num_warps)
-
-    def shared_bytes(config) -> int:
-        buffers = streamed_tiles * (config.num_stages - 1) * config.kwargs[streamed]
-        return (buffers + inputs * config.kwargs[resident]) * head_dim * element_bytes
-
-    kept = [
-        c
-        for c in configs
-        if registers(c) <= _MAX_RESIDENT_REGISTERS and shared_bytes(c) <= _SHARED_MEMORY_BYTES
-    ]
-    return kept or [min(configs, key=lambda c: (registers(c), shared_bytes(c)))]
-
-
-# (BLOCK_M, BLOCK_N) candidates. The dK/dV kernel keeps a key block resident and streams
-# queries, so it wants wide key blocks; the forward and dQ kernels the reverse.
-_FORWARD_BLOCKS = [(128, 64), (128, 128), (64, 64), (64, 32)]
-_DKDV_BLOCKS = [(32, 128), (64, 128), (32, 64), (64, 64), (32, 32)]
-_DQ_BLOCKS = [(128, 64), (64, 64), (128, 32), (64, 32)]
-# Retune per head dim, power-of-two sequence bucket, causal and packed, not per exact length.
-_TUNE_KEY = ["HEAD_DIM", "seq_bucket", "IS_CAUSAL", "HAS_DOCS"]
-
-
-def _tuning(kernel: str, blocks: list[tuple[int, int]], interpreted: tuple[int, int]) -> dict:
-    """Arguments of `autotune` for one of the three tuned kernels."""
-    prune = partial(_prune_configs, kernel=kernel)
-    return dict(configs=lambda: _configs(blocks, interpreted), key=_TUNE_KEY,
-                prune_configs_by={"early_config_prune": prune})  # fmt: skip
 
 
 # --------------------------------------------------------------------------- Triton kernels
@@ -175,7 +99,7 @@ def _query_range(n_start, seq_q, seq_k, DOC_START, DOC_END, IS_CAUSAL: tl.conste
     return (lo // BLOCK_M) * BLOCK_M, hi
 
 
-@autotune(**_tuning("forward", _FORWARD_BLOCKS, (32, 16)))
+@autotune(**tuning("forward"))
 @jit
 def _attention_forward_kernel(
     Q, K, V, OUT, LSE,  # LSE [B, Hq, Sq] float32, base 2
@@ -263,7 +187,7 @@ def _attention_backward_preprocess_kernel(
              mask=offs_m < seq_q)  # fmt: skip
 
 
-@autotune(**_tuning("dkdv", _DKDV_BLOCKS, (16, 32)))
+@autotune(**tuning("dkdv"))
 @jit
 def _attention_backward_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, DOC_START, DOC_END,
@@ -335,7 +259,7 @@ def _attention_backward_dkdv_kernel(
              mask=col_ok)  # fmt: skip
 
 
-@autotune(**_tuning("dq", _DQ_BLOCKS, (32, 16)))
+@autotune(**tuning("dq"))
 @jit
 def _attention_backward_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, DOC_START, DOC_END,

@@ -12,11 +12,11 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the `triton` package")
 
 from kernels.flash_attention import (  # noqa: E402
-    _prune_configs,
     document_bounds,
     document_ids_from_cu_seqlens,
     flash_attn_func,
 )
+from kernels.flash_attention_tuning import prune_configs  # noqa: E402
 from kernels.reference import attention_reference  # noqa: E402
 
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-2}  # atol and rtol
@@ -135,7 +135,7 @@ def test_config_pruning_drops_spilling_tiles_for_wide_heads():
     bf16 = {"Q": torch.empty(0, dtype=torch.bfloat16)}
 
     def kept(head_dim, kernel="dkdv", args=bf16):
-        pruned = _prune_configs(configs, args, kernel=kernel, HEAD_DIM=head_dim)
+        pruned = prune_configs(configs, args, kernel=kernel, HEAD_DIM=head_dim)
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in pruned]
 
     assert kept(128) == [(64, 64, 8), (32, 32, 8)]
