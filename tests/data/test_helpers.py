@@ -114,7 +114,10 @@ def test_bad_arguments_raise():
 
 
 def test_the_gil_is_released():
-    """A Python thread keeps running while the C++ builds a large index."""
+    """A Python thread keeps ticking while the C++ builds a large index (~0.1 s).
+
+    With the GIL held for the whole call, the ticker could not run at all inside it.
+    """
     sizes = np.full(200_000, 500, np.int32)
     document_index = np.arange(len(sizes), dtype=np.int32)
     ticks = []
@@ -127,12 +130,11 @@ def test_the_gil_is_released():
 
     thread = threading.Thread(target=ticker)
     thread.start()
+    time.sleep(0.01)  # let the ticker start
     start = time.perf_counter()
-    for _ in range(3):
-        helpers.build_sample_idx(sizes, document_index, 8, 1, int(sizes.sum()))
+    helpers.build_sample_idx(sizes, document_index, 8, 1, int(sizes.sum()))
     end = time.perf_counter()
     done.set()
     thread.join()
     during = [t for t in ticks if start < t < end]
-    # Held GIL: the ticker would get at most one tick per 5 ms switch interval, or none.
-    assert len(during) >= max(3, 0.3 * (end - start) / 0.001), (len(during), end - start)
+    assert len(during) >= 5, (len(during), end - start)
