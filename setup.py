@@ -37,9 +37,10 @@ setup(
             "ruff>=0.5",
             "triton>=3.0; platform_system == 'Linux'",
             # Data-pipeline tests only: Megatron-Core reads/writes the reference .bin/.idx
-            # files; zstandard reads .zst input.
+            # files; zstandard reads .zst input; tiktoken backs --tokenizer-type TikTokenizer.
             "megatron-core>=0.16.1",
             "zstandard>=0.22",
+            "tiktoken>=0.7",
         ],
         "triton": ["triton>=3.0"],
     },

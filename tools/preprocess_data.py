@@ -57,12 +57,17 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--strict", action="store_true", help="stop at the first malformed line")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    group.add_argument("--tokenizer-model", help="SentencePiece .model, or HF tokenizer.json/dir")
+    group.add_argument(
+        "--tokenizer-model", help="SentencePiece .model, HF tokenizer.json/dir, TikToken .json"
+    )
     group.add_argument(
         "--tokenizer-hf-no-include-special-tokens",
         action="store_true",
         help="HuggingFaceTokenizer: do not add BOS/EOS templates",
     )
+    group.add_argument("--tiktoken-pattern", default="v2", choices=["v1", "v2"])
+    group.add_argument("--vocab-size", type=int, help="TikTokenizer vocabulary (default 2**17)")
+    group.add_argument("--tiktoken-num-special-tokens", type=int, default=1000)
     group.add_argument("--append-eod", action="store_true", help="append EOD to each document")
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True, help="output path without suffix")
@@ -305,6 +310,9 @@ def preprocess(args: argparse.Namespace) -> Stats:
         args.tokenizer_type,
         args.tokenizer_model,
         hf_include_special_tokens=not args.tokenizer_hf_no_include_special_tokens,
+        tiktoken_pattern=args.tiktoken_pattern,
+        vocab_size=args.vocab_size,
+        tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
     )
     dtype = optimal_dtype(tokenizer.vocab_size)
     eod = tokenizer.eod if args.append_eod else None

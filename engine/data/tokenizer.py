@@ -10,6 +10,11 @@ Two families, chosen by `--tokenizer-type` as in Megatron-LM:
   wrapper does by default (since it dropped the opposite default of Megatron-Core 0.16),
   `tokenize` applies the tokenizer's post-processor, so LLaMA-style ones add BOS;
   `add_special_tokens=False` (`--tokenizer-hf-no-include-special-tokens`) leaves it out.
+- TikToken (`TikTokenizer`, needs the `tiktoken` package): Megatron's JSON vocabulary (a list
+  of `{"rank", "token_bytes" (base64), "token_str"}`), its ids shifted up by
+  `num_special_tokens` (default 1000) that start with `<unk> <s> </s> <mask> <pad> <cls> <sep>`
+  and are padded with `<SPECIAL_i>`; `vocab_size` (default 2**17) includes them; `eod` is
+  `</s>` (2); special-token text in documents encodes to its id, as Megatron's does.
 
 `tokenize_batch` encodes many texts with the library's own multi-threaded batch encoder; the
 preprocessing tool uses it to stay close to the tokenizer's raw speed.
@@ -27,7 +32,8 @@ import numpy as np
 
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 HUGGINGFACE_TYPES = ("HuggingFaceTokenizer",)
-TOKENIZER_TYPES = SENTENCEPIECE_TYPES + HUGGINGFACE_TYPES
+TIKTOKEN_TYPES = ("TikTokenizer",)
+TOKENIZER_TYPES = SENTENCEPIECE_TYPES + HUGGINGFACE_TYPES + TIKTOKEN_TYPES
 
 
 class Tokenizer(ABC):
@@ -182,19 +188,145 @@ class HuggingFaceTokenizer(Tokenizer):
         self.__init__(**state)
 
 
+class TikTokenizer(Tokenizer):
+    """Megatron's TikToken tokenizer: a JSON BPE vocabulary behind a block of special ids."""
+
+    SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>")
+    # The pre-tokenizer splits of Megatron's `--tiktoken-pattern v1|v2`; part of the format,
+    # since they decide which merges can happen.
+    PATTERNS = {
+        "v1": r"[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",
+        "v2": (
+            r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+            r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+            r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        ),
+    }
+
+    def __init__(
+        self,
+        vocab_path: str | os.PathLike,
+        pattern: str = "v2",
+        vocab_size: int = 2**17,
+        num_special_tokens: int = 1000,
+    ):
+        try:
+            import tiktoken
+        except ImportError as error:
+            raise ImportError(
+                "--tokenizer-type TikTokenizer needs `pip install tiktoken`"
+            ) from error
+        path = Path(vocab_path)
+        if not path.is_file() or path.suffix != ".json":
+            raise FileNotFoundError(
+                f"--tokenizer-model {path}: expected a TikToken .json vocabulary"
+            )
+        if pattern not in self.PATTERNS:
+            raise ValueError(f"--tiktoken-pattern {pattern!r}: use one of {sorted(self.PATTERNS)}")
+        if not len(self.SPECIAL_TOKENS) <= num_special_tokens < vocab_size:
+            raise ValueError(
+                f"--tiktoken-num-special-tokens {num_special_tokens} must be at least "
+                f"{len(self.SPECIAL_TOKENS)} and below --vocab-size {vocab_size}"
+            )
+        self.path, self.pattern = str(path), pattern
+        self._vocab_size, self.num_special_tokens = vocab_size, num_special_tokens
+        ranks = _load_tiktoken_ranks(path, vocab_size - num_special_tokens, num_special_tokens)
+        specials = list(self.SPECIAL_TOKENS)
+        specials += [f"<SPECIAL_{i}>" for i in range(len(specials), num_special_tokens)]
+        self._encoding = tiktoken.Encoding(
+            name=path.stem,
+            pat_str=self.PATTERNS[pattern],
+            mergeable_ranks=ranks,
+            special_tokens={token: i for i, token in enumerate(specials)},
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self.SPECIAL_TOKENS.index("</s>")
+
+    @property
+    def bos(self) -> int | None:
+        return self.SPECIAL_TOKENS.index("<s>")
+
+    @property
+    def pad(self) -> int | None:
+        return self.SPECIAL_TOKENS.index("<pad>")
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._encoding.encode(text, allowed_special="all")
+
+    def tokenize_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        # tiktoken's batch encoder runs its Rust core on a thread pool without the GIL.
+        return self._encoding.encode_batch(
+            list(texts), num_threads=num_threads, allowed_special="all"
+        )
+
+    def detokenize(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._encoding.decode([int(i) for i in ids])
+
+    def __getstate__(self) -> dict:
+        return {
+            "vocab_path": self.path,
+            "pattern": self.pattern,
+            "vocab_size": self._vocab_size,
+            "num_special_tokens": self.num_special_tokens,
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+
+def _load_tiktoken_ranks(path: Path, max_entries: int, shift: int) -> dict[bytes, int]:
+    """The first `max_entries` entries of a TikToken JSON vocabulary, ids shifted by `shift`."""
+    import base64
+
+    with open(path, encoding="utf-8") as f:
+        vocab = json.load(f)
+    if not isinstance(vocab, list) or len(vocab) < max_entries:
+        found = len(vocab) if isinstance(vocab, list) else type(vocab).__name__
+        raise ValueError(
+            f"{path}: need a list of at least {max_entries} entries (--vocab-size minus the "
+            f"special tokens), found {found}"
+        )
+    ranks = {}
+    for i, entry in enumerate(vocab[:max_entries]):
+        token = base64.b64decode(entry["token_bytes"])
+        if entry["rank"] != i or (i < 256 and token != bytes([i])):
+            raise ValueError(f"{path}: entry {i} is out of order or not byte {i}: {entry}")
+        ranks[token] = i + shift
+    if len(ranks) != max_entries:
+        raise ValueError(f"{path}: duplicate token bytes among the first {max_entries} entries")
+    return ranks
+
+
 def build_tokenizer(
     tokenizer_type: str,
     tokenizer_model: str | os.PathLike | None,
     hf_include_special_tokens: bool = True,
+    tiktoken_pattern: str = "v2",
+    vocab_size: int | None = None,
+    tiktoken_num_special_tokens: int = 1000,
 ) -> Tokenizer:
-    """The tokenizer for Megatron's `--tokenizer-type` and `--tokenizer-model` flags
-    (`hf_include_special_tokens=False` is `--tokenizer-hf-no-include-special-tokens`)."""
+    """The tokenizer for Megatron's `--tokenizer-type` and `--tokenizer-model` flags.
+
+    `hf_include_special_tokens=False` is `--tokenizer-hf-no-include-special-tokens`; the
+    TikToken settings are `--tiktoken-pattern`, `--vocab-size` and
+    `--tiktoken-num-special-tokens`.
+    """
     if tokenizer_model is None:
         raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model")
     if tokenizer_type in SENTENCEPIECE_TYPES:
         return SentencePieceTokenizer(tokenizer_model)
     if tokenizer_type in HUGGINGFACE_TYPES:
         return HuggingFaceTokenizer(tokenizer_model, hf_include_special_tokens)
+    if tokenizer_type in TIKTOKEN_TYPES:
+        return TikTokenizer(
+            tokenizer_model, tiktoken_pattern, vocab_size or 2**17, tiktoken_num_special_tokens
+        )
     raise ValueError(
         f"--tokenizer-type {tokenizer_type!r} is not supported; use one of {TOKENIZER_TYPES}"
     )

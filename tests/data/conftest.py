@@ -64,3 +64,30 @@ def hf_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiktoken_vocab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """A TikToken vocabulary in Megatron's JSON format: the 256 bytes, then every prefix of
+    some common words (with and without a leading space) so BPE can reach them. Returns the
+    path and the `--vocab-size` that uses all of it (entries + 1,000 special ids)."""
+    import base64
+
+    words = "the and to of that you my in is not with be your for his this but have he me so"
+    words += " what thou will we by all shall her thy our do no lord are him king good now"
+    tokens = [bytes([i]) for i in range(256)]
+    seen = set(tokens)
+    for word in words.split():
+        for form in (word, " " + word, word.capitalize(), " " + word.capitalize()):
+            raw = form.encode()
+            for end in range(2, len(raw) + 1):
+                if raw[:end] not in seen:
+                    seen.add(raw[:end])
+                    tokens.append(raw[:end])
+    vocab = [
+        {"rank": i, "token_bytes": base64.b64encode(t).decode(), "token_str": t.decode("latin-1")}
+        for i, t in enumerate(tokens)
+    ]
+    path = tmp_path_factory.mktemp("tiktoken") / "vocab.json"
+    path.write_text(json.dumps(vocab))
+    return path, len(vocab) + 1000

@@ -154,6 +154,35 @@ def test_byte_identical_to_megatron_huggingface(tmp_path, corpus, hf_tokenizer_d
     assert (first[0] == 0) == special_tokens  # <s> is id 0 in the fixture tokenizer
 
 
+@pytest.mark.parametrize("pattern", ["v1", "v2"])
+def test_byte_identical_to_megatron_tiktoken(tmp_path, corpus, tiktoken_vocab, pattern):
+    vocab, vocab_size = tiktoken_vocab
+    flags = ["--tiktoken-pattern", pattern, "--vocab-size", vocab_size]
+    run_tool(
+        corpus,
+        tmp_path / "ours",
+        "--append-eod",
+        "--tokenizer-type",
+        "TikTokenizer",
+        "--tokenizer-model",
+        vocab,
+        *flags,
+    )
+    megatron_reference(
+        corpus,
+        tmp_path / "ref",
+        ["text"],
+        "tiktoken",
+        vocab,
+        True,
+        pattern=pattern,
+        vocab_size=vocab_size,
+    )
+    assert_same_files(f"{tmp_path}/ours_text_document", f"{tmp_path}/ref_text_document")
+    ds = IndexedDataset(tmp_path / "ours_text_document")
+    assert ds.dtype == np.uint16 and int(ds[0][-1]) == 2  # </s> is the EOD
+
+
 def test_decodes_back_to_the_text(tmp_path, corpus, sp_model):
     import sentencepiece
 

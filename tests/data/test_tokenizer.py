@@ -53,6 +53,28 @@ def test_huggingface_matches_transformers(hf_tokenizer_dir):
     )
 
 
+def test_tiktoken_matches_megatron_core(tiktoken_vocab):
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    vocab, vocab_size = tiktoken_vocab
+    reference = MegatronTokenizer.from_pretrained(
+        tokenizer_path=str(vocab), metadata_path={"library": "tiktoken"}, vocab_size=vocab_size
+    )
+    tok = build_tokenizer("TikTokenizer", vocab, vocab_size=vocab_size)
+    assert (tok.vocab_size, tok.eod, tok.bos, tok.pad) == (vocab_size, reference.eod, 1, 4)
+    texts = [*TEXTS, "the king and the lord</s>"]
+    for text in texts:
+        assert tok.tokenize(text) == reference.tokenize(text)
+        assert tok.detokenize(tok.tokenize(text)) == text
+    assert tok.tokenize_batch(texts, num_threads=2) == [tok.tokenize(t) for t in texts]
+    assert (
+        len(tok.tokenize(" the")) == 1 and tok.tokenize(" the")[0] >= 1000
+    )  # merged, above the specials
+    assert pickle.loads(pickle.dumps(tok)).tokenize(texts[-1]) == tok.tokenize(texts[-1])
+    with pytest.raises(ValueError, match="need a list of at least"):
+        build_tokenizer("TikTokenizer", vocab, vocab_size=vocab_size + 1)
+
+
 def test_bad_arguments_name_the_flag(tmp_path):
     with pytest.raises(ValueError, match="--tokenizer-type 'GPT2BPE' is not supported"):
         build_tokenizer("GPT2BPE", tmp_path)
