@@ -1,6 +1,6 @@
 """Tokenizers with Megatron's interface: vocab_size, eod, bos, pad, tokenize, detokenize.
 
-Two families, chosen by `--tokenizer-type` as in Megatron-LM:
+Three families, chosen by `--tokenizer-type` as in Megatron-LM:
 
 - SentencePiece (`SentencePieceTokenizer`, `GPTSentencePieceTokenizer`, `Llama2Tokenizer`): a
   `.model` file such as LLaMA-2's. `tokenize` adds no BOS/EOS (Megatron's default for
