@@ -38,7 +38,7 @@ setup(
             "triton>=3.0; platform_system == 'Linux'",
             # Data-pipeline tests only: Megatron-Core reads/writes the reference .bin/.idx
             # files; zstandard reads .zst input; tiktoken backs --tokenizer-type TikTokenizer.
-            "megatron-core>=0.16.1",
+            "megatron-core~=0.16.1",  # the version the reference tests were written against
             "zstandard>=0.22",
             "tiktoken>=0.7",
         ],
