@@ -195,20 +195,24 @@ def _attention_backward_dkdv_kernel(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos,
-    stride_dkb, stride_dkh, stride_dks,
-    stride_dvb, stride_dvh, stride_dvs,
-    heads_q, heads_kv, seq_q, seq_k, group, qk_scale, sm_scale, seq_bucket,
+    stride_dk_split, stride_dkb, stride_dkh, stride_dks,
+    stride_dv_split, stride_dvb, stride_dvh, stride_dvs,
+    heads_q, heads_kv, seq_q, seq_k, group, group_splits, qk_scale, sm_scale, seq_bucket,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(Sk, BLOCK_N), B * Hkv): dK, dV of one key block, summed over the group.
+    """Grid (cdiv(Sk, BLOCK_N), B * Hkv * group_splits): dK, dV of one key block, summed over
+    the query heads of the group, or over 1/group_splits of them into partial sums [split, ...].
 
     Works on transposed tiles (keys x queries) so K and V stay in registers:
     p^T = exp2(k q^T * qk_scale - lse), dV += p^T dO, dS^T = p^T (V dO^T - delta), dK += dS^T q.
     """
     n_start = tl.program_id(0) * BLOCK_N
-    batch = tl.program_id(1) // heads_kv
-    kv_head = tl.program_id(1) % heads_kv
+    split = tl.program_id(1) % group_splits
+    batch = tl.program_id(1) // group_splits // heads_kv
+    kv_head = tl.program_id(1) // group_splits % heads_kv
+    heads_per_split = group // group_splits
+    first_head = kv_head * group + split * heads_per_split
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -225,7 +229,7 @@ def _attention_backward_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     lo, hi = _query_range(n_start, seq_q, seq_k, DOC_START, DOC_END, IS_CAUSAL, HAS_DOCS,
                           BLOCK_M, BLOCK_N)  # fmt: skip
-    for head in range(kv_head * group, kv_head * group + group):
+    for head in range(first_head, first_head + heads_per_split):
         q_ptr = Q + batch.to(tl.int64) * stride_qb + head * stride_qh
         do_ptr = DO + batch.to(tl.int64) * stride_dob + head * stride_doh
         row_stats = (batch.to(tl.int64) * heads_q + head) * seq_q
@@ -251,12 +255,12 @@ def _attention_backward_dkdv_kernel(
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
     dk *= sm_scale
-    tl.store(DK + batch.to(tl.int64) * stride_dkb + kv_head * stride_dkh
-             + offs_n[:, None] * stride_dks + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=col_ok)  # fmt: skip
-    tl.store(DV + batch.to(tl.int64) * stride_dvb + kv_head * stride_dvh
-             + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=col_ok)  # fmt: skip
+    DK += split.to(tl.int64) * stride_dk_split + batch.to(tl.int64) * stride_dkb
+    DV += split.to(tl.int64) * stride_dv_split + batch.to(tl.int64) * stride_dvb
+    tl.store(DK + kv_head * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok)  # fmt: skip
+    tl.store(DV + kv_head * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok)  # fmt: skip
 
 
 @autotune(**tuning("dq"))
@@ -411,6 +415,19 @@ def attention_forward(
     return o, lse
 
 
+def _group_splits(programs: int, group: int, like: torch.Tensor) -> int:
+    """How many programs share one K/V head's query heads in the dK/dV kernel.
+
+    With tensor parallelism a rank may hold a single K/V head: batch * Hkv * Sk / BLOCK_N
+    programs can then leave most SMs idle while each loops over all of its group. Splitting the
+    group multiplies the programs at the cost of float32 partial sums reduced once (no atomics).
+    """
+    if like.device.type != "cuda":
+        return 1  # the interpreter runs programs one by one: more of them only costs time
+    wanted = -(-torch.cuda.get_device_properties(like.device).multi_processor_count // programs)
+    return max(d for d in range(1, group + 1) if group % d == 0 and d <= wanted)
+
+
 def attention_backward(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -421,11 +438,14 @@ def attention_backward(
     is_causal: bool,
     scale: float,
     docs: tuple[torch.Tensor, torch.Tensor] | None,
+    group_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the three backward kernels.
 
     Args:
         do, o, q: [B, Hq, Sq, D]; k, v: [B, Hkv, Sk, D]; lse: [B, Hq, Sq] from the forward.
+        group_splits: how many programs share a K/V head's query heads (a divisor of
+            Hq // Hkv); None picks enough to fill the GPU (`_group_splits`).
 
     Returns:
         dq [B, Hq, Sq, D], dk and dv [B, Hkv, Sk, D], in the inputs' dtype.
@@ -440,17 +460,24 @@ def attention_backward(
         HEAD_DIM=head_dim, BLOCK_M=preprocess_rows, num_warps=1 if interpreting() else 4,
     )  # fmt: skip
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    splits = group_splits or _group_splits(batch * heads_kv * triton.cdiv(seq_k, 64), group, q)
+    # One split writes dK/dV directly; several write float32 partials, summed once below.
+    partial_dtype = k.dtype if splits == 1 else torch.float32
+    dk = torch.empty(splits, *k.shape, dtype=partial_dtype, device=k.device)
+    dv = torch.empty(splits, *v.shape, dtype=partial_dtype, device=v.device)
     doc_start, doc_end = docs if docs is not None else (lse, lse)
     constants = _launch_constants(q, k, is_causal, docs)
     seq_bucket = triton.next_power_of_2(max(seq_q, seq_k))
-    grid_kv = lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * heads_kv)
+    grid_kv = lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * heads_kv * splits)
     _attention_backward_dkdv_kernel[grid_kv](
         q, k, v, do, dk, dv, lse, delta, doc_start, doc_end,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        heads_q, heads_kv, seq_q, seq_k, group, scale * _LOG2_E, scale, seq_bucket, **constants,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        dk.stride(0), *_strides(dk[0]), dv.stride(0), *_strides(dv[0]),
+        heads_q, heads_kv, seq_q, seq_k, group, splits, scale * _LOG2_E, scale, seq_bucket,
+        **constants,
     )  # fmt: skip
+    dk = dk[0] if splits == 1 else dk.sum(0).to(k.dtype)
+    dv = dv[0] if splits == 1 else dv.sum(0).to(v.dtype)
     grid_q = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads_q)
     _attention_backward_dq_kernel[grid_q](
         q, k, v, do, dq, lse, delta, doc_start, doc_end,
