@@ -338,7 +338,7 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch_constants(q: torch.Tensor, k: torch.Tensor, is_causal: bool, docs) -> dict:
+def _launch_constants(q: torch.Tensor, is_causal: bool, docs) -> dict:
     """Keyword arguments shared by the three autotuned kernels."""
     return dict(
         HEAD_DIM=q.shape[-1],
@@ -410,7 +410,7 @@ def attention_forward(
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         heads_q, seq_q, seq_k, heads_q // heads_kv, scale * _LOG2_E,
         triton.next_power_of_2(max(seq_q, seq_k)),
-        **_launch_constants(q, k, is_causal, docs),
+        **_launch_constants(q, is_causal, docs),
     )  # fmt: skip
     return o, lse
 
@@ -466,7 +466,7 @@ def attention_backward(
     dk = torch.empty(splits, *k.shape, dtype=partial_dtype, device=k.device)
     dv = torch.empty(splits, *v.shape, dtype=partial_dtype, device=v.device)
     doc_start, doc_end = docs if docs is not None else (lse, lse)
-    constants = _launch_constants(q, k, is_causal, docs)
+    constants = _launch_constants(q, is_causal, docs)
     seq_bucket = triton.next_power_of_2(max(seq_q, seq_k))
     grid_kv = lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * heads_kv * splits)
     _attention_backward_dkdv_kernel[grid_kv](
