@@ -44,6 +44,11 @@ class ModelConfig:
     """Seed of the parameter init; each parameter draws from its own seeded generator."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities (``--attention-dropout``); LLaMA uses 0."""
+    decoder_first_pipeline_num_layers: int | None = None
+    """Layers of the first pipeline rank when the split is uneven
+    (``--decoder-first-pipeline-num-layers``); the other ranks share the rest."""
+    decoder_last_pipeline_num_layers: int | None = None
+    """Layers of the last pipeline rank (``--decoder-last-pipeline-num-layers``)."""
     sequence_parallel: bool = False
     """Shard norms and residuals along the sequence over TP (``--sequence-parallel``)."""
     recompute_granularity: str | None = None
@@ -165,11 +170,16 @@ def validate(
             f"--ffn-hidden-size ({model.ffn_hidden_size}) must be divisible by "
             f"--tensor-model-parallel-size ({tp})"
         )
-    if model.num_layers % (pp * vpp) != 0:
-        errors.append(
-            f"--num-layers ({model.num_layers}) must be divisible by "
-            f"--pipeline-model-parallel-size ({pp}) x virtual pipeline size ({vpp}) = {pp * vpp}"
-        )
+    try:
+        # Imported here: the partition module imports this one.
+        from engine.pipeline_parallel.partition import virtual_stage_layers
+
+        virtual_stage_layers(
+            model.num_layers, pp, parallel.virtual_pipeline_model_parallel_size,
+            model.decoder_first_pipeline_num_layers, model.decoder_last_pipeline_num_layers,
+        )  # fmt: skip
+    except ValueError as error:
+        errors.append(str(error))
     if world_size is not None and world_size % (tp * pp) != 0:
         errors.append(
             f"world size ({world_size}) must be divisible by --tensor-model-parallel-size ({tp}) "

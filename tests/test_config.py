@@ -36,8 +36,18 @@ def _check(model_overrides=None, tp=1, pp=1, vpp=None, world_size=None, seq_leng
         ),
         (
             dict(pp=4, vpp=2),
-            r"--num-layers \(2\) must be divisible by --pipeline-model-parallel-size \(4\) x "
-            r"virtual pipeline size \(2\) = 8",
+            r"--num-layers \(2\) is not divisible by --pipeline-model-parallel-size \(4\); set "
+            r"--decoder-first-pipeline-num-layers",
+        ),
+        (
+            dict(model_overrides=dict(num_layers=4), pp=2, vpp=4),
+            r"pipeline rank 0 would hold 2 layers, not a positive multiple of the virtual "
+            r"pipeline size \(4\)",
+        ),
+        (
+            dict(model_overrides=dict(num_layers=7, decoder_first_pipeline_num_layers=2), pp=4),
+            r"after --decoder-first-pipeline-num-layers \(2\) .* 5 of --num-layers \(7\) remain "
+            r"for 3 other pipeline ranks",
         ),
         (
             dict(tp=2, pp=2, world_size=6),

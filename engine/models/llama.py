@@ -281,7 +281,7 @@ class LlamaModel(nn.Module):
             parallel_state.is_pipeline_last_stage() if post_process is None else post_process
         )
         if layer_numbers is None:
-            layer_numbers = chunk_layer_numbers(config.num_layers)
+            layer_numbers = chunk_layer_numbers(config)
         # Pipeline stages after the first get their input from the schedule (Megatron's
         # set_input_tensor), so a forward-step function calls every stage the same way.
         self.input_tensor: torch.Tensor | None = None

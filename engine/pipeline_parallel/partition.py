@@ -122,13 +122,9 @@ def virtual_stage_layers(
     return stages
 
 
-def chunk_layer_numbers(
-    num_layers: int,
-    decoder_first_pipeline_num_layers: int | None = None,
-    decoder_last_pipeline_num_layers: int | None = None,
-    virtual_rank: int | None = None,
-) -> list[int]:
-    """The layers of this rank's current model chunk, read from `parallel_state`.
+def chunk_layer_numbers(config: ModelConfig, virtual_rank: int | None = None) -> list[int]:
+    """The layers of this rank's current model chunk (layout read from `parallel_state`, the
+    uneven split, if any, from ``config``).
 
     ``virtual_rank`` defaults to the virtual pipeline rank set in `parallel_state` (0 without
     interleaving).
@@ -138,16 +134,13 @@ def chunk_layer_numbers(
     if virtual_rank is None:
         virtual_rank = parallel_state.get_virtual_pipeline_model_parallel_rank() or 0
     stages = virtual_stage_layers(
-        num_layers, p, v, decoder_first_pipeline_num_layers, decoder_last_pipeline_num_layers
-    )
+        config.num_layers, p, v,
+        config.decoder_first_pipeline_num_layers, config.decoder_last_pipeline_num_layers,
+    )  # fmt: skip
     return stages[virtual_rank * p + parallel_state.get_pipeline_model_parallel_rank()]
 
 
-def build_model_chunks(
-    config: ModelConfig,
-    decoder_first_pipeline_num_layers: int | None = None,
-    decoder_last_pipeline_num_layers: int | None = None,
-) -> list[LlamaModel]:
+def build_model_chunks(config: ModelConfig) -> list[LlamaModel]:
     """This rank's `LlamaModel` chunks, one per virtual stage (a list of one without
     interleaving), in chunk order.
 
@@ -163,10 +156,7 @@ def build_model_chunks(
     for chunk in range(v or 1):
         if v is not None:
             parallel_state.set_virtual_pipeline_model_parallel_rank(chunk)
-        layers = chunk_layer_numbers(
-            config.num_layers, decoder_first_pipeline_num_layers, decoder_last_pipeline_num_layers
-        )
-        chunks.append(LlamaModel(config, layer_numbers=layers))
+        chunks.append(LlamaModel(config, layer_numbers=chunk_layer_numbers(config)))
     if v is not None:
         parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     return chunks
