@@ -77,9 +77,11 @@ def pipeline_training(
         )
         optimizer.zero_grad()
         logged = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro), model=chunks,
-            num_microbatches=len(micro), seq_length=SEQ, micro_batch_size=MICRO_BATCH,
-            no_sync_func=chunks[0].no_sync, grad_sync_func=chunks[0].start_grad_sync,
+            forward_step_func=forward_step,
+            data_iterator=[iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro),
+            model=chunks, num_microbatches=len(micro), seq_length=SEQ,
+            micro_batch_size=MICRO_BATCH, no_sync_func=[c.no_sync for c in chunks],
+            grad_sync_func=[c.start_grad_sync for c in chunks],
             finalize_model_grads_func=finalize_model_grads, grad_scale_func=optimizer.scale_loss,
         )  # fmt: skip
         if step == inject_inf_at and dist.get_rank() == 5:
@@ -118,14 +120,16 @@ def merge_stages(per_rank: list[dict], tied: bool) -> dict:
     }
 
 
-def parity_3d_run(model_config: ModelConfig, ddp: DistributedDataParallelConfig) -> dict:
+def parity_3d_run(
+    model_config: ModelConfig, ddp: DistributedDataParallelConfig, vpp: int | None = None
+) -> dict:
     opt = optimizer_config()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     try:
         reference = reference_training(model_config, opt, STEPS) if dist.get_rank() == 0 else None
     finally:
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(TP, PP)
+    parallel_state.initialize_model_parallel(TP, PP, vpp)
     try:
         run = pipeline_training(model_config, ddp, opt, batches(model_config.vocab_size, STEPS))
     finally:
@@ -134,20 +138,22 @@ def parity_3d_run(model_config: ModelConfig, ddp: DistributedDataParallelConfig)
 
 
 @pytest.mark.parametrize(
-    "distributed, tied, sequence_parallel",
-    [(False, False, True), (True, True, True), (True, False, False)],
+    "distributed, tied, sequence_parallel, vpp",
+    [(False, False, True, None), (True, True, True, None), (True, False, False, 2)],
 )
-def test_tp2_pp2_dp2_matches_single_process(pool, distributed, tied, sequence_parallel):
+def test_tp2_pp2_dp2_matches_single_process(pool, distributed, tied, sequence_parallel, vpp):
+    """vpp=2: interleaved schedule, two model chunks per rank (4 layers)."""
     config = ModelConfig.from_preset(
-        "tiny", tie_word_embeddings=tied, sequence_parallel=sequence_parallel
-    )
+        "tiny", tie_word_embeddings=tied, sequence_parallel=sequence_parallel,
+        num_layers=4 if vpp else 2,
+    )  # fmt: skip
     ddp = DistributedDataParallelConfig(
         overlap_grad_reduce=True, use_distributed_optimizer=distributed,
         overlap_param_gather=distributed, bucket_size=30_000,
     )  # fmt: skip
-    per_rank = pool.run(parity_3d_run, config, ddp)
+    per_rank = pool.run(parity_3d_run, config, ddp, vpp)
     reference = per_rank[0]["reference"]
-    assert_same_training(reference, merge_stages(per_rank, tied), f"TP2xPP2xDP2 {ddp}")
+    assert_same_training(reference, merge_stages(per_rank, tied), f"TP2xPP2xDP2 vpp={vpp} {ddp}")
     for rank, result in enumerate(per_rank):  # every rank clipped with the same global norm
         norms = torch.tensor([r.grad_norm for r in result["results"]])
         torch.testing.assert_close(
@@ -189,6 +195,14 @@ def test_fp16_inf_skips_the_step_lowers_the_scale_and_training_continues(pool):
     assert per_rank[0]["weights"].keys() and all(
         torch.isfinite(w).all() for w in per_rank[0]["weights"].values()
     )
+
+
+def test_non_finite_norm_skips_the_step_with_a_reason(pool):
+    """fp32/bf16 have no loss scaler: a nan gradient shows as a non-finite global norm."""
+    for rank, result in enumerate(pool.run(precision_run, torch.float32, 3, 1)):
+        assert [r.updated for r in result["results"]] == [True, False, True], f"rank {rank}"
+        assert "non-finite gradient norm" in result["results"][1].skip_reason
+        assert result["skipped"] == 1
 
 
 def test_bf16_tracks_fp32(pool):
