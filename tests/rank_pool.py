@@ -140,3 +140,16 @@ class RankPool:
         self._procs, self._conns = [], []
         if os.path.exists(self._init_file):
             os.unlink(self._init_file)
+
+
+def module_pool(world_size: int):
+    """A module-scoped pytest fixture named by the assignment: ``pool = module_pool(4)``."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def pool():
+        ranks = RankPool(world_size)
+        yield ranks
+        ranks.close()
+
+    return pool

@@ -15,16 +15,12 @@ from engine.models import LlamaModel, ModelConfig
 from engine.models.hf_llama import canonical_from_hf, hf_config_kwargs
 from engine.models.weights import load_full_state
 from engine.tensor_parallel import gather_from_tensor_model_parallel_region
-from tests.rank_pool import RankPool
+from tests.rank_pool import module_pool
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
 
 
-@pytest.fixture(scope="module")
-def pool():
-    pool = RankPool(world_size=2)
-    yield pool
-    pool.close()
+pool = module_pool(2)
 
 
 def compare_with_hf(config: ModelConfig, tp: int) -> float:

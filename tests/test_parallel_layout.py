@@ -9,14 +9,9 @@ import torch.distributed as dist
 
 from engine import parallel_state
 from engine.models import LlamaModel, ModelConfig
-from tests.rank_pool import RankPool
+from tests.rank_pool import module_pool
 
-
-@pytest.fixture(scope="module")
-def pool():
-    pool = RankPool(world_size=8)
-    yield pool
-    pool.close()
+pool = module_pool(8)
 
 
 def test_rank_layout_follows_megatron_order():

@@ -20,18 +20,14 @@ from engine.pipeline_parallel.timeline import (
     measured_bubble,
     theoretical_bubble,
 )
-from tests.rank_pool import RankPool
+from tests.rank_pool import RankPool, module_pool
 from tools import pipeline_timeline
 
 P, M, V = 4, 8, 2
 FORWARD_S, BACKWARD_S = 0.04, 0.08
 
 
-@pytest.fixture(scope="module")
-def pool():
-    pool = RankPool(world_size=P)
-    yield pool
-    pool.close()
+pool = module_pool(P)
 
 
 def sleep_run(vpp: int | None) -> list[dict]:

@@ -27,16 +27,12 @@ from engine.pipeline_parallel.schedules import (
     get_forward_backward_func,
 )
 from engine.pipeline_parallel.timeline import ScheduleRecorder
-from tests.rank_pool import RankPool
+from tests.rank_pool import module_pool
 
 MICRO_BATCH, SEQ = 2, 16
 
 
-@pytest.fixture(scope="module")
-def pool():
-    pool = RankPool(world_size=4)
-    yield pool
-    pool.close()
+pool = module_pool(4)
 
 
 def _microbatches(vocab_size: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

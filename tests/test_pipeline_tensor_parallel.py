@@ -3,10 +3,8 @@ and interleaved) against the single-process run, as in `test_pipeline_schedules`
 
 from __future__ import annotations
 
-import pytest
-
 from engine.models import ModelConfig
-from tests.rank_pool import RankPool
+from tests.rank_pool import module_pool
 from tests.test_pipeline_schedules import (
     check_1f1b_bound,
     check_interleaved_bound,
@@ -14,12 +12,7 @@ from tests.test_pipeline_schedules import (
     pipeline_run,
 )
 
-
-@pytest.fixture(scope="module")
-def pool():
-    pool = RankPool(world_size=8)
-    yield pool
-    pool.close()
+pool = module_pool(8)
 
 
 def test_1f1b_pp4_tp2_sequence_parallel(pool):

@@ -23,17 +23,13 @@ from engine.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 from engine.tensor_parallel.sharding import gather_tensor
-from tests.rank_pool import RankPool
+from tests.rank_pool import module_pool
 
 TP = 4
 S, B, H, OUT = 8, 2, 16, 24
 
 
-@pytest.fixture(scope="module")
-def pool():
-    pool = RankPool(world_size=TP)
-    yield pool
-    pool.close()
+pool = module_pool(TP)
 
 
 def _in_tp(check):

@@ -15,16 +15,12 @@ from engine.distributed import finalize_model_grads
 from engine.models import LlamaModel, ModelConfig
 from engine.models.weights import gather_full_state
 from engine.tensor_parallel import gather_from_tensor_model_parallel_region
-from tests.rank_pool import RankPool
+from tests.rank_pool import module_pool
 
 BATCH, SEQ = 2, 16
 
 
-@pytest.fixture(scope="module")
-def pool():
-    pool = RankPool(world_size=4)
-    yield pool
-    pool.close()
+pool = module_pool(4)
 
 
 def _tokens(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:

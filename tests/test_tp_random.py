@@ -25,17 +25,13 @@ from engine.tensor_parallel.random import (
     model_parallel_seed,
     set_rng_states,
 )
-from tests.rank_pool import RankPool
+from tests.rank_pool import module_pool
 
 SEED = 1234
 NUM_DRAWS = 256
 
 
-@pytest.fixture(scope="module")
-def pool():
-    pool = RankPool(world_size=4)
-    yield pool
-    pool.close()
+pool = module_pool(4)
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from engine.data.gpt_dataset import (
     split_ranges,
 )
 from engine.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-from tests.rank_pool import RankPool
+from tests.rank_pool import module_pool
 
 EOD = 2
 
@@ -195,11 +195,7 @@ def _build_on_rank(prefix: str, cache: str, distributed: bool) -> tuple[bool, st
     return ds.built_cache, digest.hexdigest()
 
 
-@pytest.fixture(scope="module")
-def pool():
-    pool = RankPool(world_size=4)
-    yield pool
-    pool.close()
+pool = module_pool(4)
 
 
 @pytest.mark.parametrize("distributed", [True, False])

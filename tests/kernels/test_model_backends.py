@@ -12,15 +12,10 @@ import torch
 pytest.importorskip("triton", reason="the Triton backends need triton")
 
 from engine.models import ModelConfig  # noqa: E402
-from tests.rank_pool import RankPool  # noqa: E402
+from tests.rank_pool import module_pool  # noqa: E402
 from tests.test_tensor_parallel_model import run_layouts  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def pool():
-    pool = RankPool(world_size=2)
-    yield pool
-    pool.close()
+pool = module_pool(2)
 
 
 def test_triton_backends_match_torch_backends(pool):
