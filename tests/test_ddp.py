@@ -22,7 +22,7 @@ from engine.distributed import DistributedDataParallel, finalize_model_grads
 from engine.models import LlamaModel, ModelConfig
 from engine.models.weights import gather_full_state
 from engine.optimizer import build_optimizer
-from engine.optimizer.optimizer import uses_weight_decay
+from engine.optimizer.optimizer import full_state_from_local, uses_weight_decay
 from tests.rank_pool import RankPool
 
 GLOBAL_BATCH, SEQ, STEPS = 8, 16, 5
@@ -140,16 +140,27 @@ def train_steps(model, optimizer, step_batches, micro_batch: int) -> tuple[list,
     return losses, norms
 
 
-def parity_run(model_config, tp, ddp, opt, micro_batch) -> dict | None:
-    """Reference on rank 0, then the parallel run; rank 0 returns both."""
+def reference_on_rank0(model_config: ModelConfig, opt: OptimizerConfig) -> dict | None:
+    """`reference_training` on global rank 0 (None elsewhere), under TP=1 groups."""
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     try:
         reference = reference_training(model_config, opt, STEPS) if dist.get_rank() == 0 else None
+        # Keep the ranks together: the others would otherwise tear groups down and build the
+        # next layout's while rank 0 still computes.
+        dist.barrier()
     finally:
         parallel_state.destroy_model_parallel()
+    return reference
+
+
+def parity_run(model_config, tp, ddp, opt, micro_batch, dp: int | None = None) -> dict | None:
+    """Reference on rank 0, then the parallel run; rank 0 returns both. ``dp`` smaller than
+    the world / TP: replicas of ``dp`` consecutive ranks each train the same global batch."""
+    reference = reference_on_rank0(model_config, opt)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     try:
-        model, optimizer = build(model_config, ddp, opt)
+        dp_group = None if dp is None else data_parallel_subgroup(dp)
+        model, optimizer = build(model_config, ddp, opt, dp_group)
         losses, norms = train_steps(
             model, optimizer, batches(model_config.vocab_size, STEPS), micro_batch
         )
@@ -185,13 +196,15 @@ def assert_same_training(reference: dict, other: dict, what: str) -> None:
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True])
 @pytest.mark.parametrize("overlap", [False, True])
-def test_dp4_matches_single_process(pool, overlap, distributed_optimizer):
+@pytest.mark.parametrize("dp", [2, 4])
+def test_dp_matches_single_process(pool, dp, overlap, distributed_optimizer):
     ddp = DistributedDataParallelConfig(
         overlap_grad_reduce=overlap, use_distributed_optimizer=distributed_optimizer,
         overlap_param_gather=overlap and distributed_optimizer, bucket_size=BUCKET,
     )  # fmt: skip
-    result = pool.run(parity_run, ModelConfig.from_preset("tiny"), 1, ddp, optimizer_config(), 1)[0]
-    assert_same_training(result["reference"], result["parallel"], f"DP=4 {ddp}")
+    config, micro_batch = ModelConfig.from_preset("tiny"), 4 // dp
+    result = pool.run(parity_run, config, 1, ddp, optimizer_config(), micro_batch, dp)[0]
+    assert_same_training(result["reference"], result["parallel"], f"DP={dp} {ddp}")
 
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True])
@@ -361,6 +374,14 @@ def reshard_run(model_config: ModelConfig, opt: OptimizerConfig) -> dict | None:
         model, optimizer = build(model_config, ddp, opt)
         first_losses, _ = train_steps(model, optimizer, data[:3], micro_batch=1)
         state = optimizer.full_state_dict()
+        # The same state from per-rank pieces (as if read from every rank's checkpoint file).
+        locals_ = [None] * dist.get_world_size()
+        dist.all_gather_object(locals_, optimizer.local_state_dict())
+        assembled = full_state_from_local(locals_)
+        assert assembled["step"] == state["step"] == 3
+        for name, tensors in state["params"].items():
+            for key, tensor in tensors.items():
+                assert torch.equal(assembled["params"][name][key], tensor), (name, key)
         dp2 = data_parallel_subgroup(2)
         resumed = {}
         for distributed, bucket in ((True, 10_000), (False, None)):

@@ -32,7 +32,7 @@ from tests.test_ddp import (
     batches,
     data_parallel_subgroup,
     optimizer_config,
-    reference_training,
+    reference_on_rank0,
     torch_adamw,
 )
 
@@ -124,11 +124,7 @@ def parity_3d_run(
     model_config: ModelConfig, ddp: DistributedDataParallelConfig, vpp: int | None = None
 ) -> dict:
     opt = optimizer_config()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-    try:
-        reference = reference_training(model_config, opt, STEPS) if dist.get_rank() == 0 else None
-    finally:
-        parallel_state.destroy_model_parallel()
+    reference = reference_on_rank0(model_config, opt)
     parallel_state.initialize_model_parallel(TP, PP, vpp)
     try:
         run = pipeline_training(model_config, ddp, opt, batches(model_config.vocab_size, STEPS))

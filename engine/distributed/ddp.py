@@ -46,13 +46,15 @@ from engine.config import DistributedDataParallelConfig
 _SHARD_ALIGNMENT = 64
 
 
-def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup) -> Any:
+def reduce_scatter_async(
+    output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup
+) -> Any:
     """Async reduce-scatter of ``input`` [n] into ``output`` [n / world] (may alias input)."""
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     return fn(output, input, group=group, async_op=True)
 
 
-def _all_gather(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup) -> Any:
+def all_gather_async(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup) -> Any:
     """Async all-gather of ``input`` [n / world] into ``output`` [n] (input may alias it)."""
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return fn(output, input, group=group, async_op=True)
@@ -103,7 +105,7 @@ class Bucket:
             return
         self.grad_data.mul_(1.0 / self.dp_size)
         if self.use_distributed_optimizer:
-            self.grad_handle = _reduce_scatter(
+            self.grad_handle = reduce_scatter_async(
                 self.shard(self.grad_data), self.grad_data, self.group
             )
         else:
@@ -124,7 +126,7 @@ class Bucket:
     def start_param_sync(self) -> None:
         """Launch the all-gather of the updated parameter slices (distributed optimizer)."""
         if self.dp_size > 1 and self.param_handle is None:
-            self.param_handle = _all_gather(
+            self.param_handle = all_gather_async(
                 self.param_data, self.shard(self.param_data), self.group
             )
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine import parallel_state
-from engine.distributed.ddp import Bucket, ParamAndGradBuffer, _all_gather
+from engine.distributed.ddp import Bucket, ParamAndGradBuffer, all_gather_async
 from engine.optimizer.optimizer import (
     ADAM_STATE_KEYS,
     MixedPrecisionOptimizer,
@@ -108,7 +108,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
                     local[start : start + shard.end - shard.start] = self._shard_state(shard)[key]
                 full[key] = torch.empty(bucket.numel, dtype=torch.float32, device=local.device)
                 if bucket.dp_size > 1:
-                    _all_gather(full[key], local, bucket.group).wait()
+                    all_gather_async(full[key], local, bucket.group).wait()
                 else:
                     full[key].copy_(local)
             for param in bucket.params:

@@ -17,6 +17,7 @@ skip if found -> global grad norm -> skip if not finite -> clip -> AdamW -> copy
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -339,6 +340,26 @@ class MixedPrecisionOptimizer:
             "skipped_steps": self.skipped_steps,
         }  # fmt: skip
 
+    def local_state_dict(self) -> dict[str, Any]:
+        """This rank's shards only, without communication (for checkpoints that every rank
+        writes): per shard its parameter's name and shape, the range ``[start, end)`` of the
+        flattened parameter it covers, and its float32 tensors. `full_state_from_local`
+        assembles the DP ranks' dicts into a `full_state_dict`."""
+        shards = [
+            {
+                "name": s.name,
+                "shape": tuple(s.model_param.shape),
+                "start": s.start,
+                "end": s.end,
+                **{k: v.detach().clone() for k, v in self._shard_state(s).items()},
+            }  # fmt: skip
+            for s in self.shards
+        ]
+        state = self._wrap_full_state({})
+        state["step"] = MixedPrecisionOptimizer._step_count(self)  # this rank's, no collective
+        del state["params"]
+        return {"shards": shards, **state}
+
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of `full_state_dict`, at any DP size (each rank takes its shards)."""
@@ -354,3 +375,28 @@ class MixedPrecisionOptimizer:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.skipped_steps = state.get("skipped_steps", 0)
         self._after_step()
+
+
+def full_state_from_local(local_states: list[dict[str, Any]]) -> dict[str, Any]:
+    """A `MixedPrecisionOptimizer.full_state_dict` from the `local_state_dict` s of every DP
+    rank (any order), e.g. read back from per-rank checkpoint files."""
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for local in local_states:
+        for shard in local["shards"]:
+            numel = math.prod(shard["shape"])
+            full = params.setdefault(
+                shard["name"], {k: torch.zeros(numel) for k in ("param", *ADAM_STATE_KEYS)}
+            )
+            for key, tensor in full.items():
+                tensor[shard["start"] : shard["end"]] = shard[key].reshape(-1).cpu()
+    shapes = {s["name"]: s["shape"] for local in local_states for s in local["shards"]}
+    first = local_states[0]
+    return {
+        "params": {
+            name: {k: v.view(shapes[name]) for k, v in tensors.items()}
+            for name, tensors in params.items()
+        },
+        "step": max(local["step"] for local in local_states),
+        "grad_scaler": first["grad_scaler"],
+        "skipped_steps": first["skipped_steps"],
+    }
