@@ -63,9 +63,12 @@ def torch_adamw(model: torch.nn.Module, opt: OptimizerConfig) -> torch.optim.Ada
     """PyTorch's reference AdamW (single-tensor loop), no decay on norms and biases."""
     named = list(model.named_parameters())
     groups = [
-        {"params": [p for n, p in named if uses_weight_decay(n, p)]},
-        {"params": [p for n, p in named if not uses_weight_decay(n, p)], "weight_decay": 0.0},
-    ]
+        {"params": [p for n, p in named if uses_weight_decay(n, p)], "wd_mult": 1.0},
+        {
+            "params": [p for n, p in named if not uses_weight_decay(n, p)],
+            "weight_decay": 0.0, "wd_mult": 0.0,
+        },
+    ]  # fmt: skip
     return torch.optim.AdamW(
         groups, lr=opt.lr, betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps,
         weight_decay=opt.weight_decay, foreach=False,

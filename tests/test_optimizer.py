@@ -20,7 +20,7 @@ from engine.config import DistributedDataParallelConfig, OptimizerConfig
 from engine.distributed import DistributedDataParallel, finalize_model_grads
 from engine.models import LlamaModel, ModelConfig
 from engine.models.weights import gather_full_state
-from engine.optimizer import build_optimizer
+from engine.optimizer import build_lr_scheduler, build_optimizer
 from engine.pipeline_parallel.partition import build_model_chunks
 from engine.pipeline_parallel.schedules import get_forward_backward_func
 from tests.rank_pool import RankPool
@@ -216,12 +216,16 @@ def test_bf16_tracks_fp32(pool):
 
 def adamw_run(sharded_layout: bool) -> float:
     """5 steps on identical gradients: our optimizer (fp32 main params over the gradient
-    buffer, fused/foreach AdamW, no decay on norms) vs torch.optim.AdamW on a copy."""
+    buffer, fused/foreach AdamW, no decay on norms) vs torch.optim.AdamW on a copy, both
+    driven by the same LR / weight-decay schedule (warm-up, cosine, rising decay)."""
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     try:
         solo = data_parallel_subgroup(1)
         config = ModelConfig.from_preset("tiny")
-        opt = OptimizerConfig(lr=1e-2, weight_decay=0.1, clip_grad=0.0)
+        opt = OptimizerConfig(
+            lr=1e-2, min_lr=1e-3, clip_grad=0.0, lr_decay_style="cosine", lr_warmup_iters=2,
+            start_weight_decay=0.0, end_weight_decay=0.1, weight_decay_incr_style="linear",
+        )  # fmt: skip
         ddp = DistributedDataParallelConfig(
             use_distributed_optimizer=sharded_layout, bucket_size=20_000
         )
@@ -229,7 +233,10 @@ def adamw_run(sharded_layout: bool) -> float:
         ours = build_optimizer(opt, [model])
         twin = LlamaModel(config)
         reference = torch_adamw(twin, opt)
+        schedules = [build_lr_scheduler(o, opt, train_iters=6) for o in (ours, reference)]
         for inputs, labels in batches(config.vocab_size, 5):
+            for schedule in schedules:
+                schedule.step(1)
             ours.zero_grad()
             reference.zero_grad()
             model(inputs, labels=labels).mean().backward()
