@@ -341,6 +341,12 @@ def state_bytes_run(dtype: torch.dtype) -> dict:
             model, optimizer = build(config, ddp, opt)
             train_steps(model, optimizer, batches(config.vocab_size, 1), micro_batch=2)
             out[distributed] = optimizer.state_bytes()
+            with torch.no_grad():  # new model weights (as from a checkpoint) reach the main params
+                for param in model.module.parameters():
+                    param.mul_(0.5)
+            optimizer.reload_model_params()
+            for shard in optimizer.shards:
+                assert torch.equal(shard.main_param, shard.model_data.float()), shard.name
             out["buckets"] = len(model.buckets)
         return out
     finally:

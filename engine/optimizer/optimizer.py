@@ -275,6 +275,14 @@ class MixedPrecisionOptimizer:
         logger.warning("skipping optimizer step %d: %s", self.skipped_steps, reason)
         return StepResult(False, grad_norm, reason, self.loss_scale)
 
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Refresh the float32 main parameters from the model's (after loading model weights
+        into a bf16/fp16 model, e.g. from a checkpoint without optimizer state)."""
+        for shard in self.shards:
+            if not shard.aliased:
+                shard.main_param.copy_(shard.model_data)
+
     # -- state ------------------------------------------------------------------------------
 
     def state_bytes(self) -> int:
