@@ -324,6 +324,31 @@ def test_distributed_optimizer_one_reduce_scatter_and_one_all_gather(pool, overl
         assert [(op, nbytes) for op, _, nbytes in log if nbytes <= 8] == [("all_reduce", 4)]
 
 
+def accumulation_without_no_sync() -> str:
+    """Two microbatches with --overlap-grad-reduce but no no_sync: the second backward's
+    gradients would miss the reductions launched by the first; this must fail loudly."""
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    try:
+        ddp = DistributedDataParallelConfig(overlap_grad_reduce=True, bucket_size=BUCKET)
+        model, _ = build(ModelConfig.from_preset("tiny"), ddp, optimizer_config())
+        ((inputs, labels),) = batches(model.module.config.vocab_size, 1)
+        model(inputs[:1], labels=labels[:1]).mean().backward()
+        try:
+            model(inputs[1:2], labels=labels[1:2]).mean().backward()
+        except RuntimeError as error:
+            return str(error)
+        finally:
+            model.finish_grad_sync()  # drain what the first backward launched
+        return "no error"
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_overlap_without_no_sync_fails_loudly(pool):
+    for message in pool.run(accumulation_without_no_sync):
+        assert "no_sync" in message, message
+
+
 # Optimizer state memory ---------------------------------------------------------------------
 
 

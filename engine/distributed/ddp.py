@@ -119,6 +119,13 @@ class Bucket:
 
     def register_grad_ready(self, param: nn.Parameter) -> None:
         """Called from the backward hook in the last microbatch: launch when complete."""
+        if self.grad_launched:
+            raise RuntimeError(
+                "--overlap-grad-reduce: a gradient arrived after its bucket's reduction was "
+                "launched, so it would be lost; run every microbatch but the last under "
+                "model.no_sync() (the schedules' no_sync_func), and call "
+                "zero_grad_buffer() before the next iteration"
+            )
         self.pending.discard(param)
         if not self.pending:
             self.start_grad_sync()
