@@ -11,6 +11,7 @@ full canonical tensors) must agree within 1e-5 relative in float32.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from engine.config import DistributedDataParallelConfig, OptimizerConfig
 from engine.distributed import DistributedDataParallel, finalize_model_grads
 from engine.models import LlamaModel, ModelConfig
 from engine.models.weights import gather_full_state
-from engine.optimizer import build_optimizer
+from engine.optimizer import MixedPrecisionOptimizer, build_optimizer
 from engine.optimizer.optimizer import full_state_from_local, uses_weight_decay
 from tests.rank_pool import RankPool
 
@@ -107,13 +108,18 @@ def build(
     ddp: DistributedDataParallelConfig,
     opt: OptimizerConfig,
     dp_group: dist.ProcessGroup | None = None,
-):
+) -> tuple[DistributedDataParallel, MixedPrecisionOptimizer]:
     """This rank's DDP-wrapped model and optimizer (model-parallel groups already up)."""
     model = DistributedDataParallel(LlamaModel(model_config), ddp, dp_group)
     return model, build_optimizer(opt, [model])
 
 
-def train_steps(model, optimizer, step_batches, micro_batch: int) -> tuple[list, list]:
+def train_steps(
+    model: DistributedDataParallel,
+    optimizer: MixedPrecisionOptimizer,
+    step_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    micro_batch: int,
+) -> tuple[list[float], list[float | None]]:
     """Megatron's iteration: microbatches under no_sync but the last, finalize, step.
 
     Returns the global-batch losses (averaged over DP) and the gradient norms."""
@@ -156,7 +162,14 @@ def reference_on_rank0(model_config: ModelConfig, opt: OptimizerConfig) -> dict 
     return reference
 
 
-def parity_run(model_config, tp, ddp, opt, micro_batch, dp: int | None = None) -> dict | None:
+def parity_run(
+    model_config: ModelConfig,
+    tp: int,
+    ddp: DistributedDataParallelConfig,
+    opt: OptimizerConfig,
+    micro_batch: int,
+    dp: int | None = None,
+) -> dict | None:
     """Reference on rank 0, then the parallel run; rank 0 returns both. ``dp`` smaller than
     the world / TP: replicas of ``dp`` consecutive ranks each train the same global batch."""
     reference = reference_on_rank0(model_config, opt)
@@ -232,7 +245,7 @@ _COLLECTIVES = (
 
 
 @contextlib.contextmanager
-def recording_collectives(log: list[tuple[str, int, int]]):
+def recording_collectives(log: list[tuple[str, int, int]]) -> Iterator[None]:
     """Record ``(op, group size, bytes)`` of every collective while calling the real one.
 
     Bytes are the buffer the algorithm moves: the tensor for all-reduce and broadcast, the

@@ -11,6 +11,8 @@ precision, and our AdamW against ``torch.optim.AdamW``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -47,7 +49,7 @@ def pool():
     pool.close()
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator: Iterator, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
     inputs, labels = next(data_iterator)
     losses = model(inputs, labels=labels)  # [b, s] on the last stage, hidden states elsewhere
     return losses, lambda out: (out.float().mean(), out.detach().float().mean())
