@@ -17,7 +17,13 @@ def build_optimizer(
 ) -> MixedPrecisionOptimizer:
     """The optimizer for ``model_chunks`` (wrapped in DistributedDataParallel): distributed
     (ZeRO-1) when the chunks were wrapped with ``use_distributed_optimizer``."""
-    if all(chunk.config.use_distributed_optimizer for chunk in model_chunks):
+    sharded = {chunk.config.use_distributed_optimizer for chunk in model_chunks}
+    if len(sharded) > 1:
+        raise ValueError(
+            "model chunks disagree on --use-distributed-optimizer: wrap every chunk with the "
+            "same DistributedDataParallelConfig"
+        )
+    if sharded == {True}:
         # Imported here: engine.distributed.distributed_optimizer builds on this package.
         from engine.distributed.distributed_optimizer import DistributedOptimizer
 
