@@ -24,18 +24,14 @@ from engine.models import LlamaModel, ModelConfig
 from engine.models.weights import gather_full_state
 from engine.optimizer import MixedPrecisionOptimizer, build_optimizer
 from engine.optimizer.optimizer import full_state_from_local, uses_weight_decay
-from tests.rank_pool import RankPool
+from tests.rank_pool import module_pool
 
 GLOBAL_BATCH, SEQ, STEPS = 8, 16, 5
 # Small buckets so that the tiny model spans several, and DP slices cut through parameters.
 BUCKET = 30_000
 
 
-@pytest.fixture(scope="module")
-def pool():
-    pool = RankPool(world_size=4)
-    yield pool
-    pool.close()
+pool = module_pool(4)
 
 
 def batches(vocab_size: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -25,7 +25,7 @@ from engine.models.weights import gather_full_state
 from engine.optimizer import build_lr_scheduler, build_optimizer
 from engine.pipeline_parallel.partition import build_model_chunks
 from engine.pipeline_parallel.schedules import get_forward_backward_func
-from tests.rank_pool import RankPool
+from tests.rank_pool import module_pool
 from tests.test_ddp import (
     GLOBAL_BATCH,
     SEQ,
@@ -42,11 +42,7 @@ TP, PP, DP = 2, 2, 2
 MICRO_BATCH = 2
 
 
-@pytest.fixture(scope="module")
-def pool():
-    pool = RankPool(world_size=8)
-    yield pool
-    pool.close()
+pool = module_pool(8)
 
 
 def forward_step(data_iterator: Iterator, model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
