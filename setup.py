@@ -26,7 +26,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     # torch 2.5: scaled_dot_product_attention(enable_gqa=...).
-    install_requires=["torch>=2.5", "numpy>=1.24"],
+    install_requires=["torch>=2.5", "numpy>=1.24", "pyyaml>=6"],
     extras_require={
         "test": [
             "pytest>=7",

@@ -275,3 +275,331 @@ class OptimizerConfig:
     end_weight_decay: float | None = None
     weight_decay_incr_style: str = "constant"
     """constant, linear or cosine (``--weight-decay-incr-style``)."""
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, run length, evaluation, logging and stopping (Megatron's flags)."""
+
+    micro_batch_size: int = 1
+    """Sequences per microbatch on one rank (``--micro-batch-size``)."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all DP ranks (``--global-batch-size``); None =
+    micro batch x DP (no gradient accumulation), as in Megatron."""
+    seq_length: int = 2048
+    """Tokens per sample (``--seq-length``)."""
+    train_iters: int | None = None
+    """Optimizer steps to run (``--train-iters``); exclusive with ``train_samples``."""
+    train_samples: int | None = None
+    """Samples to train on (``--train-samples``): the run lasts train_samples / global batch
+    steps and LR spans are counted in samples."""
+    eval_interval: int = 1000
+    """Evaluate on the validation split every this many steps (``--eval-interval``)."""
+    eval_iters: int = 100
+    """Validation batches per evaluation (``--eval-iters``); 0 disables evaluation."""
+    log_interval: int = 100
+    """Print and record metrics every this many steps (``--log-interval``)."""
+    exit_interval: int | None = None
+    """Save and exit when the iteration is a multiple of this (``--exit-interval``)."""
+    exit_duration_in_mins: float | None = None
+    """Save and exit after this many minutes of training (``--exit-duration-in-mins``)."""
+    exit_on_nan: bool = False
+    """Save and exit on a non-finite loss instead of skipping the step (``--exit-on-nan``)."""
+    seed: int = 1234
+    """Seeds data order, dropout and the parameter init (``--seed``)."""
+    peak_tflops: float | None = None
+    """Device peak TFLOP/s for MFU (``--peak-tflops``); None = detected from the device."""
+    tensorboard_dir: str | None = None
+    """Write TensorBoard event files here (``--tensorboard-dir``); None disables them."""
+    device_memory_gb: float | None = None
+    """Memory of one device in GB (10^9 bytes) that the plan checks against
+    (``--device-memory-gb``); None = detected or unchecked."""
+    dry_run: bool = False
+    """Print the plan (parameters, memory, FLOPs per rank) and exit without training
+    (``--dry-run``)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from and how samples are cut (Megatron's data flags)."""
+
+    data_path: list[str] = dataclasses.field(default_factory=list)
+    """Dataset prefixes (``.bin/.idx`` without the suffix), optionally blended with weights:
+    ``["0.7", "a", "0.3", "b"]`` (``--data-path 0.7 a 0.3 b``)."""
+    split: str = "969,30,1"
+    """Relative sizes of the train, validation and test splits (``--split``)."""
+    data_cache_path: str | None = None
+    """Directory for the cached sample indices (``--data-cache-path``); None = beside the
+    data."""
+    tokenizer_type: str | None = None
+    """Tokenizer family, e.g. ``Llama2Tokenizer``, ``HuggingFaceTokenizer``
+    (``--tokenizer-type``)."""
+    tokenizer_model: str | None = None
+    """Tokenizer file or directory (``--tokenizer-model``)."""
+    reset_position_ids: bool = False
+    """Restart position ids after every end-of-document token (``--reset-position-ids``)."""
+    reset_attention_mask: bool = False
+    """Block attention across documents (``--reset-attention-mask``)."""
+    eod_mask_loss: bool = False
+    """No loss on end-of-document tokens (``--eod-mask-loss``)."""
+    sft: bool = False
+    """Supervised fine-tuning data: chat conversations, loss on answers only (``--sft``)."""
+    chat_template: str = "llama2"
+    """How conversations are rendered for ``sft`` (``--chat-template``; see
+    `engine.data.sft_dataset.TEMPLATES`)."""
+    num_workers: int = 2
+    """Data-loader worker processes per rank (``--num-workers``)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and loading (Megatron's checkpoint flags)."""
+
+    save: str | None = None
+    """Directory to save checkpoints in (``--save``)."""
+    load: str | None = None
+    """Directory to load the latest checkpoint from (``--load``)."""
+    save_interval: int | None = None
+    """Save every this many steps (``--save-interval``); needs ``save``."""
+    keep_last_n: int | None = None
+    """Keep only the newest n checkpoints, deleting older ones once a new one is complete
+    (``--keep-last-n``); None keeps all."""
+    finetune: bool = False
+    """Load model weights only; start at iteration 0 with fresh optimizer, RNG and data
+    position (``--finetune``)."""
+    no_load_optim: bool = False
+    """Do not load the optimizer state (``--no-load-optim``)."""
+    no_load_rng: bool = False
+    """Do not load the RNG states (``--no-load-rng``)."""
+    no_save_optim: bool = False
+    """Do not save the optimizer state (``--no-save-optim``)."""
+    no_save_rng: bool = False
+    """Do not save the RNG states (``--no-save-rng``)."""
+
+
+@dataclass
+class JobConfig:
+    """Everything one training job needs; `validate` checks it all before any process group
+    starts, and the derived sizes (DP, gradient accumulation) are computed here only."""
+
+    model: ModelConfig
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    ddp: DistributedDataParallelConfig = dataclasses.field(
+        default_factory=DistributedDataParallelConfig
+    )
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP = world size / (TP x PP)."""
+        model_parallel = (
+            self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
+        )
+        if world_size % model_parallel != 0:
+            raise ValueError(
+                f"world size ({world_size}) must be divisible by --tensor-model-parallel-size x "
+                f"--pipeline-model-parallel-size ({model_parallel})"
+            )
+        return world_size // model_parallel
+
+    def global_batch_size(self, world_size: int) -> int:
+        """``--global-batch-size``, or micro batch x DP when it is not given."""
+        if self.training.global_batch_size is not None:
+            return self.training.global_batch_size
+        return self.training.micro_batch_size * self.data_parallel_size(world_size)
+
+    def num_microbatches(self, world_size: int) -> int:
+        """Gradient accumulation steps: global batch / (micro batch x DP)."""
+        per_step = self.training.micro_batch_size * self.data_parallel_size(world_size)
+        return self.global_batch_size(world_size) // per_step
+
+    def validate(self, world_size: int, require_train_length: bool = True) -> None:
+        """Run every check; raise one ValueError listing each problem with its flag and value.
+
+        ``require_train_length=False`` skips the ``--train-iters``/``--train-samples`` check
+        (planning a layout needs no run length).
+        """
+        errors: list[str] = []
+        try:
+            validate(self.model, self.parallel, world_size, self.training.seq_length)
+        except ValueError as error:
+            errors.append(str(error))
+        errors += _training_errors(self, world_size, require_train_length)
+        errors += _optimizer_errors(self.optimizer, self.ddp, self.training)
+        errors += _data_errors(self.data)
+        errors += _checkpoint_errors(self.checkpoint)
+        if errors:
+            raise ValueError("; ".join(errors))
+
+
+def _training_errors(job: JobConfig, world_size: int, require_train_length: bool) -> list[str]:
+    """Batch sizes, run length and intervals."""
+    t, errors = job.training, []
+    for flag, value in (("--micro-batch-size", t.micro_batch_size), ("--seq-length", t.seq_length)):
+        if value < 1:
+            errors.append(f"{flag} must be at least 1, got {value}")
+    tp = job.parallel.tensor_model_parallel_size
+    pp = job.parallel.pipeline_model_parallel_size
+    if world_size >= 1 and tp >= 1 and pp >= 1 and world_size % (tp * pp) == 0:
+        dp = job.data_parallel_size(world_size)
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size is not None and (
+            t.global_batch_size < 1 or per_step < 1 or t.global_batch_size % per_step != 0
+        ):
+            errors.append(
+                f"--global-batch-size ({t.global_batch_size}) must be a positive multiple of "
+                f"--micro-batch-size ({t.micro_batch_size}) x data-parallel size ({dp}) = "
+                f"{per_step}"
+            )
+    if t.train_iters is not None and t.train_samples is not None:
+        errors.append(
+            f"give one of --train-iters ({t.train_iters}) and --train-samples "
+            f"({t.train_samples}), not both"
+        )
+    elif require_train_length and t.train_iters is None and t.train_samples is None:
+        errors.append("give --train-iters or --train-samples")
+    positive = {
+        "--train-iters": t.train_iters,
+        "--train-samples": t.train_samples,
+        "--eval-interval": t.eval_interval,
+        "--log-interval": t.log_interval,
+        "--exit-interval": t.exit_interval,
+        "--exit-duration-in-mins": t.exit_duration_in_mins,
+        "--peak-tflops": t.peak_tflops,
+        "--device-memory-gb": t.device_memory_gb,
+    }
+    errors += [
+        f"{flag} must be positive, got {value}"
+        for flag, value in positive.items()
+        if value is not None and value <= 0
+    ]
+    if t.eval_iters < 0:
+        errors.append(f"--eval-iters must be at least 0, got {t.eval_iters}")
+    return errors
+
+
+def _optimizer_errors(
+    opt: OptimizerConfig, ddp: DistributedDataParallelConfig, t: TrainingConfig
+) -> list[str]:
+    """Mixed precision, the LR schedule's units and the DDP options."""
+    # Imported here: the schedule module imports this one.
+    from engine.optimizer.lr_schedule import LR_DECAY_STYLES, WD_INCR_STYLES, WSD_DECAY_STYLES
+
+    errors = []
+    if opt.fp16 and opt.bf16:
+        errors.append("--fp16 and --bf16 are exclusive: choose one")
+    if opt.lr <= 0 or not 0 <= opt.min_lr <= opt.lr:
+        errors.append(f"need 0 <= --min-lr ({opt.min_lr}) <= --lr ({opt.lr}) and --lr > 0")
+    for flag, value, allowed in (
+        ("--lr-decay-style", opt.lr_decay_style, LR_DECAY_STYLES),
+        ("--lr-wsd-decay-style", opt.lr_wsd_decay_style, WSD_DECAY_STYLES),
+        ("--weight-decay-incr-style", opt.weight_decay_incr_style, WD_INCR_STYLES),
+    ):
+        if value not in allowed:
+            errors.append(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+    # As in Megatron, spans are counted in the unit of the run length.
+    iter_flags = {
+        "--lr-warmup-iters": opt.lr_warmup_iters,
+        "--lr-decay-iters": opt.lr_decay_iters,
+        "--lr-wsd-decay-iters": opt.lr_wsd_decay_iters,
+    }
+    sample_flags = {
+        "--lr-warmup-samples": opt.lr_warmup_samples,
+        "--lr-decay-samples": opt.lr_decay_samples,
+        "--lr-wsd-decay-samples": opt.lr_wsd_decay_samples,
+    }
+    if t.train_samples is not None:
+        wrong, unit = iter_flags, "--train-samples"
+    elif t.train_iters is not None:
+        wrong, unit = sample_flags, "--train-iters"
+    else:
+        wrong, unit = {}, ""
+    errors += [
+        f"{flag} ({value}) does not apply with {unit}: use the "
+        f"{'samples' if unit == '--train-samples' else 'iters'} variant"
+        for flag, value in wrong.items()
+        if value
+    ]
+    if opt.lr_warmup_fraction is not None and (opt.lr_warmup_iters or opt.lr_warmup_samples):
+        errors.append(
+            f"--lr-warmup-fraction ({opt.lr_warmup_fraction}) and --lr-warmup-iters "
+            f"({opt.lr_warmup_iters}) / --lr-warmup-samples ({opt.lr_warmup_samples}) are "
+            "exclusive"
+        )
+    if opt.lr_decay_style == "WSD" and not (opt.lr_wsd_decay_iters or opt.lr_wsd_decay_samples):
+        errors.append("--lr-decay-style WSD needs --lr-wsd-decay-iters (or -samples)")
+    if opt.clip_grad < 0:
+        errors.append(f"--clip-grad must be >= 0 (0 disables clipping), got {opt.clip_grad}")
+    if ddp.overlap_param_gather and not ddp.use_distributed_optimizer:
+        errors.append("--overlap-param-gather needs --use-distributed-optimizer")
+    if ddp.bucket_size is not None and ddp.bucket_size < 1:
+        errors.append(f"--ddp-bucket-size must be positive, got {ddp.bucket_size}")
+    return errors
+
+
+def _data_errors(data: DataConfig) -> list[str]:
+    """Blend weights, split, tokenizer and the EOD options."""
+    # Imported here: the data modules import torch and numpy (and this module stays light).
+    from engine.data.blended_dataset import parse_data_path
+    from engine.data.gpt_dataset import parse_split
+    from engine.data.sft_dataset import TEMPLATES
+    from engine.data.tokenizer import TOKENIZER_TYPES
+
+    errors = []
+    if data.data_path:
+        try:
+            parse_data_path(data.data_path)
+        except ValueError as error:
+            errors.append(str(error))
+    try:
+        parse_split(data.split)
+    except ValueError as error:
+        errors.append(str(error))
+    if data.tokenizer_type is not None and data.tokenizer_type not in TOKENIZER_TYPES:
+        errors.append(
+            f"--tokenizer-type {data.tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}"
+        )
+    if (data.tokenizer_type is None) != (data.tokenizer_model is None):
+        errors.append(
+            f"--tokenizer-type ({data.tokenizer_type}) and --tokenizer-model "
+            f"({data.tokenizer_model}) go together"
+        )
+    eod_flags = [
+        flag
+        for flag, on in (
+            ("--reset-position-ids", data.reset_position_ids),
+            ("--reset-attention-mask", data.reset_attention_mask),
+            ("--eod-mask-loss", data.eod_mask_loss),
+        )
+        if on
+    ]
+    if eod_flags and data.tokenizer_type is None:
+        errors.append(
+            f"{', '.join(eod_flags)} need the end-of-document id: give --tokenizer-type and "
+            "--tokenizer-model"
+        )
+    if data.sft and data.chat_template not in TEMPLATES:
+        errors.append(f"--chat-template {data.chat_template!r}: use one of {sorted(TEMPLATES)}")
+    if data.num_workers < 0:
+        errors.append(f"--num-workers must be at least 0, got {data.num_workers}")
+    return errors
+
+
+def _checkpoint_errors(ckpt: CheckpointConfig) -> list[str]:
+    """Save/load options that need a directory."""
+    errors = []
+    if ckpt.save_interval is not None:
+        if ckpt.save is None:
+            errors.append(f"--save-interval ({ckpt.save_interval}) needs --save")
+        if ckpt.save_interval < 1:
+            errors.append(f"--save-interval must be positive, got {ckpt.save_interval}")
+    if ckpt.keep_last_n is not None:
+        if ckpt.save is None:
+            errors.append(f"--keep-last-n ({ckpt.keep_last_n}) needs --save")
+        if ckpt.keep_last_n < 1:
+            errors.append(f"--keep-last-n must be at least 1, got {ckpt.keep_last_n}")
+    if ckpt.finetune and ckpt.load is None:
+        errors.append("--finetune needs --load (the checkpoint to start from)")
+    return errors
