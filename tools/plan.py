@@ -1,0 +1,40 @@
+"""Print what a training job costs per rank, without allocating anything.
+
+Takes the trainer's flags (or ``--config``) plus ``--world-size``::
+
+    python tools/plan.py --world-size 32 --model-preset llama2-7b \
+        --tensor-model-parallel-size 8 --bf16 --use-distributed-optimizer \
+        --micro-batch-size 1 --global-batch-size 256 --seq-length 4096 \
+        --device-memory-gb 80
+
+See docs/plan.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.arguments import parse_args
+from engine.plan import format_plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument(
+        "--world-size", type=int, required=True, help="ranks (GPUs) in the job, e.g. 32"
+    )
+    args, rest = own.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        own.print_help()
+    job = parse_args(rest)
+    try:
+        print(format_plan(job, args.world_size))
+    except ValueError as error:
+        print(f"plan.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
