@@ -1,0 +1,90 @@
+"""When a run stops early: SIGTERM (a scheduler's pre-emption notice), ``--exit-duration-in-mins``
+and ``--exit-interval``.
+
+Every rank must take the same decision at the same iteration, or some ranks would wait
+forever in the checkpoint's collectives for ranks that went on training. A signal reaches
+ranks at different moments (or only some of them), and clocks differ, so each rank's local
+view is all-reduced (MAX) once per iteration: if any rank wants to stop, all stop.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+from engine.device import default_device
+
+
+class SignalHandler:
+    """Records that a signal arrived instead of dying on it; restores the old handler on
+    `release`. A context manager."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        self.signum = signum
+        self.received = False
+        self._previous = None
+
+    def __enter__(self) -> SignalHandler:
+        try:
+            self._previous = signal.signal(self.signum, self._handle)
+        except ValueError:  # not the main thread: signals cannot be caught here
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+
+class ExitConditions:
+    """Decides, identically on every rank, whether to save and stop after an iteration.
+
+    Args:
+        exit_interval: stop when the iteration is a multiple of this (``--exit-interval``).
+        exit_duration_in_mins: stop once this much wall time has passed since ``start_s``.
+        handler: the SIGTERM handler whose flag is consulted.
+        start_s: when the run started (``time.time()``).
+    """
+
+    def __init__(
+        self,
+        exit_interval: int | None,
+        exit_duration_in_mins: float | None,
+        handler: SignalHandler | None,
+        start_s: float | None = None,
+    ):
+        self.exit_interval = exit_interval
+        self.exit_duration_s = None if exit_duration_in_mins is None else exit_duration_in_mins * 60
+        self.handler = handler
+        self.start_s = time.time() if start_s is None else start_s
+
+    def reason(self, iteration: int) -> str | None:
+        """Why to stop after ``iteration`` (None: go on). Collective over the world."""
+        local = 0
+        if self.handler is not None and self.handler.received:
+            local = 2
+        elif self.exit_duration_s is not None and time.time() - self.start_s > self.exit_duration_s:
+            local = 1
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # On the collective backend's device (NCCL reduces accelerator tensors only).
+            flag = torch.tensor([float(local)], device=default_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            local = int(flag.item())
+        if local == 2:
+            return "SIGTERM received"
+        if local == 1:
+            return f"--exit-duration-in-mins ({self.exit_duration_s / 60:g}) reached"
+        if self.exit_interval and iteration % self.exit_interval == 0:
+            return f"--exit-interval ({self.exit_interval}) reached"
+        return None

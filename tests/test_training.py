@@ -1,0 +1,148 @@
+"""The trainer end to end, on real gloo ranks: `engine.training.pretrain` on a preprocessed
+dataset (bytes of the Python documentation that ships with the interpreter, written with the
+indexed-dataset builder), with the distributed optimizer and overlapped reductions.
+
+- TP=2 x PP=2 x DP=2 (8 ranks): the loss falls, and equals TP=1 x PP=1 x DP=1's (one rank)
+  at every iteration within float32 tolerance (same seed, same samples in each global batch).
+- The log line, the metrics (FLOPs per token against DESIGN.md's LLaMA-2-7B figures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pydoc_data.topics
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import (
+    CheckpointConfig,
+    DataConfig,
+    DistributedDataParallelConfig,
+    JobConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    TrainingConfig,
+)
+from engine.data.indexed_dataset import IndexedDatasetBuilder
+from engine.metrics import IntervalMeter, IterationLog
+from tests.rank_pool import RankPool, module_pool
+
+ITERS = 8
+LOG_LINE = re.compile(
+    r"^iteration (\d+)/(\d+) \| loss (\d\.\d{6}E[+-]\d\d) \| lr \d\.\d{3}E[+-]\d\d \| "
+    r"grad norm \S+ \| tokens/s \d+ \| "
+)
+
+pool = module_pool(8)
+
+
+@pytest.fixture(scope="module")
+def solo():
+    """One rank (a world of one): the TP=1 x PP=1 x DP=1 reference."""
+    ranks = RankPool(1)
+    yield ranks
+    ranks.close()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """An indexed dataset of byte tokens: each documentation topic of pydoc_data is one
+    document (at most 4 kB of it, to keep the index small)."""
+    prefix = str(tmp_path_factory.mktemp("data") / "topics")
+    builder = IndexedDatasetBuilder(prefix + ".bin", np.uint16)
+    for text in pydoc_data.topics.topics.values():
+        builder.add_document(np.frombuffer(text.encode()[:4000], np.uint8).astype(np.int64))
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def make_job(corpus: str, tp: int, pp: int, train_iters: int = ITERS, **sections) -> JobConfig:
+    """The tiny LLaMA on byte tokens: global batch 8 of 32 tokens, distributed optimizer."""
+    job = JobConfig(
+        model=ModelConfig.from_preset("tiny", vocab_size=256),
+        parallel=ParallelConfig(tp, pp),
+        optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, lr_decay_style="cosine", lr_warmup_iters=2),
+        ddp=DistributedDataParallelConfig(
+            overlap_grad_reduce=True, use_distributed_optimizer=True, bucket_size=20_000
+        ),
+        training=TrainingConfig(
+            micro_batch_size=2,
+            global_batch_size=8,
+            seq_length=32,
+            train_iters=train_iters,
+            eval_interval=4,
+            eval_iters=2,
+            log_interval=2,
+        ),  # fmt: skip
+        data=DataConfig(data_path=[corpus], split="90,5,5", num_workers=0),
+        checkpoint=CheckpointConfig(),
+    )
+    return dataclasses.replace(
+        job,
+        **{name: dataclasses.replace(getattr(job, name), **kw) for name, kw in sections.items()},
+    )
+
+
+def train(job: JobConfig):
+    """Runs on every rank of a pool."""
+    from engine.training import pretrain
+
+    return pretrain(job)
+
+
+@pytest.fixture(scope="module")
+def baseline(pool, corpus):
+    """The uninterrupted TP=2 x PP=2 x DP=2 run the other tests compare with."""
+    return pool.run(train, make_job(corpus, 2, 2))
+
+
+def test_3d_training_learns_and_matches_one_rank(baseline, solo, corpus):
+    losses = [baseline[0].losses[i] for i in range(1, ITERS + 1)]
+    for rank, result in enumerate(baseline):  # every rank knows the global loss
+        assert result.losses == baseline[0].losses, f"rank {rank}"
+        assert result.iteration == ITERS and result.consumed_samples == 8 * ITERS
+    assert losses[-1] < losses[0] - 0.8, f"the loss did not fall: {losses}"
+    assert set(baseline[0].evaluations) == {4, 8}
+    assert baseline[0].evaluations[8]["loss"] < baseline[0].evaluations[4]["loss"]
+    assert baseline[0].test is not None
+
+    reference = solo.run(train, make_job(corpus, 1, 1))[0]
+    torch.testing.assert_close(
+        torch.tensor(losses, dtype=torch.float64),
+        torch.tensor([reference.losses[i] for i in range(1, ITERS + 1)], dtype=torch.float64),
+        rtol=1e-5, atol=0,
+    )  # fmt: skip
+    assert reference.evaluations[8]["loss"] == pytest.approx(
+        baseline[0].evaluations[8]["loss"], rel=1e-5
+    )
+
+
+# The log line and the metrics ----------------------------------------------------------------
+
+
+def test_log_line_starts_as_design_md_fixes_it():
+    entry = IterationLog(
+        iteration=20, train_iters=300, loss=5.1234567, lr=3e-4, grad_norm=1.5,
+        tokens_per_s=1234.4, step_time_s=0.5, tflops_per_device=12.5, mfu=0.4, loss_scale=1.0,
+        skipped_steps=0, nan_iterations=0, memory=("rss", 1.5), eta_s=140.0,
+    )  # fmt: skip
+    line = entry.line()
+    assert LOG_LINE.match(line), line
+    assert line.startswith("iteration 20/300 | loss 5.123457E+00 | lr 3.000E-04 | grad norm ")
+    assert "MFU 40.0%" in line and "ETA 0:02:20" in line
+    assert entry.scalars()["train/mfu"] == 0.4
+
+
+def test_mfu_uses_model_flops_per_token():
+    """6·N_matmul + 12·L·h·s per token (42.9 GFLOP for LLaMA-2-7B at 2048), over devices."""
+    meter = IntervalMeter(ModelConfig.from_preset("llama2-7b"), 2048, world_size=8, peak_tflops=989)
+    meter.add(loss=2.0, grad_norm=1.0, tokens=8 * 4096, seconds=1.0)
+    entry = meter.summary(1, 10, lr=1e-4, loss_scale=1.0, skipped_steps=0, nan_iterations=0,
+                          memory=("mem", 1.0))  # fmt: skip
+    assert entry.tflops_per_device == pytest.approx(4096 * 42.865e9 / 1e12, rel=1e-3)
+    assert entry.mfu == pytest.approx(entry.tflops_per_device / 989)
+    assert entry.eta_s == pytest.approx(9.0)
