@@ -19,21 +19,19 @@ import multiprocessing as mp
 import os
 import pickle
 import socket
-import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-_CHECK_TIMEOUT_S = 300.0
-
 
 class RankFailure(RuntimeError):
     """A check raised on one of the ranks (or timed out)."""
 
 
-def _worker(rank: int, world_size: int, init_file: str, conn) -> None:
+def _worker(rank: int, world_size: int, conn) -> None:
     import torch.distributed as dist
 
     # One intra-op thread per rank: several ranks share two cores, and a forked child must not
@@ -43,9 +41,16 @@ def _worker(rank: int, world_size: int, init_file: str, conn) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     status = 0
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-        )
+        # Rank 0 serves the TCP store on a port the OS picks (no race for a "free" port) and
+        # tells the others through the parent. Every `new_group` goes through this store.
+        if rank == 0:
+            store = dist.TCPStore(
+                "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False
+            )
+            conn.send(("port", store.port))
+        else:
+            store = dist.TCPStore("127.0.0.1", conn.recv(), world_size, is_master=False)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
         while True:
             message = conn.recv()
             if message is None:
@@ -76,38 +81,57 @@ def _loopback_interface() -> str:
 class RankPool:
     """`world_size` gloo ranks that run the functions given to `run` in lock step."""
 
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, check_timeout_s: float = 300.0):
         self.world_size = world_size
+        self.check_timeout_s = check_timeout_s
         self._procs: list[mp.Process] = []
         self._conns: list[Any] = []
         self._start()
 
     def _start(self) -> None:
         ctx = mp.get_context("fork")
-        fd, init_file = tempfile.mkstemp(prefix="rank_pool_")
-        os.close(fd)
-        os.unlink(init_file)  # the file store creates it; a stale one would confuse it
-        self._init_file = init_file
         for rank in range(self.world_size):
             parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(
-                target=_worker, args=(rank, self.world_size, init_file, child_end), daemon=True
-            )
+            proc = ctx.Process(target=_worker, args=(rank, self.world_size, child_end), daemon=True)
             proc.start()
             child_end.close()
             self._procs.append(proc)
             self._conns.append(parent_end)
+        first = self._conns[0]
+        if not first.poll(self.check_timeout_s):
+            self.close()
+            raise RankFailure("rank 0 did not start its TCP store")
+        status, payload = first.recv()
+        if status != "port":
+            self.close()
+            raise RankFailure(payload)
+        for conn in self._conns[1:]:
+            conn.send(payload)
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``fn(*args, **kwargs)`` on every rank; return the results in rank order."""
         if not self._procs:
             self._start()
-        for conn in self._conns:
-            conn.send((fn, args, kwargs))
+        try:
+            for conn in self._conns:
+                conn.send((fn, args, kwargs))
+            results, errors = self._collect()
+        except BaseException:
+            # Interrupted (e.g. by pytest-timeout): ranks may be stuck in a collective, and the
+            # next check must not queue behind them.
+            self.close(wait_s=0)
+            raise
+        if errors:
+            self.close(wait_s=0)
+            raise RankFailure(f"{fn.__name__} failed:\n" + "\n".join(errors))
+        return results
+
+    def _collect(self) -> tuple[list[Any], list[str]]:
         results, errors = [], []
+        deadline = time.monotonic() + self.check_timeout_s
         for rank, conn in enumerate(self._conns):
-            if not conn.poll(_CHECK_TIMEOUT_S):
-                errors.append(f"rank {rank}: no answer within {_CHECK_TIMEOUT_S:.0f} s")
+            if not conn.poll(max(deadline - time.monotonic(), 0)):
+                errors.append(f"rank {rank}: no answer within {self.check_timeout_s:.0f} s")
                 continue
             try:
                 status, payload = conn.recv()
@@ -118,28 +142,23 @@ class RankPool:
                 results.append(pickle.loads(payload))
             else:
                 errors.append(payload)
-        if errors:
-            self.close()
-            raise RankFailure(f"{fn.__name__} failed:\n" + "\n".join(errors))
-        return results
+        return results, errors
 
-    def close(self) -> None:
-        """Stop the ranks (politely, then by force)."""
+    def close(self, wait_s: float = 10.0) -> None:
+        """Stop the ranks: ask them to leave, wait up to ``wait_s`` each, then kill."""
         for conn in self._conns:
             try:
                 conn.send(None)
             except OSError:
                 pass
         for proc in self._procs:
-            proc.join(timeout=10)
+            proc.join(timeout=wait_s)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
         for conn in self._conns:
             conn.close()
         self._procs, self._conns = [], []
-        if os.path.exists(self._init_file):
-            os.unlink(self._init_file)
 
 
 def module_pool(world_size: int):

@@ -19,6 +19,12 @@ def _fail_on_rank_one() -> int:
     return dist.get_rank()
 
 
+def _fail_while_others_wait() -> None:
+    if dist.get_rank() == 1:
+        raise ValueError("rank 1 leaves the collective")
+    dist.all_reduce(torch.ones(1))  # the others wait for rank 1 forever
+
+
 def test_pool_runs_collectives_and_reports_errors():
     pool = RankPool(world_size=3)
     try:
@@ -26,6 +32,12 @@ def test_pool_runs_collectives_and_reports_errors():
         with pytest.raises(RankFailure, match="(?s)rank 1:.*ValueError: deliberate"):
             pool.run(_fail_on_rank_one)
         # The pool restarts after a failure.
+        assert pool.run(_all_reduce_rank) == [(0, 3.0), (1, 3.0), (2, 3.0)]
+        # Ranks stuck in a collective are killed rather than waited for (the deadline is
+        # shortened so the check stays quick); the next check gets fresh ranks.
+        pool.check_timeout_s = 5.0
+        with pytest.raises(RankFailure, match="(?s)rank 1 leaves the collective.*no answer"):
+            pool.run(_fail_while_others_wait)
         assert pool.run(_all_reduce_rank) == [(0, 3.0), (1, 3.0), (2, 3.0)]
     finally:
         pool.close()
