@@ -125,7 +125,11 @@ def batch_iterator(
         dataset, consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size,
         shuffle=shuffle, seed=seed, num_workers=num_workers,
     )  # fmt: skip
-    for batch in loader:
+    # Starting a DataLoader iterator draws a worker seed from the global CPU generator;
+    # without this fork, evaluations and resumes would shift the training RNG streams.
+    with torch.random.fork_rng(devices=[]):
+        batches = iter(loader)
+    for batch in batches:
         yield {
             key: value.to(device, non_blocking=True)
             for key, value in batch.items()

@@ -10,8 +10,11 @@ indexed-dataset builder), with the distributed optimizer and overlapped reductio
 from __future__ import annotations
 
 import dataclasses
+import math
 import pydoc_data.topics
 import re
+import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,9 +98,29 @@ def train(job: JobConfig):
 
 
 @pytest.fixture(scope="module")
-def baseline(pool, corpus):
+def tensorboard_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tensorboard")
+
+
+@pytest.fixture(scope="module")
+def baseline(pool, corpus, tensorboard_dir):
     """The uninterrupted TP=2 x PP=2 x DP=2 run the other tests compare with."""
-    return pool.run(train, make_job(corpus, 2, 2))
+    return pool.run(
+        train, make_job(corpus, 2, 2, training={"tensorboard_dir": str(tensorboard_dir)})
+    )
+
+
+@pytest.fixture(scope="module")
+def stopped(pool, corpus, tmp_path_factory) -> Path:
+    """The same run, stopped by --exit-interval 4 (which saves); returns --save."""
+    save = tmp_path_factory.mktemp("checkpoints")
+    results = pool.run(
+        train, make_job(corpus, 2, 2, training={"exit_interval": 4}, checkpoint={"save": str(save)})
+    )
+    for result in results:
+        assert result.iteration == 4 and result.exit_reason == "--exit-interval (4) reached"
+        assert result.checkpoint == str(save / "iter_0000004")
+    return save
 
 
 def test_3d_training_learns_and_matches_one_rank(baseline, solo, corpus):
@@ -119,6 +142,72 @@ def test_3d_training_learns_and_matches_one_rank(baseline, solo, corpus):
     assert reference.evaluations[8]["loss"] == pytest.approx(
         baseline[0].evaluations[8]["loss"], rel=1e-5
     )
+
+
+# Checkpoints: exact resume, resharding -----------------------------------------------------
+
+
+def test_resume_repeats_the_uninterrupted_run_bit_for_bit(pool, corpus, baseline, stopped):
+    """Stop at 4 with the distributed optimizer, resume from the checkpoint: iterations 5-8
+    give exactly the losses of the run that never stopped (float32 on the CPU)."""
+    resumed = pool.run(train, make_job(corpus, 2, 2, checkpoint={"load": str(stopped)}))
+    for rank, result in enumerate(resumed):
+        assert sorted(result.losses) == [5, 6, 7, 8], f"rank {rank}"
+        assert result.losses == {i: baseline[0].losses[i] for i in range(5, 9)}, f"rank {rank}"
+        assert result.consumed_samples == baseline[0].consumed_samples
+
+
+@pytest.mark.parametrize("layout", [(1, 1), (2, 1)])
+def test_checkpoint_reshards_through_the_trainer(pool, solo, corpus, baseline, stopped, layout):
+    """Saved at TP=2 x PP=2 x DP=2, loaded at TP=1 x PP=1 x DP=1 (one rank) and at
+    TP=2 x PP=1 x DP=4 (weights, Adam moments, schedule, data position): iterations 5 and 6
+    match the original run."""
+    tp, pp = layout
+    job = make_job(corpus, tp, pp, train_iters=6, checkpoint={"load": str(stopped)})
+    # The LR schedule was built for 8 iterations; the checkpoint's schedule wins.
+    result = (solo if layout == (1, 1) else pool).run(train, job)[0]
+    assert sorted(result.losses) == [5, 6]
+    for i in (5, 6):
+        assert result.losses[i] == pytest.approx(baseline[0].losses[i], rel=1e-5), i
+
+
+# TensorBoard, exits -----------------------------------------------------------------------
+
+
+def test_tensorboard_event_files_hold_the_scalars(baseline, tensorboard_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tensorboard_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                "train/step_time_s", "train/tflops_per_device", "train/loss_scale",
+                "train/skipped_steps", "memory/rss_gb", "validation/loss", "validation/ppl",
+                "test/loss"}  # fmt: skip
+    assert expected <= tags, expected - tags
+    losses = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(losses) == [2, 4, 6, 8]
+    # Each point is the mean over its log interval.
+    expected_8 = (baseline[0].losses[7] + baseline[0].losses[8]) / 2
+    assert losses[8] == pytest.approx(expected_8, rel=1e-6)
+    assert math.isclose(
+        events.Scalars("validation/ppl")[-1].value,
+        math.exp(baseline[0].evaluations[8]["loss"]),
+        rel_tol=1e-5,
+    )
+
+
+def test_sigterm_and_duration_stop_every_rank_alike():
+    from engine.signals import ExitConditions, SignalHandler
+
+    with SignalHandler() as handler:
+        signal.raise_signal(signal.SIGTERM)  # recorded, not fatal
+        assert ExitConditions(None, None, handler).reason(3) == "SIGTERM received"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    late = ExitConditions(None, 1.0, None, start_s=0.0)
+    assert late.reason(1) == "--exit-duration-in-mins (1) reached"
+    assert ExitConditions(5, None, None).reason(4) is None
+    assert ExitConditions(5, None, None).reason(10) == "--exit-interval (5) reached"
 
 
 # The log line and the metrics ----------------------------------------------------------------
