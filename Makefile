@@ -5,9 +5,10 @@ PIP := $(PYTHON) -m pip
 .PHONY: install install-test quickstart test lint
 
 # torch==2.13.0 only when no torch is importable: a GPU user's CUDA build is left alone.
+# With the quickstart extras: sentencepiece, tensorboard, safetensors (see setup.py).
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -e .
+	$(PIP) install -e ".[quickstart]"
 
 install-test:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0

@@ -33,6 +33,7 @@ setup(
             "pytest-timeout>=2",
             "transformers>=4.40",
             "sentencepiece>=0.1.99",
+            "tensorboard>=2.14",  # torch.utils.tensorboard writes --tensorboard-dir with it
             "safetensors>=0.4",
             "ruff>=0.5",
             "triton>=3.0; platform_system == 'Linux'",
@@ -43,5 +44,7 @@ setup(
             "tiktoken>=0.7",
         ],
         "triton": ["triton>=3.0"],
+        # `make quickstart`: a SentencePiece tokenizer, TensorBoard logs, checkpoints.
+        "quickstart": ["sentencepiece>=0.1.99", "tensorboard>=2.14", "safetensors>=0.4"],
     },
 )
