@@ -13,8 +13,15 @@ again there, must hold bit-identical weights, fp32 main params and Adam moments.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
+import multiprocessing as mp
+import os
+import pickle
 import random
+import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -24,8 +31,12 @@ import torch
 import torch.distributed as dist
 
 from engine import parallel_state
+from engine.checkpoint_format import load_pickle
 from engine.checkpointing import (
+    LATEST_FILE,
+    CheckpointError,
     load_checkpoint,
+    open_checkpoint,
     read_full_state,
     read_latest_iteration,
     save_checkpoint,
@@ -48,16 +59,23 @@ solo = module_pool(1)
 
 
 def build(
-    tp: int, pp: int, distributed: bool, vpp: int | None = None, **overrides
+    tp: int,
+    pp: int,
+    distributed: bool,
+    vpp: int | None = None,
+    optimizer_bf16: bool = False,
+    **overrides,
 ) -> tuple[list, object, object]:
-    """Model chunks (DDP-wrapped), optimizer and LR schedule under a fresh TP x PP layout."""
+    """Model chunks (DDP-wrapped), optimizer and LR schedule under a fresh TP x PP layout;
+    ``overrides`` change `CONFIG`."""  # fmt: skip
     parallel_state.initialize_model_parallel(tp, pp, vpp)
     model_parallel_seed(1234)
-    config = ModelConfig(**{**CONFIG.__dict__, **overrides})
+    config = dataclasses.replace(CONFIG, **overrides)
     ddp = DistributedDataParallelConfig(use_distributed_optimizer=distributed, bucket_size=20_000)
     chunks = [DistributedDataParallel(c, ddp) for c in build_model_chunks(config)]
-    optimizer = build_optimizer(OPTIMIZER, chunks)
-    return chunks, optimizer, build_lr_scheduler(optimizer, OPTIMIZER, train_iters=100)
+    opt = dataclasses.replace(OPTIMIZER, bf16=optimizer_bf16)
+    optimizer = build_optimizer(opt, chunks)
+    return chunks, optimizer, build_lr_scheduler(optimizer, opt, train_iters=100)
 
 
 def fake_training(chunks: list, optimizer, scheduler, steps: int = ITERATION) -> None:
@@ -213,3 +231,246 @@ def test_reshard_to_tp2_dp4_and_back_to_interleaved_3d(pool, solo, saved_3d, tmp
     solo.run(load_and_resave, str(source), str(tp1), 1, 1, False)
     pool.run(load_and_resave, str(tp1), str(vpp), 2, 2, True, 2)
     assert_same_checkpoint(source, vpp)
+
+
+# Fine-tuning: weights only ----------------------------------------------------------------
+
+
+def finetune_bf16(source: str) -> None:
+    """``finetune=True``: the weights load (into a bf16 model: the fp32 main params follow
+    them), the optimizer and schedule stay fresh, and the run starts at iteration 0."""
+    try:
+        chunks, optimizer, scheduler = build(
+            1, 1, False, init_seed=99, params_dtype=torch.bfloat16, optimizer_bf16=True
+        )
+        assert load_checkpoint(source, chunks, optimizer, scheduler, finetune=True) == (0, 0)
+        saved = read_full_state(Path(source) / "iter_0000003")["model"]
+        for name, weight in stage_weights(chunks).items():
+            assert weight.dtype == torch.bfloat16
+            assert torch.equal(weight, saved[name].to(torch.bfloat16)), name
+        local = optimizer.local_state_dict()
+        assert local["step"] == 0 and scheduler.num_steps == 0
+        for shard, (_, param) in zip(local["shards"], optimizer.named_parameters(), strict=True):
+            assert torch.equal(shard["param"], param.detach().float().view(-1)), shard["name"]
+            assert not shard["exp_avg"].any() and not shard["exp_avg_sq"].any()
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_finetune_loads_weights_only(solo, saved_3d):
+    solo.run(finetune_bf16, str(saved_3d[0]))
+
+
+def save_tied_weights(directory: str) -> None:
+    """A tied embedding at PP=2 (the last stage holds a copy), weights only."""
+    try:
+        chunks, optimizer, scheduler = build(2, 2, True, tie_word_embeddings=True)
+        fake_training(chunks, optimizer, scheduler, steps=1)
+        save_checkpoint(directory, ITERATION, chunks, None, None, CONSUMED)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def load_tied(source: str, tp: int, pp: int) -> dict[str, str]:
+    """Weights into a tied model; a weights-only checkpoint refuses to fill an optimizer."""
+    try:
+        chunks, optimizer, _ = build(tp, pp, False, tie_word_embeddings=True, init_seed=99)
+        assert load_checkpoint(source, chunks) == (ITERATION, CONSUMED)
+        embedding = read_full_state(Path(source) / "iter_0000003")["model"]["embedding.weight"]
+        weights = stage_weights(chunks)
+        for name in ("embedding.weight", "output_layer.weight"):  # the copy is the original
+            assert name not in weights or torch.equal(weights[name], embedding), name
+        with pytest.raises(CheckpointError) as error:
+            load_checkpoint(source, chunks, optimizer)
+        return {"no optimizer": str(error.value)}
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_tied_embedding_reshards_and_weights_only_checkpoint(pool, solo, tmp_path):
+    pool.run(save_tied_weights, str(tmp_path))
+    message = solo.run(load_tied, str(tmp_path), 1, 1)[0]["no optimizer"]
+    assert "holds no optimizer state" in message and "--finetune" in message
+    pool.run(load_tied, str(tmp_path), 2, 2)
+
+
+# Errors -----------------------------------------------------------------------------------
+
+
+def load_errors(source: str, scratch: str) -> dict[str, str]:
+    """The message of every way a load can fail (model at TP=1)."""
+    messages = {}
+
+    def capture(what: str, directory: str | Path, chunks: list, optimizer=None) -> None:
+        with pytest.raises(CheckpointError) as error:
+            load_checkpoint(directory, chunks, optimizer)
+        messages[what] = str(error.value)
+
+    scratch = Path(scratch)
+    try:
+        chunks, optimizer, _ = build(1, 1, False, hidden_size=128, num_layers=2)
+        capture("architecture", source, chunks)
+        parallel_state.destroy_model_parallel()
+        chunks, optimizer, _ = build(1, 1, False)
+        capture("missing", scratch / "empty", chunks)
+        copy = scratch / "copy"
+        shutil.copytree(source, copy)
+        (copy / "iter_0000003" / "optim_tp01_pp00_dp01.safetensors").unlink()
+        capture("partial", copy, chunks, optimizer)
+        (copy / "iter_0000003" / "metadata.json").unlink()
+        capture("incomplete", copy, chunks)
+        (copy / LATEST_FILE).write_text("3x")
+        capture("latest", copy, chunks)
+        return messages
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_incompatible_missing_and_partial_checkpoints_are_clear_errors(solo, saved_3d, tmp_path):
+    source = saved_3d[0]
+    messages = solo.run(load_errors, str(source), str(tmp_path))[0]
+    metadata = source / "iter_0000003" / "metadata.json"
+    assert (
+        "hidden size 64 in the checkpoint vs 128 in the model (--hidden-size)"
+        in (messages["architecture"])
+    )
+    assert (
+        "num layers 4 in the checkpoint vs 2 in the model (--num-layers)"
+        in (messages["architecture"])
+    )
+    assert str(metadata) in messages["architecture"]
+    assert "no checkpoint in" in messages["missing"] and "--load" in messages["missing"]
+    assert "partial checkpoint" in messages["partial"]
+    assert "optim_tp01_pp00_dp01.safetensors" in messages["partial"]
+    assert (
+        "incomplete checkpoint" in messages["incomplete"]
+        and "metadata.json" in (messages["incomplete"])
+    )
+    assert "'3x'" in messages["latest"]
+
+
+class _Exploit:
+    """Unpickling this calls ``open(marker, "w")``: any code could run instead."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def load_with_exploit(directory: str, marker: str) -> str:
+    """Save at this layout (so the RNG file is read back), plant a code-running pickle as
+    this rank's RNG file, load."""
+    try:
+        chunks, optimizer, scheduler = build(1, 1, False)
+        final = save_checkpoint(directory, ITERATION, chunks, optimizer, scheduler, CONSUMED)
+        torch.save({"torch": _Exploit(marker)}, final / "rng_rank00000.pt")
+        with pytest.raises(pickle.UnpicklingError) as error:
+            load_checkpoint(directory, chunks, optimizer, scheduler)
+        return str(error.value)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_a_pickle_that_would_run_code_is_refused(solo, tmp_path):
+    marker = tmp_path / "exploited"
+    message = solo.run(load_with_exploit, str(tmp_path / "ckpt"), str(marker))[0]
+    assert "weights_only" in message.replace(" ", "_").lower() or "Weights only" in message
+    assert not marker.exists()
+    # The planted file really is an exploit: an unsafe load runs it.
+    torch.load(tmp_path / "ckpt" / "iter_0000003" / "rng_rank00000.pt", weights_only=False)
+    assert marker.exists()
+    with pytest.raises(pickle.UnpicklingError):
+        load_pickle(tmp_path / "ckpt" / "iter_0000003" / "rng_rank00000.pt")
+
+
+# keep_last_n and crash safety -------------------------------------------------------------
+
+
+def save_several(directory: str, iterations: list[int], keep_last_n: int) -> None:
+    try:
+        chunks, optimizer, scheduler = build(1, 1, False)
+        for iteration in iterations:
+            save_checkpoint(
+                directory, iteration, chunks, optimizer, scheduler, 0, None, keep_last_n
+            )
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_keep_last_n_deletes_older_checkpoints_after_the_new_one(solo, tmp_path):
+    solo.run(save_several, str(tmp_path), [1, 2, 3], 2)
+    (tmp_path / "iter_0000009.tmp").mkdir()  # left by a killed save
+    solo.run(save_several, str(tmp_path), [4], 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000003", "iter_0000004", LATEST_FILE,
+    ]  # fmt: skip
+    assert read_latest_iteration(tmp_path) == 4
+    open_checkpoint(tmp_path, 3)  # the older one kept is complete
+
+
+BIG = dataclasses.replace(CONFIG, hidden_size=128, ffn_hidden_size=352, vocab_size=8000)
+CRASH_TRIALS = 5
+
+
+def build_big() -> tuple[list, object]:
+    parallel_state.initialize_model_parallel()
+    chunks = [DistributedDataParallel(c) for c in build_model_chunks(BIG)]
+    return chunks, build_optimizer(OPTIMIZER, chunks)
+
+
+def keep_saving(directory: str, first_iteration: int, ready) -> None:
+    """A single-rank job that saves iteration after iteration (every weight, and so every fp32
+    main param, equal to the iteration number) until it is killed."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    chunks, optimizer = build_big()
+    ready.set()
+    for iteration in itertools.count(first_iteration):
+        with torch.no_grad():
+            for param in chunks[0].parameters():
+                param.fill_(float(iteration))
+        save_checkpoint(directory, iteration, chunks, optimizer, None, iteration, None, 2)
+
+
+def load_latest_big(directory: str) -> tuple[int, int, bool]:
+    """(iteration, consumed samples, every weight equals the iteration) of the latest."""
+    try:
+        chunks, optimizer = build_big()
+        iteration, consumed = load_checkpoint(directory, chunks, optimizer)
+        weights = stage_weights(chunks).values()  # canonical: without vocabulary padding
+        consistent = all(bool((w == iteration).all()) for w in weights)
+        for path in Path(directory).glob("iter_???????"):  # every published one is complete
+            open_checkpoint(directory, int(path.name[5:]))
+        return iteration, consumed, consistent
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_a_save_killed_at_random_points_leaves_the_previous_checkpoint_loadable(solo, tmp_path):
+    context = mp.get_context("fork")
+    rng = random.Random(0)
+    last, interrupted, save_s = -1, 0, None
+    for trial in range(CRASH_TRIALS):
+        ready = context.Event()
+        saver = context.Process(target=keep_saving, args=(str(tmp_path), last + 1, ready))
+        saver.start()
+        assert ready.wait(60), "the saving process did not start"
+        if save_s is None:  # calibrate: wait for the first save, time one
+            while read_latest_iteration(tmp_path) is None:
+                time.sleep(0.01)
+            started = time.perf_counter()
+            while read_latest_iteration(tmp_path) == 0:
+                time.sleep(0.01)
+            save_s = time.perf_counter() - started
+        time.sleep(rng.uniform(0.0, 2.5 * save_s))
+        os.kill(saver.pid, signal.SIGKILL)
+        saver.join()
+        interrupted += any(p.suffix in (".tmp", ".trash") for p in tmp_path.iterdir())
+        iteration, consumed, consistent = solo.run(load_latest_big, str(tmp_path))[0]
+        assert consistent and consumed == iteration, f"trial {trial}: iteration {iteration}"
+        assert iteration >= last, f"trial {trial}: went back from {last} to {iteration}"
+        last = iteration
+    print(f"crash safety: {CRASH_TRIALS} kills, {interrupted} mid-save, one save {save_s:.2f} s")
+    assert interrupted >= 1
