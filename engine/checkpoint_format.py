@@ -269,6 +269,7 @@ class ShardReader:
                 for name, _ in placement.parts:
                     self._holder[name] = placement.param
         self._cached: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._open: dict[Path, Any] = {}  # files opened so far (memory-mapped, header parsed once)
 
     def names(self) -> list[str]:
         """Every canonical tensor the files hold for this state."""
@@ -308,10 +309,10 @@ class ShardReader:
         optimizer, one otherwise)."""
         placement = entries[0].placement
         if len(entries) == 1 and placement.start == 0 and placement.end == placement.numel:
-            return _read_tensor(entries[0]).view(placement.local_shape)
+            return self._read_tensor(entries[0]).view(placement.local_shape)
         flat, covered = None, 0
         for entry in entries:
-            tensor = _read_tensor(entry).reshape(-1)
+            tensor = self._read_tensor(entry).reshape(-1)
             if flat is None:
                 flat = tensor.new_zeros(placement.numel)
             flat[entry.placement.start : entry.placement.end] = tensor
@@ -324,10 +325,10 @@ class ShardReader:
             )
         return flat.view(placement.local_shape)
 
-
-def _read_tensor(entry: _Entry) -> torch.Tensor:
-    with safe_open(str(entry.path), framework="pt") as f:
-        return f.get_tensor(entry.key)
+    def _read_tensor(self, entry: _Entry) -> torch.Tensor:
+        if entry.path not in self._open:
+            self._open[entry.path] = safe_open(str(entry.path), framework="pt")
+        return self._open[entry.path].get_tensor(entry.key)
 
 
 class LazyLocalState(Mapping[str, dict[str, torch.Tensor]]):

@@ -159,17 +159,20 @@ def save_checkpoint(
     if optimizer is not None and (_is_distributed(optimizer) or dp == 0):
         name = f"optim_tp{tp:02d}_pp{pp:02d}_dp{dp:02d}.safetensors"
         tensors, optimizer_meta = _optimizer_tensors(model_chunks, optimizer, tp)
-        save_shards(tmp / name, tensors, step=optimizer_meta["step"])
+        save_shards(tmp / name, tensors)
         written.append(name)
     name = f"rng_rank{rank:05d}.pt"
     save_pickle(tmp / name, _rng_state())
     written.append(name)
 
-    files = _all_gather_objects(written)  # also the barrier: every rank has written
+    # Also the barrier: every rank has written. A rank whose DP slices are all padding holds
+    # no optimizer state and counts no steps, so the step is the maximum.
+    gathered = _all_gather_objects((written, optimizer_meta.get("step", 0)))
     if rank == 0:
+        optimizer_meta["step"] = max(step for _, step in gathered)
         metadata = _metadata(
             iteration, consumed_samples, model_chunks, optimizer, optimizer_meta,
-            lr_scheduler, config_dict, sorted(f for fs in files for f in fs),
+            lr_scheduler, config_dict, sorted(f for files, _ in gathered for f in files),
         )  # fmt: skip
         write_text_atomic(tmp / METADATA_FILE, json.dumps(metadata, indent=1, default=_jsonable))
         _publish(tmp, final)
@@ -186,7 +189,7 @@ def _model_tensors(
     """This rank's weights to save: TP-sharded ones on every TP rank, replicated ones on TP
     rank 0 only, never the tied output head's copy."""
     out = {}
-    for placement, param in _placements(model_chunks).values():
+    for placement, param in _placements(model_chunks):
         if placement.partition_dim is None and tp != 0:
             continue
         out[f"{MODEL_STATE}/{placement.param}/0"] = (param.detach(), placement)
@@ -213,16 +216,19 @@ def _optimizer_tensors(
     return out, meta
 
 
-def _placements(model_chunks: Sequence[nn.Module]) -> dict[int, tuple[Placement, nn.Parameter]]:
-    """``id(param)`` -> (placement, param) for every parameter of this rank but the tied copy."""
+def _placements(
+    model_chunks: Sequence[nn.Module], with_tied_copy: bool = False
+) -> list[tuple[Placement, nn.Parameter]]:
+    """(placement, parameter) of every parameter of this rank, the tied head's copy (saved
+    never, loaded from the embedding) only ``with_tied_copy``."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    out = {}
+    out = []
     for chunk in model_chunks:
         module = getattr(chunk, "module", chunk)
         for name, param in module.named_parameters():
-            if not is_tied_copy(module, name):
-                out[id(param)] = (placement_of(module, name, param, tp_rank, tp_size), param)
+            if with_tied_copy or not is_tied_copy(module, name):
+                out.append((placement_of(module, name, param, tp_rank, tp_size), param))
     return out
 
 
@@ -288,6 +294,7 @@ def _metadata(
         "model": _model_config(model_chunks),
         "config": config_dict or {},
         "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
+        "optimizer_step": optimizer_meta.get("step", 0),
         "grad_scaler": optimizer_meta.get("grad_scaler"),
         "skipped_steps": optimizer_meta.get("skipped_steps", 0),
         "files": files,
@@ -365,22 +372,13 @@ def load_checkpoint(
     """
     directory, metadata = open_checkpoint(load_dir, iteration)
     check_architecture(metadata, model_chunks, directory)
-    headers = {directory / f: read_header(directory / f)[0] for f in metadata["files"]
-               if f.endswith(".safetensors")}  # fmt: skip
+    # A tied output head's copy (last stage) loads the embedding, which is what was saved.
     tied = {"output_layer.weight": "embedding.weight"} if metadata["model"].get(
         "tie_word_embeddings") else {}  # fmt: skip
-    model_reader = ShardReader(
-        {p: i for p, i in headers.items() if p.name.startswith("model_")}, MODEL_STATE, tied
-    )
+    model_reader = ShardReader(_shard_headers(directory, metadata, "model_"), MODEL_STATE, tied)
     with torch.no_grad():
-        for placement, param in _placements(model_chunks).values():
+        for placement, param in _placements(model_chunks, with_tied_copy=True):
             param.copy_(_local(placement, model_reader, directory))
-        for chunk in model_chunks:  # the tied head's copy on the last stage
-            module = getattr(chunk, "module", chunk)
-            for name, param in module.named_parameters():
-                if is_tied_copy(module, name):
-                    placement = placement_of(module, name, param, *_tp())
-                    param.copy_(_local(placement, model_reader, directory))
     if finetune:
         if optimizer is not None:
             optimizer.reload_model_params()
@@ -388,7 +386,7 @@ def load_checkpoint(
         return 0, 0
 
     if optimizer is not None:
-        _load_optimizer(optimizer, model_chunks, metadata, headers, directory, tied)
+        _load_optimizer(optimizer, model_chunks, metadata, directory, tied)
     if lr_scheduler is not None and metadata.get("lr_scheduler") is not None:
         lr_scheduler.load_state_dict(metadata["lr_scheduler"])
     if load_rng:
@@ -438,14 +436,17 @@ def read_full_state(directory: str | Path) -> dict[str, dict[str, torch.Tensor]]
     metadata = json.loads((directory / METADATA_FILE).read_text())
     out = {}
     for state, prefix in ((MODEL_STATE, "model_"), *((s, "optim_") for s in OPTIMIZER_STATES)):
-        headers = {
-            directory / f: read_header(directory / f)[0]
-            for f in metadata["files"]
-            if f.startswith(prefix)
-        }
-        reader = ShardReader(headers, state)
+        reader = ShardReader(_shard_headers(directory, metadata, prefix), state)
         out[state] = {name: reader.canonical(name).clone() for name in reader.names()}
     return out
+
+
+def _shard_headers(
+    directory: Path, metadata: dict[str, Any], prefix: str
+) -> dict[Path, dict[str, Placement]]:
+    """The indexes of the checkpoint's shard files whose names start with ``prefix``."""
+    paths = [directory / f for f in metadata["files"] if f.startswith(prefix)]
+    return {path: read_header(path)[0] for path in paths}
 
 
 def check_architecture(
@@ -478,7 +479,6 @@ def _load_optimizer(
     optimizer: MixedPrecisionOptimizer,
     model_chunks: Sequence[nn.Module],
     metadata: dict[str, Any],
-    headers: dict[Path, dict[str, Placement]],
     directory: Path,
     tied: dict[str, str],
 ) -> None:
@@ -487,14 +487,13 @@ def _load_optimizer(
             f"checkpoint {directory} holds no optimizer state: load it with --finetune "
             "(weights only) or without an optimizer (--no-load-optim)"
         )
-    optim_files = {p: i for p, i in headers.items() if p.name.startswith("optim_")}
-    steps = [read_header(p)[1].get("step", 0) for p in optim_files]
+    optim_files = _shard_headers(directory, metadata, "optim_")
     readers = {s: ShardReader(optim_files, s, tied) for s in OPTIMIZER_STATES}
     # The tied head's copy loads the embedding's state (the readers alias its name).
     placements = {n: p for n, (p, _) in _optimizer_placements(model_chunks, optimizer).items()}
     state = {
         "params": _CheckedLocalState(placements, readers, directory),
-        "step": max(steps, default=0),
+        "step": metadata["optimizer_step"],
         "grad_scaler": metadata.get("grad_scaler"),
         "skipped_steps": metadata.get("skipped_steps", 0),
     }
@@ -519,22 +518,16 @@ class _CheckedLocalState(LazyLocalState):
 def _load_rng(metadata: dict[str, Any], directory: Path) -> None:
     saved, mine = metadata["layout"], _layout()
     if saved != mine:
-        logger.warning(
-            "RNG states not restored: the checkpoint was saved under %s, this run is %s "
-            "(per-rank streams only map onto the same layout)", saved, mine,
-        )  # fmt: skip
+        if _global_rank() == 0:
+            logger.warning(
+                "RNG states not restored: the checkpoint was saved under %s, this run is %s "
+                "(per-rank streams only map onto the same layout)", saved, mine,
+            )  # fmt: skip
         return
     _set_rng_state(load_pickle(directory / f"rng_rank{_global_rank():05d}.pt"))
 
 
 # Layout and small helpers -------------------------------------------------------------------
-
-
-def _tp() -> tuple[int, int]:
-    return (
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_tensor_model_parallel_world_size(),
-    )
 
 
 def _coordinates() -> tuple[int, int, int]:
