@@ -12,7 +12,7 @@ Memory per rank is the sum of
   model is 16-bit; divided over DP with ``--use-distributed-optimizer`` (ZeRO-1);
 - **activations**: what backward keeps of each layer (`activation_bytes_per_layer`) times the
   layers of the stage times the microbatches in flight (`in_flight_microbatches`), plus the
-  output head's on the last stage;
+  output head's on the last stage (and, with full recompute, one layer brought back);
 - **communication buffers**: the pipeline's receive buffers. Gradient reduction and the
   distributed optimizer's all-gather work in place in the DDP buffers, and TP collectives write
   tensors already counted as activations.
@@ -22,8 +22,11 @@ Allocator fragmentation, the CUDA context and library workspaces are not counted
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+
+import torch
 
 from engine.config import JobConfig, ModelConfig
 from engine.pipeline_parallel.partition import layers_per_rank
@@ -224,6 +227,13 @@ def plan(job: JobConfig, world_size: int) -> Plan:
     state_bytes = 8 + (4 if sixteen_bit else 0)
     state_shards = dp if job.ddp.use_distributed_optimizer else 1
     per_layer = activation_bytes_per_layer(model, t.seq_length, t.micro_batch_size, tp, value_bytes)
+    # Full recompute re-runs one layer at a time in backward: its activations come back, once.
+    recompute_bytes = 0
+    if model.recompute_granularity == "full":
+        recompute_bytes = activation_bytes_per_layer(
+            dataclasses.replace(model, recompute_granularity=None),
+            t.seq_length, t.micro_batch_size, tp, value_bytes,
+        )  # fmt: skip
     sp = tp if model.sequence_parallel else 1
     # Forward and backward receive buffers of the activations crossing a stage boundary.
     p2p_bytes = 2 * t.seq_length * t.micro_batch_size * model.hidden_size // sp * value_bytes
@@ -235,7 +245,7 @@ def plan(job: JobConfig, world_size: int) -> Plan:
     )  # fmt: skip
     for rank, params in enumerate(rank_parameters(model, tp, pp)):
         in_flight = in_flight_microbatches(pp, vpp, m, rank)
-        activations = in_flight * layer_counts[rank] // (vpp or 1) * per_layer
+        activations = in_flight * layer_counts[rank] // (vpp or 1) * per_layer + recompute_bytes
         if rank == pp - 1:
             # The head runs in the last chunk only: one in flight per v chunk forwards.
             activations += math.ceil(in_flight / (vpp or 1)) * output_activation_bytes(
@@ -255,7 +265,10 @@ def plan(job: JobConfig, world_size: int) -> Plan:
             )
         )
     global_batch = job.global_batch_size(world_size)
-    memory = t.device_memory_gb
+    memory_bytes = None if t.device_memory_gb is None else int(t.device_memory_gb * GB)
+    if memory_bytes is None and torch.cuda.is_available():
+        # Planning on the machine that will train: its own device is the one to fit.
+        memory_bytes = torch.cuda.get_device_properties(0).total_memory
     return Plan(
         world_size=world_size,
         data_parallel_size=dp,
@@ -266,7 +279,7 @@ def plan(job: JobConfig, world_size: int) -> Plan:
         flops_per_iteration=flops_per_token(model, t.seq_length) * global_batch * t.seq_length,
         activation_bytes_per_layer=per_layer,
         ranks=ranks,
-        device_memory_bytes=None if memory is None else int(memory * GB),
+        device_memory_bytes=memory_bytes,
     )
 
 

@@ -198,6 +198,18 @@ def test_7b_memory_at_tp8_dp4():
     assert "843,321,344" in text and "fits in 80 GB" in text and "46.1 GFLOP/token" in text
 
 
+def test_full_recompute_brings_one_layer_back():
+    job = parse_args(SEVEN_B[:-2] + ["--recompute-granularity", "full"])
+    stored = plan(job, 32)
+    job.model.recompute_granularity = None
+    not_recomputed = plan(job, 32)
+    s, h, t = 4096, 4096, 8
+    output = 2 * (s * h // t + s * h) + 4 * s * 32768 // t
+    assert stored.ranks[0].activation_bytes == (
+        32 * 2 * s * h // t + not_recomputed.activation_bytes_per_layer + output
+    )
+
+
 def test_memory_verdict_and_optimizer_sharding():
     # Unsharded on one device: 18 bytes a parameter (2 + 4 + 12) is already 121 GB.
     job = parse_args("--model-preset llama2-7b --bf16 --seq-length 4096 "
