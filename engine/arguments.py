@@ -313,7 +313,7 @@ def _build_job(given: dict[str, Any]) -> JobConfig:
         model_fields["tie_word_embeddings"] = False
     if "seed" in training:
         model_fields["init_seed"] = training["seed"]
-    model = _build_model(given.get("model_preset"), model_fields, training)
+    model = _build_model(given.get("model_preset"), model_fields, training, fields["data"])
     # Megatron has no default sequence length; the model's full context is the natural one.
     training.setdefault("seq_length", model.max_position_embeddings)
 
@@ -331,11 +331,26 @@ def _build_job(given: dict[str, Any]) -> JobConfig:
 
 
 def _build_model(
-    preset: str | None, model_fields: dict[str, Any], training: dict[str, Any]
+    preset: str | None,
+    model_fields: dict[str, Any],
+    training: dict[str, Any],
+    data: dict[str, Any],
 ) -> ModelConfig:
     """The preset with the explicit fields over it, or a model from the flags alone."""
     if preset is not None:
         return ModelConfig.from_preset(preset, **model_fields)
+    if "vocab_size" not in model_fields and data.get("tokenizer_model"):
+        # As in Megatron, the vocabulary is the tokenizer's when no size is given.
+        from engine.data.tokenizer import build_tokenizer
+
+        try:
+            tokenizer = build_tokenizer(data.get("tokenizer_type", ""), data["tokenizer_model"])
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"--tokenizer-model {data['tokenizer_model']}: cannot read its vocabulary size "
+                f"({error}); give --vocab-size"
+            ) from None
+        model_fields["vocab_size"] = tokenizer.vocab_size
     missing = [
         f"--{name.replace('_', '-')}"
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")
@@ -343,7 +358,8 @@ def _build_model(
     ]
     if missing:
         raise ValueError(
-            f"the model needs {', '.join(missing)} (or --model-preset, one of {sorted(PRESETS)})"
+            f"the model needs {', '.join(missing)} (or --model-preset, one of {sorted(PRESETS)}; "
+            "the vocabulary size can also come from --tokenizer-type/--tokenizer-model)"
         )
     h = model_fields["hidden_size"]
     # Megatron's SwiGLU default: 2/3 of 4h, rounded down to a multiple of 64.

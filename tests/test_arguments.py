@@ -123,6 +123,18 @@ def test_model_from_flags_alone_takes_megatrons_defaults():
     assert job.model.num_query_groups == 8
 
 
+TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama2-tokenizer.model"
+
+
+@pytest.mark.skipif(not TOKENIZER.exists(), reason=f"{TOKENIZER} (../shared) is absent")
+def test_vocabulary_from_the_tokenizer_without_a_preset(capsys):
+    base = "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --tokenizer-type "
+    job = parse_args(f"{base} Llama2Tokenizer --tokenizer-model {TOKENIZER}".split())
+    assert job.model.vocab_size == 32000
+    err = _usage_error(capsys, f"{base} Llama2Tokenizer --tokenizer-model /nonexistent".split())
+    assert "--tokenizer-model /nonexistent" in err and "--vocab-size" in err
+
+
 def test_virtual_pipeline_size_is_derived():
     argv = ["--model-preset", "llama2-7b", "--pipeline-model-parallel-size", "4"]
     job = parse_args(argv + ["--num-layers-per-virtual-pipeline-stage", "2"])
