@@ -159,6 +159,41 @@ def in_flight_microbatches(pp: int, vpp: int | None, num_microbatches: int, rank
     return min(num_microbatches * v, 2 * (pp - rank - 1) + (v - 1) * pp + 1)
 
 
+def communication_bytes(job: JobConfig, world_size: int) -> dict[str, int]:
+    """Bytes one rank sends per iteration (ring algorithms), by kind of parallelism.
+
+    - ``tensor``: each layer runs 4 all-reduces of ``s·b·h`` values per microbatch, 2 in
+      forward and 2 in backward (with sequence parallelism, all-gather + reduce-scatter pairs of
+      the same total); a ring all-reduce sends ``2·(t-1)/t`` of the tensor.
+    - ``data``: the gradients once per iteration, ``2·(d-1)/d`` of their bytes (all-reduce), or
+      with the distributed optimizer a reduce-scatter of the gradients plus an all-gather of the
+      16-bit parameters, ``(d-1)/d`` each.
+    - ``pipeline``: each microbatch's activations forward and their gradients backward across
+      a stage boundary, ``s·b·h`` values (``/t`` with sequence parallelism) each way.
+    """
+    model, t = job.model, job.training
+    tp = job.parallel.tensor_model_parallel_size
+    pp = job.parallel.pipeline_model_parallel_size
+    dp = job.data_parallel_size(world_size)
+    m = job.num_microbatches(world_size)
+    value_bytes = 2 if job.optimizer.bf16 or job.optimizer.fp16 else 4
+    grad_bytes = 4 if job.ddp.grad_reduce_in_fp32 else value_bytes
+    tokens = t.seq_length * t.micro_batch_size
+    layers = max(layers_per_rank(
+        model.num_layers, pp,
+        model.decoder_first_pipeline_num_layers, model.decoder_last_pipeline_num_layers,
+    ))  # fmt: skip
+    params = max(rank_parameters(model, tp, pp))
+    tensor = 4 * 2 * (tp - 1) * tokens * model.hidden_size // tp * value_bytes * layers * m
+    if job.ddp.use_distributed_optimizer:
+        data = (dp - 1) * params * (grad_bytes + value_bytes) // dp
+    else:
+        data = 2 * (dp - 1) * params * grad_bytes // dp
+    sp = tp if model.sequence_parallel else 1
+    pipeline = 2 * tokens * model.hidden_size // sp * value_bytes * m if pp > 1 else 0
+    return {"tensor": tensor, "data": data, "pipeline": pipeline}
+
+
 @dataclass
 class RankPlan:
     """One pipeline rank's share (every TP and DP rank of a stage holds the same)."""
@@ -194,6 +229,8 @@ class Plan:
     flops_parameters: int
     flops_per_iteration: int
     activation_bytes_per_layer: int
+    communication_bytes: dict[str, int]
+    """Bytes a rank sends per iteration for TP, DP and PP (see `communication_bytes`)."""
     ranks: list[RankPlan]
     device_memory_bytes: int | None
 
@@ -277,6 +314,7 @@ def plan(job: JobConfig, world_size: int) -> Plan:
         total_parameters=model.num_parameters(),
         flops_parameters=flops_parameters(model),
         flops_per_iteration=flops_per_token(model, t.seq_length) * global_batch * t.seq_length,
+        communication_bytes=communication_bytes(job, world_size),
         activation_bytes_per_layer=per_layer,
         ranks=ranks,
         device_memory_bytes=memory_bytes,
@@ -323,6 +361,8 @@ def format_plan(job: JobConfig, world_size: int) -> str:
         f"({flops_per_token(model, t.seq_length) / 1e9:.1f} GFLOP/token x "
         f"{p.global_batch_size * t.seq_length:,} tokens), {tflop / world_size:,.2f} TFLOP per rank",
     ]  # fmt: skip
+    sent = ", ".join(f"{kind} {n / GB:,.2f} GB" for kind, n in p.communication_bytes.items())
+    lines.append(f"sent per rank per iteration: {sent}")
     if t.peak_tflops:
         seconds = tflop / world_size / t.peak_tflops
         lines.append(f"time per iteration at 100% MFU ({t.peak_tflops:g} TFLOP/s): {seconds:.2f} s")

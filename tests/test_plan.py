@@ -15,6 +15,7 @@ from engine.models.llama import DecoderLayer, RotaryEmbedding
 from engine.plan import (
     GB,
     activation_bytes_per_layer,
+    communication_bytes,
     flops_per_token,
     format_plan,
     in_flight_microbatches,
@@ -196,6 +197,22 @@ def test_7b_memory_at_tp8_dp4():
     assert result.flops_per_iteration == flops_per_token(job.model, s) * 256 * s
     text = format_plan(job, 32)
     assert "843,321,344" in text and "fits in 80 GB" in text and "46.1 GFLOP/token" in text
+
+
+def test_communication_per_iteration():
+    job = parse_args(SEVEN_B)
+    n, s, h = 843_321_344, 4096, 4096
+    sent = communication_bytes(job, 32)
+    # TP: 4 ring all-reduces (2·7/8 of s·b·h bf16 values) per layer, 32 layers, 64 microbatches.
+    assert sent["tensor"] == 4 * 2 * 7 * s * h // 8 * 2 * 32 * 64
+    # ZeRO-1 over DP=4: reduce-scatter of float32 grads + all-gather of bf16 params, 3/4 each.
+    assert sent["data"] == 3 * n * (4 + 2) // 4
+    assert sent["pipeline"] == 0
+    job.ddp.use_distributed_optimizer = False
+    assert communication_bytes(job, 32)["data"] == 2 * 3 * n * 4 // 4
+    job = parse_args(SEVEN_B + ["--pipeline-model-parallel-size", "2"])
+    # DP = 2 now: 128 microbatches, each crossing one boundary each way, s·b·h/8 values.
+    assert communication_bytes(job, 32)["pipeline"] == 2 * s * h // 8 * 2 * 128
 
 
 def test_full_recompute_brings_one_layer_back():
