@@ -233,36 +233,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _yaml_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
-    """The YAML file as command-line tokens, so that it is typed and checked like the CLI."""
+    """The YAML file as command-line tokens, so that it is typed and checked like the CLI.
+
+    Errors go through ``parser.error``, whose source names the file.
+    """
     try:
         with open(path) as file:
             loaded = yaml.safe_load(file)
     except OSError as error:
-        parser.error(f"--config {path}: {error.strerror}")
+        parser.error(str(error.strerror))
     except yaml.YAMLError as error:
-        parser.error(f"--config {path}: not valid YAML: {error}")
+        parser.error(f"not valid YAML: {error}")
     if loaded is None:
         return []
     if not isinstance(loaded, dict):
-        parser.error(f"--config {path}: expected a mapping of flag names to values")
+        parser.error("expected a mapping of flag names to values")
     actions = {option: action for action in parser._actions for option in action.option_strings}
     argv: list[str] = []
     for key, value in loaded.items():
         flag = "--" + str(key).replace("_", "-")
         action = actions.get(flag)
         if action is None or flag in ("--config", "--help"):
-            parser.error(f"--config {path}: unknown key {key!r} (there is no flag {flag})")
+            parser.error(f"unknown key {key!r} (there is no flag {flag})")
         if value is None:
             continue
         if isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):
-                parser.error(f"--config {path}: {key!r} is a switch, expected true or false, "
+                parser.error(f"{key!r} is a switch, expected true or false, "
                              f"got {value!r}")  # fmt: skip
             argv += [flag] if value else []
         elif action.nargs == "+" and isinstance(value, list):
             argv += [flag, *map(str, value)]
         elif isinstance(value, (list, dict)):
-            parser.error(f"--config {path}: {key!r} takes one value, got {value!r}")
+            parser.error(f"{key!r} takes one value, got {value!r}")
         elif action.nargs == "+":
             argv += [flag, *str(value).split()]  # "0.7 a 0.3 b" as on the command line
         else:
@@ -279,7 +282,7 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     args = parser.parse_args(argv)
     given: dict[str, Any] = {}
     if args.config is not None:
-        parser.source = f"config file {args.config}"  # type: ignore[attr-defined]
+        parser.source = f"--config {args.config}"  # type: ignore[attr-defined]
         given.update(vars(parser.parse_args(_yaml_argv(parser, args.config))))
         parser.source = None  # type: ignore[attr-defined]
     given.update(vars(args))
