@@ -276,7 +276,8 @@ def _yaml_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
 def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> JobConfig:
     """Parse ``argv`` (default ``sys.argv[1:]``) into a `JobConfig`.
 
-    With ``world_size``, also runs `JobConfig.validate`, reporting problems as usage errors.
+    With ``world_size``, also runs `JobConfig.validate` (without the run-length check under
+    ``--dry-run``), reporting problems as usage errors.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -290,7 +291,8 @@ def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> 
     try:
         job = _build_job(given)
         if world_size is not None:
-            job.validate(world_size)
+            # A dry run only plans the layout: it needs no run length.
+            job.validate(world_size, require_train_length=not job.training.dry_run)
     except ValueError as error:
         parser.error(str(error))
     return job

@@ -265,6 +265,7 @@ def test_run_length_is_required_unless_planning():
     with pytest.raises(ValueError, match="give --train-iters or --train-samples"):
         job.validate(1)
     job.validate(1, require_train_length=False)
+    assert parse_args(["--model-preset", "tiny", "--dry-run"], world_size=1).training.dry_run
 
 
 def test_gradient_accumulation_is_derived():
