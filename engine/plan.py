@@ -51,6 +51,14 @@ def layer_parameters(model: ModelConfig, tp: int) -> int:
     return attention + mlp + 2 * h
 
 
+def stage_layers(model: ModelConfig, pp: int) -> list[int]:
+    """Decoder layers of each pipeline rank (the uneven split, if any, from ``model``)."""
+    return layers_per_rank(
+        model.num_layers, pp,
+        model.decoder_first_pipeline_num_layers, model.decoder_last_pipeline_num_layers,
+    )  # fmt: skip
+
+
 def rank_parameters(model: ModelConfig, tp: int, pp: int) -> list[int]:
     """Parameters held by each pipeline rank (all its virtual chunks) on one TP rank.
 
@@ -58,10 +66,7 @@ def rank_parameters(model: ModelConfig, tp: int, pp: int) -> list[int]:
     output head; with tied embeddings and PP > 1 the last rank keeps its own copy of the
     shared weight (as Megatron does), so it is counted on both.
     """
-    counts = layers_per_rank(
-        model.num_layers, pp,
-        model.decoder_first_pipeline_num_layers, model.decoder_last_pipeline_num_layers,
-    )  # fmt: skip
+    counts = stage_layers(model, pp)
     vocab_shard = pad_vocab_size(model.vocab_size, tp, model.make_vocab_size_divisible_by) // tp
     out = [layers * layer_parameters(model, tp) for layers in counts]
     out[0] += vocab_shard * model.hidden_size
@@ -179,10 +184,7 @@ def communication_bytes(job: JobConfig, world_size: int) -> dict[str, int]:
     value_bytes = 2 if job.optimizer.bf16 or job.optimizer.fp16 else 4
     grad_bytes = 4 if job.ddp.grad_reduce_in_fp32 else value_bytes
     tokens = t.seq_length * t.micro_batch_size
-    layers = max(layers_per_rank(
-        model.num_layers, pp,
-        model.decoder_first_pipeline_num_layers, model.decoder_last_pipeline_num_layers,
-    ))  # fmt: skip
+    layers = max(stage_layers(model, pp))
     params = max(rank_parameters(model, tp, pp))
     tensor = 4 * 2 * (tp - 1) * tokens * model.hidden_size // tp * value_bytes * layers * m
     if job.ddp.use_distributed_optimizer:
@@ -276,10 +278,7 @@ def plan(job: JobConfig, world_size: int) -> Plan:
     p2p_bytes = 2 * t.seq_length * t.micro_batch_size * model.hidden_size // sp * value_bytes
 
     ranks = []
-    layer_counts = layers_per_rank(
-        model.num_layers, pp,
-        model.decoder_first_pipeline_num_layers, model.decoder_last_pipeline_num_layers,
-    )  # fmt: skip
+    layer_counts = stage_layers(model, pp)
     for rank, params in enumerate(rank_parameters(model, tp, pp)):
         in_flight = in_flight_microbatches(pp, vpp, m, rank)
         activations = in_flight * layer_counts[rank] // (vpp or 1) * per_layer + recompute_bytes
