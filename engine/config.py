@@ -566,15 +566,8 @@ def _data_errors(data: DataConfig) -> list[str]:
             f"--tokenizer-type ({data.tokenizer_type}) and --tokenizer-model "
             f"({data.tokenizer_model}) go together"
         )
-    eod_flags = [
-        flag
-        for flag, on in (
-            ("--reset-position-ids", data.reset_position_ids),
-            ("--reset-attention-mask", data.reset_attention_mask),
-            ("--eod-mask-loss", data.eod_mask_loss),
-        )
-        if on
-    ]
+    eod_options = ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
+    eod_flags = ["--" + name.replace("_", "-") for name in eod_options if getattr(data, name)]
     if eod_flags and data.tokenizer_type is None:
         errors.append(
             f"{', '.join(eod_flags)} need the end-of-document id: give --tokenizer-type and "
