@@ -104,26 +104,28 @@ def initialize_model_parallel(
     world_size, me = dist.get_world_size(), dist.get_rank()
     layout = rank_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
 
-    def my_group(kind: str) -> tuple[dist.ProcessGroup, list[int]]:
-        mine = None
-        for ranks in layout[kind]:
-            group = dist.new_group(ranks)  # collective: every rank creates every group
+    # One group per distinct rank list (with PP=1 the pipeline, embedding and often data groups
+    # are the same singletons; with PP=1 the model group is the TP group). Every rank walks the
+    # same lists in the same order, so the collective `new_group` calls still match.
+    created: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+    def my_group(rank_lists: list[list[int]]) -> tuple[dist.ProcessGroup | None, list[int]]:
+        mine: tuple[dist.ProcessGroup | None, list[int]] = (None, [])
+        for ranks in rank_lists:
+            if tuple(ranks) not in created:
+                created[tuple(ranks)] = dist.new_group(ranks)
             if me in ranks:
-                mine = (group, ranks)
-        assert mine is not None
+                mine = (created[tuple(ranks)], ranks)
         return mine
 
-    tp_group, _ = my_group("tensor")
-    dp_group, _ = my_group("data")
-    pp_group, pp_ranks = my_group("pipeline")
-    mp_group, _ = my_group("model")
-
-    embedding_group, embedding_ranks = None, []
-    for ranks in layout["pipeline"]:
-        ends = sorted({ranks[0], ranks[-1]})
-        group = dist.new_group(ends)
-        if me in ends:
-            embedding_group, embedding_ranks = group, ends
+    tp_group, _ = my_group(layout["tensor"])
+    dp_group, _ = my_group(layout["data"])
+    pp_group, pp_ranks = my_group(layout["pipeline"])
+    mp_group, _ = my_group(layout["model"])
+    # First and last stage of each pipeline (one rank when PP=1); None on middle stages.
+    embedding_group, embedding_ranks = my_group(
+        [sorted({ranks[0], ranks[-1]}) for ranks in layout["pipeline"]]
+    )
 
     _STATE = _ParallelState(
         tensor_model_parallel_size=tensor_model_parallel_size,
