@@ -189,32 +189,27 @@ def write_text_atomic(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def save_shards(
-    path: Path, tensors: dict[str, tuple[torch.Tensor, Placement]], **meta: Any
-) -> None:
+def save_shards(path: Path, tensors: dict[str, tuple[torch.Tensor, Placement]]) -> None:
     """Write ``{key: (tensor, placement)}`` to a safetensors file whose header holds the
-    index; ``meta`` adds JSON values to the header (e.g. the optimizer's step)."""
+    index (key -> placement as JSON)."""
     # safetensors refuses tensors that share storage (the DDP buffer's views do): copy.
     data = {key: t.detach().to("cpu", copy=True).contiguous() for key, (t, _) in tensors.items()}
     index = {key: asdict(p) for key, (_, p) in tensors.items()}
-    header = {"index": json.dumps(index), **{k: json.dumps(v) for k, v in meta.items()}}
-    save_file(data, str(path), metadata=header)
+    save_file(data, str(path), metadata={"index": json.dumps(index)})
     _fsync_file(path)
 
 
-def read_header(path: Path) -> tuple[dict[str, Placement], dict[str, Any]]:
-    """The index (key -> placement) and the other header values of a shard file, without
-    reading its tensors."""
+def read_header(path: Path) -> dict[str, Placement]:
+    """The index (key -> placement) of a shard file, without reading its tensors."""
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
     if "index" not in header:
         raise ValueError(f"{path} is not a checkpoint shard file (its header has no index)")
-    meta = {k: json.loads(v) for k, v in header.items()}
     index = {}
-    for key, entry in meta.pop("index").items():
+    for key, entry in json.loads(header["index"]).items():
         entry["parts"] = [tuple(part) for part in entry["parts"]]
         index[key] = Placement(**entry)
-    return index, meta
+    return index
 
 
 def save_pickle(path: Path, obj: Any) -> None:
@@ -275,14 +270,48 @@ class ShardReader:
         """Every canonical tensor the files hold for this state."""
         return list(self._holder)
 
-    def __contains__(self, name: str) -> bool:
-        return self.aliases.get(name, name) in self._holder
+    def problem(self, name: str) -> str | None:
+        """Why ``canonical(name)`` would fail (a missing tensor, TP rank or DP slice), from the
+        headers alone; None when every shard is there."""
+        name = self.aliases.get(name, name)
+        if name not in self._holder:
+            return f"tensor {name} ({self.state}) is not in the checkpoint"
+        param = self._holder[name]
+        entries = self._entries[param]
+        tp_size = entries[0].placement.tp_size
+        covered = dict.fromkeys(range(tp_size), 0)
+        for entry in entries:
+            covered[entry.placement.tp_rank] += entry.placement.end - entry.placement.start
+        numel = entries[0].placement.numel
+        short = {rank: n for rank, n in covered.items() if n != numel}
+        if short:
+            return (
+                f"partial checkpoint: the shards of {param} ({self.state}) cover "
+                + ", ".join(f"{n} of {numel} elements on TP rank {r}" for r, n in short.items())
+                + f" in {entries[0].path.parent}"
+            )
+        return None
+
+    def local(self, placement: Placement) -> torch.Tensor:
+        """This rank's tensor for ``placement``. When the checkpoint cut this parameter the
+        same way (same TP size and fusion: the usual resume), straight from the saved shards
+        of the same TP rank, padding rows included; otherwise rebuilt from the full canonical
+        tensors (`local_from_canonical`)."""
+        same = [
+            entry
+            for entry in self._entries.get(placement.param, [])
+            if _same_cut(entry.placement, placement)
+        ]
+        if same and sum(e.placement.end - e.placement.start for e in same) == placement.numel:
+            return self._read_local(same)
+        return local_from_canonical(placement, self.canonical)
 
     def canonical(self, name: str) -> torch.Tensor:
         """The full canonical tensor ``name`` (float as saved, on the CPU)."""
+        problem = self.problem(name)
+        if problem is not None:
+            raise ValueError(problem)
         name = self.aliases.get(name, name)
-        if name not in self._holder:
-            raise KeyError(f"tensor {name} ({self.state}) is not in the checkpoint")
         param = self._holder[name]
         if self._cached is None or self._cached[0] != param:
             self._cached = None  # free the previous parameter before reading the next
@@ -295,12 +324,6 @@ class ShardReader:
         by_rank: dict[int, list[_Entry]] = {}
         for entry in entries:
             by_rank.setdefault(entry.placement.tp_rank, []).append(entry)
-        missing = sorted(set(range(placement.tp_size)) - set(by_rank))
-        if missing:
-            raise ValueError(
-                f"partial checkpoint: {param} ({self.state}) has no shard of TP rank(s) "
-                f"{missing} in {entries[0].path.parent}"
-            )
         locals_ = [self._read_local(by_rank[r]) for r in range(placement.tp_size)]
         return split_canonical(unshard(locals_, placement), placement)
 
@@ -310,25 +333,26 @@ class ShardReader:
         placement = entries[0].placement
         if len(entries) == 1 and placement.start == 0 and placement.end == placement.numel:
             return self._read_tensor(entries[0]).view(placement.local_shape)
-        flat, covered = None, 0
+        flat = None  # coverage was checked by `problem`
         for entry in entries:
             tensor = self._read_tensor(entry).reshape(-1)
             if flat is None:
                 flat = tensor.new_zeros(placement.numel)
             flat[entry.placement.start : entry.placement.end] = tensor
-            covered += entry.placement.end - entry.placement.start
-        if covered != placement.numel:
-            raise ValueError(
-                f"partial checkpoint: the saved slices of {placement.param} ({self.state}, TP "
-                f"rank {placement.tp_rank}) cover {covered} of {placement.numel} elements in "
-                f"{entries[0].path.parent}"
-            )
         return flat.view(placement.local_shape)
 
     def _read_tensor(self, entry: _Entry) -> torch.Tensor:
         if entry.path not in self._open:
             self._open[entry.path] = safe_open(str(entry.path), framework="pt")
         return self._open[entry.path].get_tensor(entry.key)
+
+
+def _same_cut(saved: Placement, wanted: Placement) -> bool:
+    """The saved shard is exactly (part of) the tensor this rank wants."""
+    return all(
+        getattr(saved, field) == getattr(wanted, field)
+        for field in ("parts", "partition_dim", "partition_sizes", "tp_rank", "tp_size")
+    ) and list(saved.local_shape) == list(wanted.local_shape)
 
 
 class LazyLocalState(Mapping[str, dict[str, torch.Tensor]]):
@@ -340,10 +364,7 @@ class LazyLocalState(Mapping[str, dict[str, torch.Tensor]]):
 
     def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
         placement = self.placements[name]
-        return {
-            state: local_from_canonical(placement, reader.canonical)
-            for state, reader in self.readers.items()
-        }
+        return {state: reader.local(placement) for state, reader in self.readers.items()}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.placements)

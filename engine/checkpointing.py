@@ -36,6 +36,7 @@ killed at any point leaves ``latest`` naming a complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -44,7 +45,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,6 @@ from engine.checkpoint_format import (
     fsync_dir,
     is_tied_copy,
     load_pickle,
-    local_from_canonical,
     placement_of,
     read_header,
     save_pickle,
@@ -140,33 +140,20 @@ def save_checkpoint(
     final = iteration_dir(save_dir, iteration)
     tmp = final.with_name(final.name + ".tmp")
     rank = _global_rank()
-    if rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale(save_dir)
-        tmp.mkdir()
-    _barrier()
-
+    with _on_every_rank(f"preparing {tmp}"):
+        if rank == 0:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale(save_dir)
+            tmp.mkdir()
     for chunk in model_chunks:  # distributed optimizer: parameters still being all-gathered
         if hasattr(chunk, "finish_param_sync"):
             chunk.finish_param_sync()
-    tp, pp, dp = _coordinates()
     written: list[str] = []
-    if dp == 0:  # weights are replicated over DP
-        name = f"model_tp{tp:02d}_pp{pp:02d}.safetensors"
-        save_shards(tmp / name, _model_tensors(model_chunks, tp))
-        written.append(name)
     optimizer_meta: dict[str, Any] = {}
-    if optimizer is not None and (_is_distributed(optimizer) or dp == 0):
-        name = f"optim_tp{tp:02d}_pp{pp:02d}_dp{dp:02d}.safetensors"
-        tensors, optimizer_meta = _optimizer_tensors(model_chunks, optimizer, tp)
-        save_shards(tmp / name, tensors)
-        written.append(name)
-    name = f"rng_rank{rank:05d}.pt"
-    save_pickle(tmp / name, _rng_state())
-    written.append(name)
-
-    # Also the barrier: every rank has written. A rank whose DP slices are all padding holds
-    # no optimizer state and counts no steps, so the step is the maximum.
+    with _on_every_rank(f"writing into {tmp}"):  # also the barrier: every rank has written
+        written, optimizer_meta = _write_rank_files(tmp, model_chunks, optimizer)
+    # A rank whose DP slices are all padding holds no optimizer state and counts no steps,
+    # so the step is the maximum.
     gathered = _all_gather_objects((written, optimizer_meta.get("step", 0)))
     if rank == 0:
         optimizer_meta["step"] = max(step for _, step in gathered)
@@ -181,6 +168,28 @@ def save_checkpoint(
             _keep_last(save_dir, keep_last_n, iteration)
     _barrier()
     return final
+
+
+def _write_rank_files(
+    tmp: Path, model_chunks: Sequence[nn.Module], optimizer: MixedPrecisionOptimizer | None
+) -> tuple[list[str], dict[str, Any]]:
+    """Write this rank's files; return their names and the optimizer's step, loss scaler and
+    skipped steps (empty when this rank saves no optimizer state)."""
+    tp, pp, dp = _coordinates()
+    written, optimizer_meta = [], {}
+    if dp == 0:  # weights are replicated over DP
+        name = f"model_tp{tp:02d}_pp{pp:02d}.safetensors"
+        save_shards(tmp / name, _model_tensors(model_chunks, tp))
+        written.append(name)
+    if optimizer is not None and (_is_distributed(optimizer) or dp == 0):
+        name = f"optim_tp{tp:02d}_pp{pp:02d}_dp{dp:02d}.safetensors"
+        tensors, optimizer_meta = _optimizer_tensors(model_chunks, optimizer, tp)
+        save_shards(tmp / name, tensors)
+        written.append(name)
+    name = f"rng_rank{_global_rank():05d}.pt"
+    save_pickle(tmp / name, _rng_state())
+    written.append(name)
+    return written, optimizer_meta
 
 
 def _model_tensors(
@@ -376,8 +385,29 @@ def load_checkpoint(
     tied = {"output_layer.weight": "embedding.weight"} if metadata["model"].get(
         "tie_word_embeddings") else {}  # fmt: skip
     model_reader = ShardReader(_shard_headers(directory, metadata, "model_"), MODEL_STATE, tied)
-    with torch.no_grad():
-        for placement, param in _placements(model_chunks, with_tied_copy=True):
+    placements = _placements(model_chunks, with_tied_copy=True)
+    readers = {MODEL_STATE: model_reader}
+    if optimizer is not None and not finetune:
+        if not metadata.get("has_optimizer_state"):
+            raise CheckpointError(
+                f"checkpoint {directory} holds no optimizer state: load it with --finetune "
+                "(weights only) or without an optimizer (--no-load-optim)"
+            )
+        optim_files = _shard_headers(directory, metadata, "optim_")
+        readers.update({s: ShardReader(optim_files, s, tied) for s in OPTIMIZER_STATES})
+    # Which shards are missing is known from the headers: agree on it before any rank starts
+    # loading (a rank failing alone would leave the others waiting in the optimizer's gather).
+    with _on_every_rank(f"loading {directory}"):
+        problems = {
+            reader.problem(name)
+            for reader in readers.values()
+            for placement, _ in placements
+            for name, _ in placement.parts
+        } - {None}
+        if problems:
+            raise CheckpointError(f"checkpoint {directory}: " + "; ".join(sorted(problems)))
+    with _on_every_rank(f"loading weights from {directory}"), torch.no_grad():
+        for placement, param in placements:
             param.copy_(_local(placement, model_reader, directory))
     if finetune:
         if optimizer is not None:
@@ -386,7 +416,7 @@ def load_checkpoint(
         return 0, 0
 
     if optimizer is not None:
-        _load_optimizer(optimizer, model_chunks, metadata, directory, tied)
+        _load_optimizer(optimizer, model_chunks, metadata, directory, readers)
     if lr_scheduler is not None and metadata.get("lr_scheduler") is not None:
         lr_scheduler.load_state_dict(metadata["lr_scheduler"])
     if load_rng:
@@ -446,7 +476,7 @@ def _shard_headers(
 ) -> dict[Path, dict[str, Placement]]:
     """The indexes of the checkpoint's shard files whose names start with ``prefix``."""
     paths = [directory / f for f in metadata["files"] if f.startswith(prefix)]
-    return {path: read_header(path)[0] for path in paths}
+    return {path: read_header(path) for path in paths}
 
 
 def check_architecture(
@@ -469,7 +499,7 @@ def check_architecture(
 def _local(placement: Placement, reader: ShardReader, directory: Path) -> torch.Tensor:
     """This rank's tensor, with the checkpoint named in any error."""
     try:
-        return local_from_canonical(placement, reader.canonical)
+        return reader.local(placement)
     except (KeyError, ValueError) as error:
         message = error.args[0] if error.args else str(error)
         raise CheckpointError(f"checkpoint {directory}: {message}") from error
@@ -480,15 +510,9 @@ def _load_optimizer(
     model_chunks: Sequence[nn.Module],
     metadata: dict[str, Any],
     directory: Path,
-    tied: dict[str, str],
+    readers: dict[str, ShardReader],
 ) -> None:
-    if not metadata.get("has_optimizer_state"):
-        raise CheckpointError(
-            f"checkpoint {directory} holds no optimizer state: load it with --finetune "
-            "(weights only) or without an optimizer (--no-load-optim)"
-        )
-    optim_files = _shard_headers(directory, metadata, "optim_")
-    readers = {s: ShardReader(optim_files, s, tied) for s in OPTIMIZER_STATES}
+    readers = {s: readers[s] for s in OPTIMIZER_STATES}
     # The tied head's copy loads the embedding's state (the readers alias its name).
     placements = {n: p for n, (p, _) in _optimizer_placements(model_chunks, optimizer).items()}
     state = {
@@ -568,6 +592,30 @@ def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     return str(value)
+
+
+@contextlib.contextmanager
+def _on_every_rank(what: str) -> Iterator[None]:
+    """Run the block on every rank, then raise on every rank if it failed on any: a rank that
+    raised alone would leave the others waiting in the next collective forever."""
+    error = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        error = exc
+    failures = [
+        (rank, message)
+        for rank, message in enumerate(_all_gather_objects(None if error is None else str(error)))
+        if message is not None
+    ]
+    if not failures:
+        return
+    if error is not None and isinstance(error, CheckpointError):
+        raise error
+    rank, message = failures[0]
+    raise CheckpointError(
+        f"{what} failed on rank {rank} (of {len(failures)}): {message}"
+    ) from error
 
 
 def _global_rank() -> int:

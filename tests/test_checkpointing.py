@@ -317,6 +317,8 @@ def load_errors(source: str, scratch: str) -> dict[str, str]:
         shutil.copytree(source, copy)
         (copy / "iter_0000003" / "optim_tp01_pp00_dp01.safetensors").unlink()
         capture("partial", copy, chunks, optimizer)
+        drop_from_metadata(copy, "optim_tp01_pp00_dp01.safetensors")  # the list agrees now
+        capture("slice", copy, chunks, optimizer)
         (copy / "iter_0000003" / "metadata.json").unlink()
         capture("incomplete", copy, chunks)
         (copy / LATEST_FILE).write_text("3x")
@@ -324,6 +326,13 @@ def load_errors(source: str, scratch: str) -> dict[str, str]:
         return messages
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def drop_from_metadata(directory: Path, name: str) -> None:
+    path = directory / "iter_0000003" / "metadata.json"
+    metadata = json.loads(path.read_text())
+    metadata["files"].remove(name)
+    path.write_text(json.dumps(metadata))
 
 
 def test_incompatible_missing_and_partial_checkpoints_are_clear_errors(solo, saved_3d, tmp_path):
@@ -342,11 +351,34 @@ def test_incompatible_missing_and_partial_checkpoints_are_clear_errors(solo, sav
     assert "no checkpoint in" in messages["missing"] and "--load" in messages["missing"]
     assert "partial checkpoint" in messages["partial"]
     assert "optim_tp01_pp00_dp01.safetensors" in messages["partial"]
-    assert (
-        "incomplete checkpoint" in messages["incomplete"]
-        and "metadata.json" in (messages["incomplete"])
-    )
+    # Without that file, TP rank 1's first-stage parameters lack a DP slice of their state.
+    slice_message = messages["slice"]
+    assert "partial checkpoint: the shards of" in slice_message
+    assert "(param) cover" in slice_message and "elements on TP rank 1" in slice_message
+    assert "incomplete checkpoint" in messages["incomplete"]
+    assert "metadata.json" in messages["incomplete"]
     assert "'3x'" in messages["latest"]
+
+
+def load_partial(source: str) -> str:
+    try:
+        chunks, optimizer, scheduler = build(2, 2, True)
+        with pytest.raises(CheckpointError) as error:
+            load_checkpoint(source, chunks, optimizer, scheduler)
+        return str(error.value)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_a_shard_missing_on_some_ranks_fails_every_rank(pool, saved_3d, tmp_path):
+    """Only TP rank 1 of stage 0 lacks state; the others must not wait for it forever."""
+    copy = tmp_path / "copy"
+    shutil.copytree(saved_3d[0], copy)
+    (copy / "iter_0000003" / "optim_tp01_pp00_dp01.safetensors").unlink()
+    drop_from_metadata(copy, "optim_tp01_pp00_dp01.safetensors")
+    messages = pool.run(load_partial, str(copy))
+    assert all("partial checkpoint" in m for m in messages[:4]), messages  # first stage
+    assert all("failed on rank 0 (of 4)" in m for m in messages[4:]), messages  # second
 
 
 class _Exploit:
