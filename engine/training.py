@@ -229,8 +229,16 @@ class _Run:
 # Evaluation -----------------------------------------------------------------------------------
 
 
+def eval_batches(run: _Run, dataset: torch.utils.data.Dataset | None) -> int:
+    """Global batches an evaluation of ``dataset`` takes: ``--eval-iters``, or fewer when the
+    split is smaller (packed SFT splits are not sized to the run); 0 means no evaluation."""
+    if dataset is None:
+        return 0
+    return min(run.job.training.eval_iters, len(dataset) // run.global_batch)
+
+
 def evaluate(run: _Run, dataset: torch.utils.data.Dataset) -> dict[str, float]:
-    """Mean loss and perplexity over ``--eval-iters`` global batches of ``dataset`` (the same
+    """Mean loss and perplexity over `eval_batches` global batches of ``dataset`` (the same
     batches every time), with no gradients."""
     run.sync_params()
     for chunk in run.chunks:
@@ -240,7 +248,7 @@ def evaluate(run: _Run, dataset: torch.utils.data.Dataset) -> dict[str, float]:
         with torch.no_grad():
             losses = [
                 run.run_schedule(iterators, forward_only=True)
-                for _ in range(run.job.training.eval_iters)
+                for _ in range(eval_batches(run, dataset))
             ]
     finally:
         for chunk in run.chunks:
@@ -322,7 +330,7 @@ def _loop(
     train_iterators = run.iterators(run.datasets.train, run.consumed_samples)
     tokens_per_iteration = run.global_batch * t.seq_length
     saved_at = None
-    can_evaluate = run.datasets.valid is not None and t.eval_iters > 0
+    can_evaluate = eval_batches(run, run.datasets.valid) > 0
     _print(
         run,
         f"training {run.train_iters} iterations from iteration {run.iteration}: global batch "
@@ -365,7 +373,7 @@ def _loop(
         if can_evaluate and run.iteration not in result.evaluations:
             result.evaluations[run.iteration] = evaluate(run, run.datasets.valid)
             _log_evaluation(run, writer, "validation", result.evaluations[run.iteration])
-        if run.datasets.test is not None and t.eval_iters > 0:
+        if eval_batches(run, run.datasets.test) > 0:
             result.test = evaluate(run, run.datasets.test)
             _log_evaluation(run, writer, "test", result.test)
         if job.checkpoint.save and saved_at != run.iteration:

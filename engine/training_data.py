@@ -105,6 +105,25 @@ def _sft_datasets(job: JobConfig, tokenizer: Tokenizer | None) -> Datasets:
     return Datasets(parts[0], parts[1], parts[2], tokenizer)
 
 
+MODEL_INPUTS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+class _ModelInputs(torch.utils.data.Dataset):
+    """The fields of each sample the model uses: SFT samples also carry an ``[s, s]``
+    attention mask and variable-length ``cu_seqlens``, which would be collated for nothing
+    (or, for ``cu_seqlens``, not at all)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> Batch:
+        sample = self.dataset[idx]
+        return {key: sample[key] for key in MODEL_INPUTS}
+
+
 def batch_iterator(
     dataset: torch.utils.data.Dataset,
     consumed_samples: int,
@@ -122,19 +141,15 @@ def batch_iterator(
     (pre-shuffled) dataset is walked in order.
     """
     loader = build_data_loader(
-        dataset, consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size,
-        shuffle=shuffle, seed=seed, num_workers=num_workers,
+        _ModelInputs(dataset), consumed_samples, micro_batch_size, data_parallel_rank,
+        data_parallel_size, shuffle=shuffle, seed=seed, num_workers=num_workers,
     )  # fmt: skip
     # Starting a DataLoader iterator draws a worker seed from the global CPU generator;
     # without this fork, evaluations and resumes would shift the training RNG streams.
     with torch.random.fork_rng(devices=[]):
         batches = iter(loader)
     for batch in batches:
-        yield {
-            key: value.to(device, non_blocking=True)
-            for key, value in batch.items()
-            if key in ("tokens", "labels", "loss_mask", "position_ids")
-        }
+        yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def iterations_for(train_iters: int | None, train_samples: int | None, global_batch: int) -> int:

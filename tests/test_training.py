@@ -171,6 +171,98 @@ def test_checkpoint_reshards_through_the_trainer(pool, solo, corpus, baseline, s
         assert result.losses[i] == pytest.approx(baseline[0].losses[i], rel=1e-5), i
 
 
+# Fine-tuning -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sft_corpus(tmp_path_factory) -> str:
+    """Preprocessed SFT data (`SFTDataset.from_indexed`'s pair of datasets), byte tokens: the
+    prompt is a topic's name (loss 0), the answer its first paragraph (loss 1)."""
+    prefix = str(tmp_path_factory.mktemp("sft") / "topics")
+    tokens = IndexedDatasetBuilder(f"{prefix}_tokens_document.bin", np.uint16)
+    masks = IndexedDatasetBuilder(f"{prefix}_loss_mask_document.bin", np.uint8)
+    for name, text in sorted(pydoc_data.topics.topics.items()):
+        prompt = np.frombuffer(f"Q: {name}\nA: ".encode(), np.uint8)
+        answer = np.frombuffer(text.strip().split("\n\n")[0][:60].encode(), np.uint8)
+        tokens.add_document(np.concatenate([prompt, answer]).astype(np.int64))
+        masks.add_document(np.r_[np.zeros(len(prompt)), np.ones(len(answer))].astype(np.int64))
+    tokens.finalize(f"{prefix}_tokens_document.idx")
+    masks.finalize(f"{prefix}_loss_mask_document.idx")
+    return prefix
+
+
+def fine_tune(job: JobConfig):
+    from engine.training import finetune
+
+    return finetune(job)
+
+
+def test_finetune_starts_from_the_weights_then_resumes_its_own_checkpoints(
+    pool, corpus, sft_corpus, stopped, tmp_path
+):
+    """First start: the pretraining checkpoint's weights, iteration 0; it saves at 4. A restart
+    with a longer run resumes from its own checkpoint at 4, not from the pretrained one."""
+
+    def job(iters: int) -> JobConfig:
+        return make_job(
+            corpus, 2, 2, train_iters=iters,
+            data={"data_path": [sft_corpus], "split": "80,20,0"},
+            checkpoint={"load": str(stopped), "save": str(tmp_path)},
+        )  # fmt: skip
+
+    first = pool.run(fine_tune, job(4))[0]
+    assert sorted(first.losses) == [1, 2, 3, 4] and first.checkpoint == str(
+        tmp_path / "iter_0000004"
+    )
+    assert all(math.isfinite(v) for v in first.losses.values())
+    assert set(first.evaluations) == {4}  # the valid split holds 15 rows: one global batch
+    again = pool.run(fine_tune, job(6))[0]
+    assert sorted(again.losses) == [5, 6] and again.consumed_samples == 6 * 8
+
+
+# Non-finite losses ---------------------------------------------------------------------------
+
+
+def train_with_nan_at(job: JobConfig, bad_iteration: int):
+    """`train`, with the loss of one microbatch of ``bad_iteration`` made nan on the last stage
+    (as a bad batch or an overflow would)."""
+    from engine import training
+
+    real = training.forward_step
+    calls = {"n": 0}
+
+    def poisoned(data_iterator, model):
+        output, loss_func = real(data_iterator, model)
+        if not training._unwrap(model).post_process:
+            return output, loss_func
+        calls["n"] += 1
+        if calls["n"] == 2 * (bad_iteration - 1) + 1:  # 2 microbatches per iteration
+            output = output * float("nan")
+        return output, loss_func
+
+    training.forward_step = poisoned
+    try:
+        return training.pretrain(job)
+    finally:
+        training.forward_step = real
+
+
+def test_a_nan_loss_skips_the_step_and_training_goes_on(pool, corpus, baseline):
+    job = make_job(corpus, 2, 2, train_iters=4, training={"eval_iters": 0})
+    for result in pool.run(train_with_nan_at, job, 2):
+        assert math.isnan(result.losses[2]) and result.nan_iterations == 1
+        assert result.losses[1] == baseline[0].losses[1]
+        assert all(math.isfinite(result.losses[i]) for i in (3, 4)) and result.iteration == 4
+
+
+def test_exit_on_nan_saves_and_stops(pool, corpus, tmp_path):
+    job = make_job(corpus, 2, 2, training={"exit_on_nan": True, "eval_iters": 0},
+                   checkpoint={"save": str(tmp_path)})  # fmt: skip
+    for result in pool.run(train_with_nan_at, job, 3):
+        assert result.iteration == 3 and result.exit_reason.startswith("non-finite loss (nan)")
+        assert result.checkpoint == str(tmp_path / "iter_0000003")
+
+
 # TensorBoard, exits -----------------------------------------------------------------------
 
 
