@@ -223,24 +223,30 @@ def test_finetune_starts_from_the_weights_then_resumes_its_own_checkpoints(
 # Non-finite losses ---------------------------------------------------------------------------
 
 
-def train_with_nan_at(job: JobConfig, bad_iteration: int):
-    """`train`, with the loss of one microbatch of ``bad_iteration`` made nan on the last stage
-    (as a bad batch or an overflow would)."""
+def train_with_fault_at(job: JobConfig, bad_iteration: int, fault: str):
+    """`train`, with a fault in the first microbatch of ``bad_iteration`` on the last stage:
+    ``"nan"`` makes its loss nan (as a bad batch or an overflow would), ``"sigterm"`` sends
+    SIGTERM to global rank 7 only (a pre-emption notice that reaches one node first)."""
+    import torch.distributed as dist
+
     from engine import training
 
     real = training.forward_step
     calls = {"n": 0}
 
-    def poisoned(data_iterator, model):
+    def faulty(data_iterator, model):
         output, loss_func = real(data_iterator, model)
         if not training._unwrap(model).post_process:
             return output, loss_func
         calls["n"] += 1
         if calls["n"] == 2 * (bad_iteration - 1) + 1:  # 2 microbatches per iteration
-            output = output * float("nan")
+            if fault == "nan":
+                output = output * float("nan")
+            elif dist.get_rank() == 7:
+                signal.raise_signal(signal.SIGTERM)
         return output, loss_func
 
-    training.forward_step = poisoned
+    training.forward_step = faulty
     try:
         return training.pretrain(job)
     finally:
@@ -249,7 +255,7 @@ def train_with_nan_at(job: JobConfig, bad_iteration: int):
 
 def test_a_nan_loss_skips_the_step_and_training_goes_on(pool, corpus, baseline):
     job = make_job(corpus, 2, 2, train_iters=4, training={"eval_iters": 0})
-    for result in pool.run(train_with_nan_at, job, 2):
+    for result in pool.run(train_with_fault_at, job, 2, "nan"):
         assert math.isnan(result.losses[2]) and result.nan_iterations == 1
         assert result.losses[1] == baseline[0].losses[1]
         assert all(math.isfinite(result.losses[i]) for i in (3, 4)) and result.iteration == 4
@@ -258,8 +264,15 @@ def test_a_nan_loss_skips_the_step_and_training_goes_on(pool, corpus, baseline):
 def test_exit_on_nan_saves_and_stops(pool, corpus, tmp_path):
     job = make_job(corpus, 2, 2, training={"exit_on_nan": True, "eval_iters": 0},
                    checkpoint={"save": str(tmp_path)})  # fmt: skip
-    for result in pool.run(train_with_nan_at, job, 3):
+    for result in pool.run(train_with_fault_at, job, 3, "nan"):
         assert result.iteration == 3 and result.exit_reason.startswith("non-finite loss (nan)")
+        assert result.checkpoint == str(tmp_path / "iter_0000003")
+
+
+def test_sigterm_on_one_rank_saves_and_stops_every_rank(pool, corpus, tmp_path):
+    job = make_job(corpus, 2, 2, training={"eval_iters": 0}, checkpoint={"save": str(tmp_path)})
+    for result in pool.run(train_with_fault_at, job, 3, "sigterm"):
+        assert result.iteration == 3 and result.exit_reason == "SIGTERM received"
         assert result.checkpoint == str(tmp_path / "iter_0000003")
 
 
