@@ -29,7 +29,6 @@ Pickled files (`save_pickle` / `load_pickle`, for RNG states) are always loaded 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from torch import nn
 
 # The canonical names and fusions are the model's own (engine.models.weights defines the
 # layout-free view); importing them keeps one definition of which tensors are fused.
+from engine.checkpoint_storage import fsync_file
 from engine.models.weights import _FUSED, _VOCAB_PADDED, _block_sizes, _global_name
 from engine.tensor_parallel.sharding import shard_tensor
 
@@ -160,35 +160,6 @@ def split_canonical(full: torch.Tensor, placement: Placement) -> dict[str, torch
 # Files -------------------------------------------------------------------------------------
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable (a no-op where directories cannot be
-    opened, e.g. on Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` so that readers see the old content or the new one, never a part."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def save_shards(path: Path, tensors: dict[str, tuple[torch.Tensor, Placement]]) -> None:
     """Write ``{key: (tensor, placement)}`` to a safetensors file whose header holds the
     index (key -> placement as JSON)."""
@@ -196,7 +167,7 @@ def save_shards(path: Path, tensors: dict[str, tuple[torch.Tensor, Placement]]) 
     data = {key: t.detach().to("cpu", copy=True).contiguous() for key, (t, _) in tensors.items()}
     index = {key: asdict(p) for key, (_, p) in tensors.items()}
     save_file(data, str(path), metadata={"index": json.dumps(index)})
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def read_header(path: Path) -> dict[str, Placement]:
@@ -215,7 +186,7 @@ def read_header(path: Path) -> dict[str, Placement]:
 def save_pickle(path: Path, obj: Any) -> None:
     """torch.save + fsync, for small non-tensor state (RNG states)."""
     torch.save(obj, path)
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def load_pickle(path: Path) -> Any:

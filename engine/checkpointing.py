@@ -31,7 +31,12 @@ restored only under the same layout (they are per rank); the rest always.
 Crash safety: ranks write into ``iter_0000100.tmp/``; after all have finished (a barrier)
 rank 0 writes ``metadata.json``, renames the directory to ``iter_0000100`` and only then
 replaces the ``latest`` file; ``keep_last_n`` deletes older directories after that. A save
-killed at any point leaves ``latest`` naming a complete checkpoint.
+killed at any point leaves ``latest`` naming a complete checkpoint. A failure on one rank
+(a missing shard, a full disk) is raised on every rank, so none waits forever in a collective.
+
+This module is the protocol (who writes and reads what, when); `engine.checkpoint_format` the
+shard files and resharding; `engine.checkpoint_storage` the directories and atomic renames.
+See docs/checkpointing.md.
 """
 
 from __future__ import annotations
@@ -42,8 +47,6 @@ import json
 import logging
 import platform
 import random
-import re
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -63,25 +66,43 @@ from engine.checkpoint_format import (
     LazyLocalState,
     Placement,
     ShardReader,
-    fsync_dir,
     is_tied_copy,
     load_pickle,
     placement_of,
     read_header,
     save_pickle,
     save_shards,
+)
+from engine.checkpoint_storage import (
+    LATEST_FILE,
+    CheckpointError,
+    iteration_dir,
+    keep_last,
+    publish,
+    read_latest_iteration,
+    remove_stale,
     write_text_atomic,
 )
 from engine.optimizer.lr_schedule import OptimizerParamScheduler
 from engine.optimizer.optimizer import MixedPrecisionOptimizer
 from engine.tensor_parallel.random import get_rng_states, set_rng_states
 
+__all__ = [
+    "LATEST_FILE",
+    "CheckpointError",
+    "check_architecture",
+    "iteration_dir",
+    "load_checkpoint",
+    "open_checkpoint",
+    "read_full_state",
+    "read_latest_iteration",
+    "save_checkpoint",
+]
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "metadata.json"
-_ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
 # Fields that fix the shapes of the saved tensors, with the flag that sets each.
 _ARCHITECTURE_FLAGS = {
@@ -93,26 +114,6 @@ _ARCHITECTURE_FLAGS = {
     "vocab_size": "--vocab-size (the tokenizer's)",
     "tie_word_embeddings": "--untie-embeddings-and-output-weights",
 }
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the model being loaded."""
-
-
-def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
-    """``save_dir/iter_0000100`` for iteration 100."""
-    return Path(save_dir) / f"iter_{iteration:07d}"
-
-
-def read_latest_iteration(load_dir: str | Path) -> int | None:
-    """The iteration ``latest_checkpointed_iteration.txt`` names, or None without one."""
-    path = Path(load_dir) / LATEST_FILE
-    if not path.exists():
-        return None
-    text = path.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{path} should hold an iteration number, found {text!r}")
-    return int(text)
 
 
 # Saving -------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def save_checkpoint(
     with _on_every_rank(f"preparing {tmp}"):
         if rank == 0:
             save_dir.mkdir(parents=True, exist_ok=True)
-            _remove_stale(save_dir)
+            remove_stale(save_dir)
             tmp.mkdir()
     for chunk in model_chunks:  # distributed optimizer: parameters still being all-gathered
         if hasattr(chunk, "finish_param_sync"):
@@ -162,10 +163,10 @@ def save_checkpoint(
             lr_scheduler, config_dict, sorted(f for files, _ in gathered for f in files),
         )  # fmt: skip
         write_text_atomic(tmp / METADATA_FILE, json.dumps(metadata, indent=1, default=_jsonable))
-        _publish(tmp, final)
+        publish(tmp, final)
         write_text_atomic(save_dir / LATEST_FILE, str(iteration))
         if keep_last_n is not None:
-            _keep_last(save_dir, keep_last_n, iteration)
+            keep_last(save_dir, keep_last_n, iteration)
     _barrier()
     return final
 
@@ -315,41 +316,6 @@ def _metadata(
         },  # fmt: skip
         "saved_at_unix_s": time.time(),
     }
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished directory into place (replacing an older save of the same
-    iteration: moved aside first, deleted after)."""
-    old = None
-    if final.exists():
-        old = final.with_name(final.name + ".trash")
-        final.rename(old)
-    tmp.rename(final)
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def _remove_stale(save_dir: Path) -> None:
-    """Directories left by saves or deletions that were killed (never a published one)."""
-    for path in save_dir.iterdir():
-        if path.is_dir() and path.suffix in (".tmp", ".trash"):
-            shutil.rmtree(path)
-
-
-def _keep_last(save_dir: Path, keep_last_n: int, just_saved: int) -> None:
-    if keep_last_n < 1:
-        raise ValueError(f"--keep-last-n must be at least 1, got {keep_last_n}")
-    found = sorted(
-        int(m.group(1)) for p in save_dir.iterdir() if (m := _ITER_DIR.match(p.name)) and p.is_dir()
-    )
-    for iteration in found[:-keep_last_n]:
-        if iteration == just_saved:
-            continue
-        path = iteration_dir(save_dir, iteration)
-        trash = path.with_name(path.name + ".trash")
-        path.rename(trash)  # a directory half deleted is never mistaken for a checkpoint
-        shutil.rmtree(trash)
 
 
 # Loading ------------------------------------------------------------------------------------
