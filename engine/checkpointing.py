@@ -345,8 +345,9 @@ def load_checkpoint(
         CheckpointError: no checkpoint, an incomplete one, or one whose architecture or
             contents do not fit the model; the message names the mismatch and the file.
     """
-    directory, metadata = open_checkpoint(load_dir, iteration)
-    check_architecture(metadata, model_chunks, directory)
+    with _on_every_rank(f"opening the checkpoint in {load_dir}"):
+        directory, metadata = open_checkpoint(load_dir, iteration)
+        check_architecture(metadata, model_chunks, directory)
     # A tied output head's copy (last stage) loads the embedding, which is what was saved.
     tied = {"output_layer.weight": "embedding.weight"} if metadata["model"].get(
         "tie_word_embeddings") else {}  # fmt: skip
