@@ -91,8 +91,7 @@ def forward_step(
 
     Every chunk reads the batch (so all chunks' iterators stay in step); the first stage uses
     the tokens, the last the labels and loss mask. The loss of a microbatch is the mean of its
-    per-token losses over the loss mask; ``loss_func`` also hands back ``[loss, tokens]`` for
-    logging.
+    per-token losses over the loss mask (what Megatron's GPT loss is).
     """
     batch = next(data_iterator)
     inner = _unwrap(model)
@@ -104,9 +103,9 @@ def forward_step(
     mask = batch["loss_mask"].float()
 
     def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = mask.sum()
-        loss = (per_token.float() * mask).sum() / tokens.clamp(min=1.0)
-        return loss, torch.stack([loss.detach(), tokens])
+        # A row with no loss tokens (possible in SFT) gives 0, not 0/0.
+        loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        return loss, loss.detach()
 
     return output, loss_func
 
@@ -115,21 +114,20 @@ def forward_step(
 
 
 def _model_config(job: JobConfig, tokenizer_vocab: int | None) -> ModelConfig:
-    """The model as trained: the tokenizer's vocabulary (when there is a tokenizer) and the
-    parameter dtype of the precision flags."""
-    dtype = (
-        torch.bfloat16
-        if job.optimizer.bf16
-        else torch.float16
-        if job.optimizer.fp16
-        else job.model.params_dtype
-    )
-    vocab = tokenizer_vocab if tokenizer_vocab is not None else job.model.vocab_size
+    """The model as trained: the tokenizer's vocabulary (when there is a tokenizer: the
+    embedding must cover its ids) and the parameters in the precision flags' dtype."""
+    dtype = job.model.params_dtype
+    if job.optimizer.bf16:
+        dtype = torch.bfloat16
+    elif job.optimizer.fp16:
+        dtype = torch.float16
+    vocab = job.model.vocab_size if tokenizer_vocab is None else tokenizer_vocab
     return dataclasses.replace(job.model, vocab_size=vocab, params_dtype=dtype)
 
 
 class _Run:
-    """The state of one training run on this rank (built by `_setup`, driven by `_train`)."""
+    """The state of one training run on this rank: process groups, model chunks in DDP,
+    optimizer, LR schedule, counters (built here, driven by `_loop`)."""
 
     def __init__(self, job: JobConfig, device: torch.device):
         world = dist.get_world_size()
@@ -188,7 +186,7 @@ class _Run:
                 self.job.training.seed,
                 self.job.data.num_workers,
                 self.device,
-            )  # fmt: skip
+            )
             for _ in self.chunks
         ]
 
@@ -214,7 +212,7 @@ class _Run:
         is the gradient of). The last stage's TP rank 0 contributes; one world all-reduce."""
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         if logged and parallel_state.get_tensor_model_parallel_rank() == 0:
-            total[0] = sum(float(entry[0]) for entry in logged)
+            total[0] = sum(float(loss) for loss in logged)
             total[1] = len(logged)
         dist.all_reduce(total)
         return (total[0] / total[1]).item()

@@ -340,3 +340,13 @@ def test_mfu_uses_model_flops_per_token():
     assert entry.tflops_per_device == pytest.approx(4096 * 42.865e9 / 1e12, rel=1e-3)
     assert entry.mfu == pytest.approx(entry.tflops_per_device / 989)
     assert entry.eta_s == pytest.approx(9.0)
+
+
+def test_tensorboard_dir_without_tensorboard_is_a_clear_error(monkeypatch, tmp_path):
+    import sys
+
+    from engine.metrics import TensorBoardWriter
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    with pytest.raises(ImportError, match="needs the tensorboard package: pip install"):
+        TensorBoardWriter(str(tmp_path))
