@@ -88,8 +88,7 @@ def remove_stale(save_dir: Path) -> None:
 
 
 def keep_last(save_dir: Path, keep_last_n: int, just_saved: int) -> None:
-    if keep_last_n < 1:
-        raise ValueError(f"--keep-last-n must be at least 1, got {keep_last_n}")
+    """Delete all published iterations but the newest ``keep_last_n`` (never ``just_saved``)."""
     found = sorted(
         int(m.group(1)) for p in save_dir.iterdir() if (m := _ITER_DIR.match(p.name)) and p.is_dir()
     )

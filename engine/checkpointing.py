@@ -137,6 +137,8 @@ def save_checkpoint(
             and dtypes are converted; anything else unknown is stored as its ``str``).
         keep_last_n: after the new checkpoint is complete, delete all but the newest n.
     """
+    if keep_last_n is not None and keep_last_n < 1:
+        raise ValueError(f"--keep-last-n must be at least 1, got {keep_last_n}")
     save_dir = Path(save_dir)
     final = iteration_dir(save_dir, iteration)
     tmp = final.with_name(final.name + ".tmp")
@@ -156,18 +158,19 @@ def save_checkpoint(
     # A rank whose DP slices are all padding holds no optimizer state and counts no steps,
     # so the step is the maximum.
     gathered = _all_gather_objects((written, optimizer_meta.get("step", 0)))
-    if rank == 0:
-        optimizer_meta["step"] = max(step for _, step in gathered)
-        metadata = _metadata(
-            iteration, consumed_samples, model_chunks, optimizer, optimizer_meta,
-            lr_scheduler, config_dict, sorted(f for files, _ in gathered for f in files),
-        )  # fmt: skip
-        write_text_atomic(tmp / METADATA_FILE, json.dumps(metadata, indent=1, default=_jsonable))
-        publish(tmp, final)
-        write_text_atomic(save_dir / LATEST_FILE, str(iteration))
-        if keep_last_n is not None:
-            keep_last(save_dir, keep_last_n, iteration)
-    _barrier()
+    with _on_every_rank(f"publishing {final}"):  # the others wait for rank 0 here
+        if rank == 0:
+            optimizer_meta["step"] = max(step for _, step in gathered)
+            metadata = _metadata(
+                iteration, consumed_samples, model_chunks, optimizer, optimizer_meta,
+                lr_scheduler, config_dict, sorted(f for files, _ in gathered for f in files),
+            )  # fmt: skip
+            text = json.dumps(metadata, indent=1, default=_jsonable)
+            write_text_atomic(tmp / METADATA_FILE, text)
+            publish(tmp, final)
+            write_text_atomic(save_dir / LATEST_FILE, str(iteration))
+            if keep_last_n is not None:
+                keep_last(save_dir, keep_last_n, iteration)
     return final
 
 

@@ -381,6 +381,23 @@ def test_a_shard_missing_on_some_ranks_fails_every_rank(pool, saved_3d, tmp_path
     assert all("failed on rank 0 (of 4)" in m for m in messages[4:]), messages  # second
 
 
+def save_blocked(directory: str) -> str:
+    """Rank 0 cannot replace the ``latest`` file (a directory is in its way)."""
+    try:
+        chunks, optimizer, scheduler = build(2, 2, True)
+        with pytest.raises(CheckpointError) as error:
+            save_checkpoint(directory, ITERATION, chunks, optimizer, scheduler, CONSUMED)
+        return str(error.value)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_a_save_failing_on_rank_0_fails_every_rank(pool, tmp_path):
+    (tmp_path / LATEST_FILE).mkdir()
+    messages = pool.run(save_blocked, str(tmp_path))
+    assert all("publishing" in m and "failed on rank 0 (of 1)" in m for m in messages), messages
+
+
 class _Exploit:
     """Unpickling this calls ``open(marker, "w")``: any code could run instead."""
 
