@@ -22,18 +22,21 @@ Every safetensors file holds tensors under ``{state}/{param}/{start}`` (``state`
 mapping each key to its placement. Loading reads the headers, then only the tensors that
 hold what the loading rank needs (`ShardReader`), one full parameter at a time.
 
-Pickled files (`save_pickle` / `load_pickle`, for RNG states) are always loaded with
+Pickled files (`save_pickle` / `load_pickle`, for the RNG states `rng_state` collects: the
+torch generators and tracker, Python's and NumPy's) are always loaded with
 ``weights_only=True``: a file that would run code when unpickled is refused.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -43,6 +46,7 @@ from torch import nn
 # layout-free view); importing them keeps one definition of which tensors are fused.
 from engine.checkpoint_storage import fsync_file
 from engine.models.weights import _FUSED, _VOCAB_PADDED, _block_sizes, _global_name
+from engine.tensor_parallel.random import get_rng_states, set_rng_states
 from engine.tensor_parallel.sharding import shard_tensor
 
 MODEL_STATE = "model"
@@ -193,6 +197,30 @@ def load_pickle(path: Path) -> Any:
     """torch.load with ``weights_only=True``, always: only tensors and plain containers are
     accepted; a pickle that would construct other objects (and so run code) is refused."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random stream of this rank, as tensors and plain values (``weights_only``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": get_rng_states(),
+        "python": random.getstate(),
+        "numpy": {
+            "name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached),
+        },
+    }  # fmt: skip
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    set_rng_states(state["torch"])
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state((
+        numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+        numpy["has_gauss"], numpy["cached_gaussian"],
+    ))  # fmt: skip
 
 
 # Reading shards back -----------------------------------------------------------------------

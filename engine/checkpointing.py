@@ -46,13 +46,11 @@ import dataclasses
 import json
 import logging
 import platform
-import random
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import safetensors
 import torch
 import torch.distributed as dist
@@ -70,8 +68,10 @@ from engine.checkpoint_format import (
     load_pickle,
     placement_of,
     read_header,
+    rng_state,
     save_pickle,
     save_shards,
+    set_rng_state,
 )
 from engine.checkpoint_storage import (
     LATEST_FILE,
@@ -85,7 +85,6 @@ from engine.checkpoint_storage import (
 )
 from engine.optimizer.lr_schedule import OptimizerParamScheduler
 from engine.optimizer.optimizer import MixedPrecisionOptimizer
-from engine.tensor_parallel.random import get_rng_states, set_rng_states
 
 __all__ = [
     "LATEST_FILE",
@@ -191,7 +190,7 @@ def _write_rank_files(
         save_shards(tmp / name, tensors)
         written.append(name)
     name = f"rng_rank{_global_rank():05d}.pt"
-    save_pickle(tmp / name, _rng_state())
+    save_pickle(tmp / name, rng_state())
     written.append(name)
     return written, optimizer_meta
 
@@ -262,29 +261,6 @@ def _optimizer_placements(
         placement = placement_of(module, name, param, tp_rank, tp_size)
         out[opt_name] = (placement, is_tied_copy(module, name))
     return out
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every random stream of this rank, as tensors and plain values (``weights_only``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": get_rng_states(),
-        "python": random.getstate(),
-        "numpy": {
-            "name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached),
-        },
-    }  # fmt: skip
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    set_rng_states(state["torch"])
-    random.setstate(state["python"])
-    numpy = state["numpy"]
-    np.random.set_state((
-        numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
-        numpy["has_gauss"], numpy["cached_gaussian"],
-    ))  # fmt: skip
 
 
 def _metadata(
@@ -518,7 +494,7 @@ def _load_rng(metadata: dict[str, Any], directory: Path) -> None:
                 "(per-rank streams only map onto the same layout)", saved, mine,
             )  # fmt: skip
         return
-    _set_rng_state(load_pickle(directory / f"rng_rank{_global_rank():05d}.pt"))
+    set_rng_state(load_pickle(directory / f"rng_rank{_global_rank():05d}.pt"))
 
 
 # Layout and small helpers -------------------------------------------------------------------
