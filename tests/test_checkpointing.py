@@ -23,6 +23,7 @@ import random
 import shutil
 import signal
 import time
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,12 @@ from engine.config import DistributedDataParallelConfig, OptimizerConfig
 from engine.distributed import DistributedDataParallel
 from engine.models import ModelConfig
 from engine.models.weights import gather_full_state
-from engine.optimizer import build_lr_scheduler, build_optimizer
+from engine.optimizer import (
+    MixedPrecisionOptimizer,
+    OptimizerParamScheduler,
+    build_lr_scheduler,
+    build_optimizer,
+)
 from engine.pipeline_parallel.partition import build_model_chunks
 from engine.tensor_parallel.random import get_rng_tracker, model_parallel_seed
 from tests.rank_pool import module_pool
@@ -65,9 +71,9 @@ def build(
     vpp: int | None = None,
     optimizer_bf16: bool = False,
     **overrides,
-) -> tuple[list, object, object]:
+) -> tuple[list[DistributedDataParallel], MixedPrecisionOptimizer, OptimizerParamScheduler]:
     """Model chunks (DDP-wrapped), optimizer and LR schedule under a fresh TP x PP layout;
-    ``overrides`` change `CONFIG`."""  # fmt: skip
+    ``overrides`` change `CONFIG`."""
     parallel_state.initialize_model_parallel(tp, pp, vpp)
     model_parallel_seed(1234)
     config = dataclasses.replace(CONFIG, **overrides)
@@ -78,7 +84,12 @@ def build(
     return chunks, optimizer, build_lr_scheduler(optimizer, opt, train_iters=100)
 
 
-def fake_training(chunks: list, optimizer, scheduler, steps: int = ITERATION) -> None:
+def fake_training(
+    chunks: list[DistributedDataParallel],
+    optimizer: MixedPrecisionOptimizer,
+    scheduler: OptimizerParamScheduler,
+    steps: int = ITERATION,
+) -> None:
     """AdamW steps on seeded gradients (the same at a buffer position on every rank, so
     replicated parameters stay replicated)."""
     for step in range(steps):
@@ -92,7 +103,7 @@ def fake_training(chunks: list, optimizer, scheduler, steps: int = ITERATION) ->
         scheduler.step(1)
 
 
-def zero_padding_grads(chunks: list) -> None:
+def zero_padding_grads(chunks: list[DistributedDataParallel]) -> None:
     """Vocabulary padding rows never get a real gradient (the loss masks them out), so the
     checkpoint does not keep them: fake gradients must not move them either."""
     rank = parallel_state.get_tensor_model_parallel_rank()
@@ -104,7 +115,7 @@ def zero_padding_grads(chunks: list) -> None:
                 weight.main_grad[max(0, min(rows, CONFIG.vocab_size - rank * rows)) :] = 0
 
 
-def stage_weights(chunks: list) -> dict[str, torch.Tensor]:
+def stage_weights(chunks: list[DistributedDataParallel]) -> dict[str, torch.Tensor]:
     weights = {}
     for chunk in chunks:
         weights.update(gather_full_state(chunk.module))
@@ -301,7 +312,12 @@ def load_errors(source: str, scratch: str) -> dict[str, str]:
     """The message of every way a load can fail (model at TP=1)."""
     messages = {}
 
-    def capture(what: str, directory: str | Path, chunks: list, optimizer=None) -> None:
+    def capture(
+        what: str,
+        directory: str | Path,
+        chunks: list,
+        optimizer: MixedPrecisionOptimizer | None = None,
+    ) -> None:
         with pytest.raises(CheckpointError) as error:
             load_checkpoint(directory, chunks, optimizer)
         messages[what] = str(error.value)
@@ -463,13 +479,13 @@ BIG = dataclasses.replace(CONFIG, hidden_size=128, ffn_hidden_size=352, vocab_si
 CRASH_TRIALS = 5
 
 
-def build_big() -> tuple[list, object]:
+def build_big() -> tuple[list[DistributedDataParallel], MixedPrecisionOptimizer]:
     parallel_state.initialize_model_parallel()
     chunks = [DistributedDataParallel(c) for c in build_model_chunks(BIG)]
     return chunks, build_optimizer(OPTIMIZER, chunks)
 
 
-def keep_saving(directory: str, first_iteration: int, ready) -> None:
+def keep_saving(directory: str, first_iteration: int, ready: Event) -> None:
     """A single-rank job that saves iteration after iteration (every weight, and so every fp32
     main param, equal to the iteration number) until it is killed."""
     torch.set_num_threads(1)
