@@ -144,6 +144,19 @@ def test_3d_training_learns_and_matches_one_rank(baseline, solo, corpus):
     )
 
 
+def test_interleaved_pipeline_through_the_trainer_matches_one_rank(pool, solo, corpus):
+    """Two model chunks per pipeline rank (4 layers, virtual pipeline size 2): every chunk
+    reads its own iterator over the same microbatches."""
+    four_layers = {"num_layers": 4}
+    job = make_job(corpus, 2, 2, train_iters=3, model=four_layers, training={"eval_iters": 0},
+                   parallel={"virtual_pipeline_model_parallel_size": 2})  # fmt: skip
+    interleaved = pool.run(train, job)[0].losses
+    reference = solo.run(train, make_job(corpus, 1, 1, train_iters=3, model=four_layers,
+                                         training={"eval_iters": 0}))[0].losses  # fmt: skip
+    for i in (1, 2, 3):
+        assert interleaved[i] == pytest.approx(reference[i], rel=1e-5), i
+
+
 # Checkpoints: exact resume, resharding -----------------------------------------------------
 
 
