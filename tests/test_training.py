@@ -63,7 +63,9 @@ def corpus(tmp_path_factory) -> str:
     return prefix
 
 
-def make_job(corpus: str, tp: int, pp: int, train_iters: int = ITERS, **sections) -> JobConfig:
+def make_job(
+    corpus: str, tp: int, pp: int, train_iters: int | None = ITERS, **sections
+) -> JobConfig:
     """The tiny LLaMA on byte tokens: global batch 8 of 32 tokens, distributed optimizer."""
     job = JobConfig(
         model=ModelConfig.from_preset("tiny", vocab_size=256),
@@ -155,6 +157,15 @@ def test_interleaved_pipeline_through_the_trainer_matches_one_rank(pool, solo, c
                                          training={"eval_iters": 0}))[0].losses  # fmt: skip
     for i in (1, 2, 3):
         assert interleaved[i] == pytest.approx(reference[i], rel=1e-5), i
+
+
+def test_train_samples_sets_the_run_length_with_a_schedule_in_samples(solo, corpus):
+    job = make_job(
+        corpus, 1, 1, train_iters=None, training={"train_samples": 24, "eval_iters": 0},
+        optimizer={"lr_warmup_iters": 0, "lr_warmup_samples": 16},
+    )  # fmt: skip
+    result = solo.run(train, job)[0]
+    assert sorted(result.losses) == [1, 2, 3] and result.consumed_samples == 24
 
 
 # Checkpoints: exact resume, resharding -----------------------------------------------------
