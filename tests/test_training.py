@@ -114,11 +114,13 @@ def baseline(pool, corpus, tensorboard_dir):
 
 @pytest.fixture(scope="module")
 def stopped(pool, corpus, tmp_path_factory) -> Path:
-    """The same run, stopped by --exit-interval 4 (which saves); returns --save."""
+    """The same run, saving every 3 iterations and stopped by --exit-interval 4 (which saves
+    too); returns --save."""
     save = tmp_path_factory.mktemp("checkpoints")
-    results = pool.run(
-        train, make_job(corpus, 2, 2, training={"exit_interval": 4}, checkpoint={"save": str(save)})
-    )
+    job = make_job(corpus, 2, 2, training={"exit_interval": 4},
+                   checkpoint={"save": str(save), "save_interval": 3})  # fmt: skip
+    results = pool.run(train, job)
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000003", "iter_0000004"]
     for result in results:
         assert result.iteration == 4 and result.exit_reason == "--exit-interval (4) reached"
         assert result.checkpoint == str(save / "iter_0000004")
