@@ -309,8 +309,8 @@ def _train(job: JobConfig, finetuning: bool) -> TrainResult:
         run.datasets = build_datasets(job, run.global_batch, run.train_iters, run.tokenizer)
         result = TrainResult(run.iteration, run.consumed_samples)
         with SignalHandler() as handler:
-            _loop(run, writer, result, ExitConditions(t.exit_interval, t.exit_duration_in_mins,
-                                                      handler))  # fmt: skip
+            exits = ExitConditions(t.exit_interval, t.exit_duration_in_mins, handler)
+            _loop(run, writer, result, exits)
         return result
     finally:
         if writer is not None:
@@ -327,7 +327,8 @@ def _loop(
     meter = IntervalMeter(run.model_config, t.seq_length, run.world_size, peak)
     train_iterators = run.iterators(run.datasets.train, run.consumed_samples)
     tokens_per_iteration = run.global_batch * t.seq_length
-    saved_at = None
+    # A loaded checkpoint is already saved: a run with nothing left to do writes no copy.
+    saved_at = run.iteration if run.iteration > 0 else None
     can_evaluate = eval_batches(run, run.datasets.valid) > 0
     _print(
         run,
