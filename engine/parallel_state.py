@@ -104,18 +104,12 @@ def initialize_model_parallel(
     world_size, me = dist.get_world_size(), dist.get_rank()
     layout = rank_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
 
-    # One group per distinct rank list (with PP=1 the pipeline, embedding and often data groups
-    # are the same singletons; with PP=1 the model group is the TP group). Every rank walks the
-    # same lists in the same order, so the collective `new_group` calls still match.
-    created: dict[tuple[int, ...], dist.ProcessGroup] = {}
-
     def my_group(rank_lists: list[list[int]]) -> tuple[dist.ProcessGroup | None, list[int]]:
         mine: tuple[dist.ProcessGroup | None, list[int]] = (None, [])
         for ranks in rank_lists:
-            if tuple(ranks) not in created:
-                created[tuple(ranks)] = dist.new_group(ranks)
+            group = _group_for(ranks)
             if me in ranks:
-                mine = (created[tuple(ranks)], ranks)
+                mine = (group, ranks)
         return mine
 
     tp_group, _ = my_group(layout["tensor"])
@@ -143,27 +137,36 @@ def initialize_model_parallel(
     )
 
 
+# Groups by rank list, for the life of the default process group. With PP=1 the pipeline,
+# embedding and often the data groups are the same singletons, and the model group is the TP
+# group; and re-initialising a layout (tests, tools) reuses its groups instead of building new
+# gloo/NCCL communicators, as Megatron's destroy_model_parallel also leaves them alive. Every
+# rank makes the same initialise calls in the same order, so the collective `new_group` calls
+# still match on all ranks.
+_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+_GROUPS_WORLD: dist.ProcessGroup | None = None  # the default group the cached ones belong to
+
+
+def _group_for(ranks: list[int]) -> dist.ProcessGroup:
+    global _GROUPS_WORLD
+    if _GROUPS_WORLD is not dist.group.WORLD:
+        _GROUPS.clear()
+        _GROUPS_WORLD = dist.group.WORLD
+    key = tuple(ranks)
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(ranks)
+    return _GROUPS[key]
+
+
 def model_parallel_is_initialized() -> bool:
     return _STATE is not None
 
 
 def destroy_model_parallel() -> None:
-    """Forget the groups (the default process group stays up)."""
+    """Forget the layout. The groups stay alive (and are reused by a later initialise with
+    the same ranks) until the default process group is destroyed."""
     global _STATE
-    if _STATE is None:
-        return
-    groups = {
-        _STATE.tensor_model_parallel_group,
-        _STATE.pipeline_model_parallel_group,
-        _STATE.data_parallel_group,
-        _STATE.model_parallel_group,
-    }
-    if _STATE.embedding_group is not None:
-        groups.add(_STATE.embedding_group)
     _STATE = None
-    for group in groups:
-        if group is not dist.GroupMember.WORLD:
-            dist.destroy_process_group(group)
 
 
 def _state() -> _ParallelState:

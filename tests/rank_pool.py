@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+_GLOO_RENDEZVOUS_FAILURE = "Gloo connectFullMesh failed"
+
 
 class RankFailure(RuntimeError):
     """A check raised on one of the ranks (or timed out)."""
@@ -112,9 +114,10 @@ class RankPool:
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Run ``fn(*args, **kwargs)`` on every rank; return the results in rank order.
 
-        A check that no rank answers in time (and that raised nowhere) is run once more on
-        fresh ranks, with a warning: under heavy load, gloo's group set-up has been seen to
-        stall in its store rendezvous (``connectFullMesh``), outside this project's code.
+        A check that no rank answers in time (and that raised nowhere), or that failed in
+        gloo's group rendezvous, is run once more on fresh ranks, with a warning: under heavy
+        load gloo's ``connectFullMesh`` has been seen to stall, or to fail with "Connection
+        closed by peer", outside this project's code. Any other failure is reported at once.
         """
         for attempt in (1, 2):
             if not self._procs:
@@ -131,13 +134,16 @@ class RankPool:
             if not errors:
                 return results
             self.close(wait_s=0)
-            if not (timed_out and len(timed_out) == len(errors)) or attempt == 2:
+            stalled = bool(timed_out) and len(timed_out) == len(errors)
+            rendezvous_failed = any(_GLOO_RENDEZVOUS_FAILURE in error for error in errors)
+            if attempt == 2 or not (stalled or rendezvous_failed):
                 break
-            warnings.warn(
-                f"{fn.__name__}: ranks {timed_out} gave no answer in {self.check_timeout_s:.0f} s;"
-                " retrying once on fresh ranks",
-                stacklevel=2,
+            why = (
+                f"ranks {timed_out} gave no answer in {self.check_timeout_s:.0f} s"
+                if stalled
+                else "gloo's group rendezvous failed"
             )
+            warnings.warn(f"{fn.__name__}: {why}; retrying once on fresh ranks", stacklevel=2)
         raise RankFailure(f"{fn.__name__} failed:\n" + "\n".join(errors))
 
     def _collect(self) -> tuple[list[Any], list[str], list[int]]:
