@@ -26,7 +26,8 @@ setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     # torch 2.5: scaled_dot_product_attention(enable_gqa=...).
-    install_requires=["torch>=2.5", "numpy>=1.24", "pyyaml>=6"],
+    # safetensors: the checkpoint format; pyyaml: --config files.
+    install_requires=["torch>=2.5", "numpy>=1.24", "pyyaml>=6", "safetensors>=0.4"],
     extras_require={
         "test": [
             "pytest>=7",

@@ -45,9 +45,14 @@ from torch import nn
 # The canonical names and fusions are the model's own (engine.models.weights defines the
 # layout-free view); importing them keeps one definition of which tensors are fused.
 from engine.checkpoint_storage import fsync_file
-from engine.models.weights import _FUSED, _VOCAB_PADDED, _block_sizes, _global_name
+from engine.models.weights import (
+    FUSED_PARAMETERS,
+    VOCAB_PADDED_PARAMETERS,
+    block_sizes,
+    global_name,
+)
 from engine.tensor_parallel.random import get_rng_states, set_rng_states
-from engine.tensor_parallel.sharding import shard_tensor
+from engine.tensor_parallel.sharding import shard_tensor, unshard_tensor
 
 MODEL_STATE = "model"
 OPTIMIZER_STATES = ("param", "exp_avg", "exp_avg_sq")
@@ -91,25 +96,25 @@ def placement_of(
     module: nn.Module, name: str, param: nn.Parameter, tp_rank: int, tp_size: int
 ) -> Placement:
     """The placement of ``module``'s parameter ``name`` (a `LlamaModel` chunk)."""
-    global_name = _global_name(module, name)
+    canonical = global_name(module, name)
     sharded = getattr(param, "tensor_model_parallel", False) and tp_size > 1
     full_shape = list(param.shape)
     partition_dim, sizes = None, []
     if sharded:
         partition_dim, sizes = param.partition_dim, list(param.partition_sizes)
         full_shape[partition_dim] = sum(sizes)
-    suffix = global_name.split(".", 2)[-1] if global_name.startswith("layers.") else global_name
-    if suffix in _FUSED:
-        prefix = global_name[: -len(suffix)]
-        names = [prefix + part for part in _FUSED[suffix]]
-        rows = sizes if sharded and partition_dim == 0 else _block_sizes(param, len(names))
+    suffix = canonical.split(".", 2)[-1] if canonical.startswith("layers.") else canonical
+    if suffix in FUSED_PARAMETERS:
+        prefix = canonical[: -len(suffix)]
+        names = [prefix + part for part in FUSED_PARAMETERS[suffix]]
+        rows = sizes if sharded and partition_dim == 0 else block_sizes(param, len(names))
         parts = list(zip(names, [int(r) for r in rows], strict=True))
-    elif global_name in _VOCAB_PADDED:
-        parts = [(global_name, module.config.vocab_size)]
+    elif canonical in VOCAB_PADDED_PARAMETERS:
+        parts = [(canonical, module.config.vocab_size)]
     else:
-        parts = [(global_name, full_shape[0])]
+        parts = [(canonical, full_shape[0])]
     return Placement(
-        param=global_name, parts=parts, partition_dim=partition_dim, partition_sizes=sizes,
+        param=canonical, parts=parts, partition_dim=partition_dim, partition_sizes=sizes,
         tp_rank=tp_rank if sharded else 0, tp_size=tp_size if sharded else 1,
         local_shape=list(param.shape), start=0, end=param.numel(),
     )  # fmt: skip
@@ -147,11 +152,7 @@ def unshard(local_tensors: list[torch.Tensor], placement: Placement) -> torch.Te
     `shard_tensor`, without communication."""
     if placement.partition_dim is None:
         return local_tensors[0]
-    dim, world = placement.partition_dim, placement.tp_size
-    local_sizes = [size // world for size in placement.partition_sizes]
-    per_rank = [t.split(local_sizes, dim=dim) for t in local_tensors]
-    blocks = [torch.cat([r[i] for r in per_rank], dim=dim) for i in range(len(local_sizes))]
-    return torch.cat(blocks, dim=dim)
+    return unshard_tensor(local_tensors, placement.partition_dim, placement.partition_sizes)
 
 
 def split_canonical(full: torch.Tensor, placement: Placement) -> dict[str, torch.Tensor]:

@@ -18,15 +18,15 @@ from engine import parallel_state
 from engine.tensor_parallel.sharding import gather_tensor, shard_tensor
 
 # Fused parameters and the canonical tensors they hold, in order along dim 0.
-_FUSED = {
+FUSED_PARAMETERS = {
     "attention.qkv.weight": ("attention.q.weight", "attention.k.weight", "attention.v.weight"),
     "attention.kv.weight": ("attention.k.weight", "attention.v.weight"),
     "mlp.gate_up.weight": ("mlp.gate.weight", "mlp.up.weight"),
 }
-_VOCAB_PADDED = ("embedding.weight", "output_layer.weight")
+VOCAB_PADDED_PARAMETERS = ("embedding.weight", "output_layer.weight")
 
 
-def _global_name(model: nn.Module, name: str) -> str:
+def global_name(model: nn.Module, name: str) -> str:
     """``layers.{local}.x`` -> ``layers.{global layer number}.x``."""
     if not name.startswith("layers."):
         return name
@@ -34,7 +34,7 @@ def _global_name(model: nn.Module, name: str) -> str:
     return f"layers.{model.layers[int(local)].layer_number}.{rest}"
 
 
-def _block_sizes(param: nn.Parameter, parts: int) -> list[int]:
+def block_sizes(param: nn.Parameter, parts: int) -> list[int]:
     sizes = getattr(param, "partition_sizes", None)
     return list(sizes) if sizes and len(sizes) == parts else [param.size(0) // parts] * parts
 
@@ -54,13 +54,15 @@ def gather_full_state(model: nn.Module, grads: bool = False) -> dict[str, torch.
         if getattr(param, "tensor_model_parallel", False):
             tensor = gather_tensor(tensor, param.partition_dim, param.partition_sizes, group)
         tensor = tensor.cpu()
-        name = _global_name(model, name)
+        name = global_name(model, name)
         suffix = name.split(".", 2)[-1] if name.startswith("layers.") else name
-        if suffix in _FUSED:
+        if suffix in FUSED_PARAMETERS:
             prefix = name[: -len(suffix)]
-            pieces = tensor.split(_block_sizes(param, len(_FUSED[suffix])), dim=0)
-            out.update({prefix + part: p for part, p in zip(_FUSED[suffix], pieces, strict=True)})
-        elif name in _VOCAB_PADDED:
+            pieces = tensor.split(block_sizes(param, len(FUSED_PARAMETERS[suffix])), dim=0)
+            out.update(
+                {prefix + part: p for part, p in zip(FUSED_PARAMETERS[suffix], pieces, strict=True)}
+            )
+        elif name in VOCAB_PADDED_PARAMETERS:
             out[name] = tensor[:vocab]
         else:
             out[name] = tensor
@@ -75,14 +77,16 @@ def load_full_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     group = parallel_state.get_tensor_model_parallel_group()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     for name, param in model.named_parameters():
-        name = _global_name(model, name)
+        name = global_name(model, name)
         suffix = name.split(".", 2)[-1] if name.startswith("layers.") else name
-        if suffix in _FUSED:
+        if suffix in FUSED_PARAMETERS:
             prefix = name[: -len(suffix)]
-            full = torch.cat([_take(tensors, prefix + part) for part in _FUSED[suffix]], dim=0)
+            full = torch.cat(
+                [_take(tensors, prefix + part) for part in FUSED_PARAMETERS[suffix]], dim=0
+            )
         else:
             full = _take(tensors, name)
-        if name in _VOCAB_PADDED:
+        if name in VOCAB_PADDED_PARAMETERS:
             padding = (param.size(0) * (world if param.tensor_model_parallel else 1)) - full.size(0)
             full = torch.cat([full, full.new_zeros(padding, full.size(1))])
         if getattr(param, "tensor_model_parallel", False):

@@ -35,6 +35,15 @@ def gather_tensor(
         return local.clone()
     shards = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(shards, local.contiguous(), group=group)
+    return unshard_tensor(shards, partition_dim, partition_sizes)
+
+
+def unshard_tensor(
+    shards: Sequence[torch.Tensor], partition_dim: int, partition_sizes: Sequence[int]
+) -> torch.Tensor:
+    """The full tensor from every rank's shard, in rank order (the inverse of `shard_tensor`,
+    without communication)."""
+    world = len(shards)
     local_sizes = [size // world for size in partition_sizes]
     per_rank_blocks = [shard.split(local_sizes, dim=partition_dim) for shard in shards]
     blocks = [
