@@ -1,0 +1,92 @@
+"""Convert checkpoints between HuggingFace LLaMA and the engine, or between layouts.
+
+    python tools/convert_checkpoint.py hf-to-engine --load-dir hf/Llama-2-7b-hf \
+        --save-dir ckpt/llama2-7b --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2
+    python tools/convert_checkpoint.py engine-to-hf --load-dir ckpt/run --save-dir hf/out \
+        --tokenizer-dir hf/Llama-2-7b-hf
+    python tools/convert_checkpoint.py reshard --load-dir ckpt/run --save-dir ckpt/tp4 \
+        --target-tensor-parallel-size 4 --target-pipeline-parallel-size 1
+
+One process, no GPU, memory bounded by a few copies of the largest tensor (see
+docs/conversion.md). The logic is `engine.conversion`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from engine.checkpoint_storage import CheckpointError
+from engine.conversion import ConversionError, engine_to_hf, hf_to_engine, parse_dtype, reshard
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help in (
+        ("hf-to-engine", "HF LLaMA directory -> engine checkpoint at the target layout"),
+        ("engine-to-hf", "engine checkpoint (any layout) -> HF LLaMA directory"),
+        ("reshard", "engine checkpoint -> engine checkpoint at the target layout"),
+    ):
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("--load-dir", required=True, help="the source directory")
+        sub.add_argument("--save-dir", required=True, help="where to write the result")
+        sub.add_argument(
+            "--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+            help="dtype of the written weights (default: as stored in the source)",
+        )  # fmt: skip
+        if name != "hf-to-engine":
+            sub.add_argument(
+                "--ckpt-step", type=int, default=None,
+                help="iteration to read (default: the latest)",
+            )  # fmt: skip
+        if name != "engine-to-hf":
+            sub.add_argument("--target-tensor-parallel-size", type=int, default=1)
+            sub.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+        if name == "hf-to-engine":
+            sub.add_argument(
+                "--make-vocab-size-divisible-by", type=int, default=128,
+                help="vocabulary padding per TP rank of the engine model",
+            )  # fmt: skip
+        if name == "engine-to-hf":
+            sub.add_argument(
+                "--tokenizer-dir", default=None,
+                help="copy this directory's tokenizer files (or this .model file) alongside",
+            )  # fmt: skip
+            sub.add_argument(
+                "--max-shard-size-gb", type=float, default=5.0,
+                help="largest safetensors shard, in GiB (HF's default: 5)",
+            )  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        dtype = parse_dtype(args.dtype)
+        if args.command == "hf-to-engine":
+            out = hf_to_engine(
+                args.load_dir, args.save_dir, args.target_tensor_parallel_size,
+                args.target_pipeline_parallel_size, dtype, args.make_vocab_size_divisible_by,
+            )  # fmt: skip
+        elif args.command == "reshard":
+            out = reshard(
+                args.load_dir, args.save_dir, args.target_tensor_parallel_size,
+                args.target_pipeline_parallel_size, args.ckpt_step, dtype,
+            )  # fmt: skip
+        else:
+            out = engine_to_hf(
+                args.load_dir, args.save_dir, args.ckpt_step, dtype,
+                int(args.max_shard_size_gb * 2**30), args.tokenizer_dir,
+            )  # fmt: skip
+    except (ConversionError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.command}: wrote {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
