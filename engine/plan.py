@@ -99,7 +99,8 @@ def activation_bytes_per_layer(
 
     - two RMSNorms keep their normalised input, ``s·b·h`` each (``/t`` with sequence
       parallelism), and float32 ``1/rms`` per token;
-    - the QKV and gate|up projections keep their (all-gathered) input, ``s·b·h`` each;
+    - the QKV and gate|up projections keep their input, ``s·b·h`` each (``/t`` with sequence
+      parallelism: they keep the shard and all-gather it again in the backward);
     - attention keeps the rotated Q ``s·b·h/t`` and K ``s·b·kv·d``, the fused QKV output
       ``s·b·(h/t + 2·kv·d)`` (V is a view of it), the output ``s·b·h/t`` (also the output
       projection's input) and float32 log-sum-exp per head; flash attention keeps no ``s×s``
@@ -128,7 +129,7 @@ def activation_bytes_per_layer(
         attention += s * b * h if model.sequence_parallel else 0
     values = (
         2 * s * b * h // sp  # norm inputs
-        + 2 * s * b * h  # QKV and gate|up inputs
+        + 2 * s * b * h // sp  # QKV and gate|up inputs
         + attention
         + 4 * s * b * f // tp  # SwiGLU
     )
@@ -142,12 +143,12 @@ def output_activation_bytes(
     model: ModelConfig, seq_length: int, micro_batch_size: int, tp: int, bytes_per_value: int = 2
 ) -> int:
     """What the last stage keeps after the decoder layers, per microbatch: the final norm's
-    input, the output head's (gathered) input and the cross entropy's float32 softmax over this
-    rank's vocabulary slice."""
+    input, the output head's input (the sequence shard with sequence parallelism) and the cross
+    entropy's float32 softmax over this rank's vocabulary slice."""
     s, b, h = seq_length, micro_batch_size, model.hidden_size
     sp = tp if model.sequence_parallel else 1
     vocab_shard = pad_vocab_size(model.vocab_size, tp, model.make_vocab_size_divisible_by) // tp
-    return (s * b * h // sp + s * b * h) * bytes_per_value + 4 * s * b * vocab_shard
+    return 2 * s * b * h // sp * bytes_per_value + 4 * s * b * vocab_shard
 
 
 def in_flight_microbatches(pp: int, vpp: int | None, num_microbatches: int, rank: int) -> int:

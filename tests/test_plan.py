@@ -155,9 +155,11 @@ def test_activation_formula_against_design_closed_forms():
     # TP: GPT's sbh·(10 + 24/t + 5·a·s/(h·t)); ours keeps 8·sbh replicated (norm and linear
     # inputs) and shards the rest: 12·sbh/t + 8·sbf/t.
     assert ours(t) == 8 * sbh + 12 * sbh // t + 8 * s * b * f // t + lse // t + rstd
-    # TP + SP: the norm inputs shard too (the gathered linear inputs are kept whole, unlike
-    # Megatron's, which re-gathers them in backward).
-    assert ours(t, sequence_parallel=True) == ours(t) - 4 * sbh * (t - 1) // t - rstd * (t - 1) // t
+    # TP + SP: the norm inputs and the column-parallel inputs shard too (kept as the sequence
+    # shard and all-gathered again in the backward, as Megatron does): DESIGN's
+    # (s·b·h/t)·(34 + 5·a·s/h) shape, everything divided by t.
+    assert ours(t, sequence_parallel=True) == ours(t) - 8 * sbh * (t - 1) // t - rstd * (t - 1) // t
+    assert ours(t, sequence_parallel=True) == ours(1) // t
     # Selective recompute of core attention saves only the log-sum-exp with flash attention.
     assert ours(t, recompute_granularity="selective") == ours(t) - lse // t
     # Full recompute: DESIGN's 2·sbh, and 2·sbh/t with sequence parallelism.
@@ -188,12 +190,12 @@ def test_7b_memory_at_tp8_dp4():
     assert rank.grad_bytes == 4 * n  # float32 DDP buffer
     assert rank.optimizer_bytes == 12 * n // 4  # main params + Adam moments, over DP
     s, h, f, t = 4096, 4096, 11008, 8
-    per_layer = 2 * (2 * s * h // t + 2 * s * h + 6 * s * h // t + 4 * s * f // t) + 8 * s // t
+    per_layer = 2 * (2 * s * h // t + 2 * s * h // t + 6 * s * h // t + 4 * s * f // t) + 8 * s // t
     assert result.activation_bytes_per_layer == per_layer
-    output = 2 * (s * h // t + s * h) + 4 * s * 32768 // t
+    output = 2 * (2 * s * h // t) + 4 * s * 32768 // t
     assert rank.activation_bytes == 32 * per_layer + output
     assert rank.comm_bytes == 0  # no pipeline
-    assert result.fits and 12 * GB < rank.total_bytes < 13 * GB
+    assert result.fits and 10 * GB < rank.total_bytes < 11 * GB
     assert result.flops_per_iteration == flops_per_token(job.model, s) * 256 * s
     text = format_plan(job, 32)
     assert "843,321,344" in text and "fits in 80 GB" in text and "46.1 GFLOP/token" in text
@@ -221,7 +223,7 @@ def test_full_recompute_brings_one_layer_back():
     job.model.recompute_granularity = None
     not_recomputed = plan(job, 32)
     s, h, t = 4096, 4096, 8
-    output = 2 * (s * h // t + s * h) + 4 * s * 32768 // t
+    output = 2 * (2 * s * h // t) + 4 * s * 32768 // t
     assert stored.ranks[0].activation_bytes == (
         32 * 2 * s * h // t + not_recomputed.activation_bytes_per_layer + output
     )

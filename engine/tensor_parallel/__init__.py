@@ -7,6 +7,7 @@ from engine.tensor_parallel.layers import (
     InitMethod,
     RowParallelLinear,
     VocabParallelEmbedding,
+    linear_with_sequence_parallel_input,
     normal_init,
     pad_vocab_size,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "copy_to_tensor_model_parallel_region",
     "gather_from_sequence_parallel_region",
     "gather_from_tensor_model_parallel_region",
+    "linear_with_sequence_parallel_input",
     "normal_init",
     "pad_vocab_size",
     "reduce_from_tensor_model_parallel_region",

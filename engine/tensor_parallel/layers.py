@@ -26,10 +26,11 @@ from torch import nn
 
 from engine import parallel_state
 from engine.tensor_parallel.mappings import (
+    all_gather_along_first_dim,
     copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_along_first_dim,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
@@ -91,6 +92,45 @@ def _mark(param: nn.Parameter, partition_dim: int, partition_sizes: Sequence[int
     param.partition_sizes = tuple(partition_sizes)
 
 
+class _SequenceParallelLinear(torch.autograd.Function):
+    """``all_gather_seq(x) @ W^T + b`` that keeps only this rank's sequence shard of ``x``.
+
+    Saving the gathered input would cost ``tp`` times the activation memory that sequence
+    parallelism exists to save; the backward gathers it again instead (Megatron's trade: one
+    more all-gather of ``[s, b, h]`` per layer and pass).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        return F.linear(all_gather_along_first_dim(x, group), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        full_x = all_gather_along_first_dim(x, ctx.group)
+        # Each rank's input gradient covers the whole sequence but only its output columns:
+        # reduce-scatter sums the partials and hands back this rank's sequence shard.
+        grad_x = reduce_scatter_along_first_dim(grad_out.matmul(weight), ctx.group)
+        rows_out = grad_out.reshape(-1, grad_out.size(-1))
+        grad_weight = rows_out.t().matmul(full_x.reshape(-1, full_x.size(-1)))
+        grad_bias = rows_out.sum(0) if ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias, None
+
+
+def linear_with_sequence_parallel_input(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """``[s/tp, b, i]`` sequence shard -> ``[s, b, o']``: all-gather the sequence, then the
+    linear, keeping only the shard for the backward."""
+    group = parallel_state.get_tensor_model_parallel_group() if group is None else group
+    return _SequenceParallelLinear.apply(x, weight, bias, group)
+
+
 class ColumnParallelLinear(nn.Module):
     """``Y = X A^T + b`` with the output features (rows of A) split over the TP group.
 
@@ -150,11 +190,11 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``weight`` overrides the layer's own (a tied output head passes the embedding's)."""
+        weight = self.weight if weight is None else weight
         if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, self.group)
+            y = linear_with_sequence_parallel_input(x, weight, self.bias, self.group)
         else:
-            x = copy_to_tensor_model_parallel_region(x, self.group)
-        y = F.linear(x, self.weight if weight is None else weight, self.bias)
+            y = F.linear(copy_to_tensor_model_parallel_region(x, self.group), weight, self.bias)
         if self.gather_output:
             y = gather_from_tensor_model_parallel_region(y, self.group)
         return y

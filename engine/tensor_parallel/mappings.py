@@ -55,7 +55,8 @@ def _split_along(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.T
     return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
 
 
-def _gather_first(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def all_gather_along_first_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``[n, ...]`` on each rank -> ``[world * n, ...]`` in rank order (no autograd)."""
     world = dist.get_world_size(group)
     if world == 1:
         return x
@@ -74,7 +75,8 @@ def _gather_along(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.
     return torch.cat(parts, dim=dim)
 
 
-def _reduce_scatter_first(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def reduce_scatter_along_first_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sum ``[world * n, ...]`` over ranks, keep this rank's ``[n, ...]`` (no autograd)."""
     world = dist.get_world_size(group)
     if world == 1:
         return x
@@ -140,21 +142,21 @@ class _ScatterToSequenceRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_first(grad, ctx.group), None
+        return all_gather_along_first_dim(grad, ctx.group), None
 
 
 class _GatherFromSequenceRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, grad_is_partial):
         ctx.group, ctx.grad_is_partial = group, grad_is_partial
-        return _gather_first(x, group)
+        return all_gather_along_first_dim(x, group)
 
     @staticmethod
     def backward(ctx, grad):
         # Feeding a column-parallel layer, each rank holds a partial gradient of the whole
         # sequence: reduce-scatter sums them. Otherwise every rank has the full gradient.
         if ctx.grad_is_partial:
-            return _reduce_scatter_first(grad, ctx.group), None, None
+            return reduce_scatter_along_first_dim(grad, ctx.group), None, None
         return _split_along(grad, 0, ctx.group), None, None
 
 
@@ -162,11 +164,11 @@ class _ReduceScatterToSequenceRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _reduce_scatter_first(x, group)
+        return reduce_scatter_along_first_dim(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_first(grad, ctx.group), None
+        return all_gather_along_first_dim(grad, ctx.group), None
 
 
 def copy_to_tensor_model_parallel_region(
