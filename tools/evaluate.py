@@ -1,0 +1,73 @@
+"""Perplexity of a checkpoint on a JSONL file or an indexed dataset, at any layout.
+
+    torchrun --nproc-per-node 2 tools/evaluate.py --load ckpt/llama2-7b \
+        --tensor-model-parallel-size 2 --data-path valid.jsonl --json-keys text \
+        --tokenizer-type Llama2Tokenizer --tokenizer-model tokenizer.model \
+        --seq-length 4096 --stride 2048
+
+``--data-path`` is a ``.jsonl`` file (tokenized here) or the prefix of a ``.bin/.idx`` pair
+(already tokenized). The tokenizer defaults to the one the checkpoint's training run used.
+Prints one line: ``perplexity X | nll/token Y | tokens N | windows W``. See
+docs/conversion.md (Evaluation) and `engine.evaluation`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch.distributed as dist
+
+from engine import parallel_state
+from engine.checkpointing import open_checkpoint
+from engine.data.tokenizer import build_tokenizer
+from engine.device import init_distributed
+from engine.evaluation import evaluate_perplexity, load_model, read_documents
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--load", required=True, help="checkpoint directory (any layout)")
+    parser.add_argument("--ckpt-step", type=int, default=None, help="iteration (default: latest)")
+    parser.add_argument("--data-path", required=True, help=".jsonl file or indexed dataset prefix")
+    parser.add_argument("--json-keys", nargs=1, default=["text"], help="JSONL key of the text")
+    parser.add_argument("--tokenizer-type", default=None, help="default: the checkpoint's run's")
+    parser.add_argument("--tokenizer-model", default=None, help="default: the checkpoint's run's")
+    parser.add_argument("--seq-length", type=int, required=True, help="window length in tokens")
+    parser.add_argument("--stride", type=int, default=None, help="window step (default: seq)")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    init_distributed()
+    parallel_state.initialize_model_parallel(
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    )
+    try:
+        _, metadata = open_checkpoint(args.load, args.ckpt_step)
+        data = metadata.get("config", {}).get("data", {})
+        tokenizer_type = args.tokenizer_type or data.get("tokenizer_type")
+        tokenizer_model = args.tokenizer_model or data.get("tokenizer_model")
+        tokenizer = build_tokenizer(tokenizer_type, tokenizer_model) if tokenizer_type else None
+        documents = read_documents(args.data_path, tokenizer, args.json_keys[0])
+        model = load_model(args.load, args.ckpt_step)
+        result = evaluate_perplexity(
+            model, documents, args.seq_length, args.stride or args.seq_length
+        )
+        if dist.get_rank() == 0:
+            print(
+                f"perplexity {result.perplexity:.6f} | nll/token "
+                f"{result.nll_sum / result.tokens:.6f} | tokens {result.tokens} | "
+                f"windows {result.windows}"
+            )
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
