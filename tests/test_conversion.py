@@ -24,10 +24,16 @@ from safetensors.torch import save_file
 
 from engine import parallel_state
 from engine.checkpoint_format import is_tied_copy, placement_of
-from engine.checkpointing import load_checkpoint, open_checkpoint, read_full_state
+from engine.checkpointing import (
+    load_checkpoint,
+    open_checkpoint,
+    read_full_state,
+    save_checkpoint,
+)
 from engine.conversion import (
     ConversionError,
     canonical_shapes,
+    engine_to_hf,
     hf_to_engine,
     model_config_from_metadata,
     reshard,
@@ -73,9 +79,10 @@ def save_hf(model: transformers.LlamaForCausalLM, directory: Path, fmt: str) -> 
         model.save_pretrained(directory)
 
 
-def engine_logits_at_tp2_pp2(checkpoint: str, tokens: torch.Tensor) -> dict:
+def engine_logits_at_tp2_pp2(checkpoint: str, tokens: torch.Tensor, resave: str) -> dict:
     """Load the converted checkpoint at TP=2 x PP=2 and run the two stages; return the full
-    logits on the last stage, and whether every placement equals `stage_placements`."""
+    logits on the last stage, and whether every placement equals `stage_placements`. Save
+    the loaded model again under ``resave`` (as training would: `save_checkpoint`)."""
     parallel_state.initialize_model_parallel(2, 2)
     try:
         directory, metadata = open_checkpoint(checkpoint)
@@ -107,6 +114,7 @@ def engine_logits_at_tp2_pp2(checkpoint: str, tokens: torch.Tensor) -> dict:
             if pp_rank == 1:
                 local = model(tokens, decoder_input=hidden)
                 logits = gather_from_tensor_model_parallel_region(local)[..., : config.vocab_size]
+        save_checkpoint(resave, 7, [model], None, None, 0)
         return {"logits": logits, "same_placements": same_placements}
     finally:
         parallel_state.destroy_model_parallel()
@@ -133,7 +141,7 @@ def test_round_trip_and_logits(pool, tmp_path, heads, kv_heads, tied, fmt):
         "hf-to-engine", "--load-dir", str(tmp_path / "hf"), "--save-dir", str(ckpt),
         "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
     ]) == 0  # fmt: skip
-    results = pool.run(engine_logits_at_tp2_pp2, str(ckpt), tokens)
+    results = pool.run(engine_logits_at_tp2_pp2, str(ckpt), tokens, str(tmp_path / "resaved"))
     assert all(r["same_placements"] for r in results)
     for r in results[2:]:  # the last stage's ranks
         error = (r["logits"] - expected).abs().max().item()
@@ -160,6 +168,10 @@ def test_round_trip_and_logits(pool, tmp_path, heads, kv_heads, tied, fmt):
     reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, expected)
+    # A checkpoint the engine saved itself (RNG files, iteration 7) exports the same.
+    engine_to_hf(tmp_path / "resaved", tmp_path / "exported_again")
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported_again")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in hf.state_dict().items())
 
 
 def test_reshard_keeps_every_tensor(tmp_path):
