@@ -381,9 +381,11 @@ def write_engine_checkpoint(
     pp_size: int,
     dtype: torch.dtype,
     source: dict[str, Any],
+    tokenizer: dict[str, str] | None = None,
 ) -> Path:
     """Write a weights-only engine checkpoint (iteration 0) at TP x PP from canonical tensors
-    given by name, one parameter at a time; returns its directory."""
+    given by name, one parameter at a time; returns its directory. ``source`` describes the
+    input (recorded as ``config.converted_from``), ``tokenizer`` its tokenizer flags."""
     save_dir = Path(save_dir)
     final = iteration_dir(save_dir, 0)
     tmp = final.with_name(final.name + ".tmp")
@@ -425,7 +427,8 @@ def write_engine_checkpoint(
         },
         "use_distributed_optimizer": False, "has_optimizer_state": False,
         "model": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
-        "config": {"converted_from": source}, "lr_scheduler": None, "optimizer_step": 0,
+        "config": {"converted_from": source, "data": tokenizer or {}},
+        "lr_scheduler": None, "optimizer_step": 0,
         "grad_scaler": None, "skipped_steps": 0, "files": sorted(files),
         "versions": {
             "engine": engine.__version__, "torch": torch.__version__,
@@ -475,7 +478,23 @@ def hf_to_engine(
         return source.get(canonical_to_hf_name(name))
 
     info = {"format": "huggingface", "path": str(Path(load_dir).resolve())}
-    return write_engine_checkpoint(save_dir, config, canonical, tp_size, pp_size, dtype, info)
+    return write_engine_checkpoint(
+        save_dir, config, canonical, tp_size, pp_size, dtype, info, _hf_tokenizer(load_dir)
+    )
+
+
+def _hf_tokenizer(directory: str | Path) -> dict[str, str]:
+    """The tokenizer flags of the HF directory's own tokenizer (recorded in the checkpoint's
+    ``config.data``, where tools/evaluate.py finds its default), if it has one."""
+    directory = Path(directory).resolve()
+    if (directory / "tokenizer.model").is_file():
+        return {
+            "tokenizer_type": "Llama2Tokenizer",
+            "tokenizer_model": str(directory / "tokenizer.model"),
+        }
+    if (directory / "tokenizer.json").is_file():
+        return {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(directory)}
+    return {}
 
 
 def _engine_reader(load_dir: str | Path, iteration: int | None) -> tuple[Path, dict, ShardReader]:
@@ -504,8 +523,10 @@ def reshard(
     _check_layout(config, tp_size, pp_size, directory)
     dtype = _resolve_dtype(dtype, config.params_dtype)
     info = {"format": "engine", "path": str(directory.resolve()), "layout": metadata["layout"]}
+    data = metadata.get("config", {}).get("data") or {}
+    tokenizer = {k: data[k] for k in ("tokenizer_type", "tokenizer_model") if data.get(k)}
     return write_engine_checkpoint(
-        save_dir, config, reader.canonical, tp_size, pp_size, dtype, info
+        save_dir, config, reader.canonical, tp_size, pp_size, dtype, info, tokenizer
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,7 @@ def setup(tmp_path_factory):
     with torch.no_grad():  # sharper predictions than the near-uniform initialisation
         hf.lm_head.weight.mul_(6)
     hf.save_pretrained(tmp / "hf")
+    shutil.copyfile(TOKENIZER, tmp / "hf" / "tokenizer.model")  # the checkpoint records it
     checkpoint = tmp / "engine"
     hf_to_engine(tmp / "hf", checkpoint, tp_size=2)
     paragraphs = TEXT.read_text()[:8000].split("\n\n")
@@ -139,9 +141,10 @@ def test_perplexity_equals_transformers_at_every_layout(pool, setup):
 
 
 def test_tool_prints_the_perplexity(setup):
-    checkpoint, _, prefix, _, reference = setup
+    """JSONL without tokenizer flags: the converted checkpoint names the HF directory's."""
+    checkpoint, jsonl, _, _, reference = setup
     result = subprocess.run(
-        [sys.executable, "tools/evaluate.py", "--load", checkpoint, "--data-path", prefix,
+        [sys.executable, "tools/evaluate.py", "--load", checkpoint, "--data-path", jsonl,
          "--seq-length", str(SEQ_LENGTH), "--stride", str(STRIDE)],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
     )  # fmt: skip
