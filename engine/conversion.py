@@ -328,6 +328,14 @@ class HFCheckpoint:
             return tuple(handle[name].shape)
         return tuple(handle.get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype, from the header (no tensor is read)."""
+        handle = self._handle(self._where[name])
+        if self._binary:
+            return handle[name].dtype
+        code = handle.get_slice(name).get_dtype()
+        return next(t for t, c in _SAFETENSORS_DTYPES.items() if c == code)
+
     def get(self, name: str) -> torch.Tensor:
         handle = self._handle(self._where[name])
         return handle[name] if self._binary else handle.get_tensor(name)
@@ -387,6 +395,11 @@ def write_engine_checkpoint(
     given by name, one parameter at a time; returns its directory. ``source`` describes the
     input (recorded as ``config.converted_from``), ``tokenizer`` its tokenizer flags."""
     save_dir = Path(save_dir)
+    if (save_dir / LATEST_FILE).exists():  # never repoint a training run's `latest` to 0
+        raise ConversionError(
+            f"--save-dir {save_dir} already holds a checkpoint ({LATEST_FILE}): choose a new "
+            "directory"
+        )
     final = iteration_dir(save_dir, 0)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
@@ -453,10 +466,6 @@ def _check_layout(config: ModelConfig, tp_size: int, pp_size: int, source: str |
         ) from None
 
 
-def _resolve_dtype(dtype: torch.dtype | None, stored: torch.dtype) -> torch.dtype:
-    return stored if dtype is None else dtype
-
-
 def hf_to_engine(
     load_dir: str | Path,
     save_dir: str | Path,
@@ -471,8 +480,7 @@ def hf_to_engine(
     config = model_config_from_hf(source.hf_config, make_vocab_size_divisible_by)
     _check_layout(config, tp_size, pp_size, load_dir)
     check_hf_tensors(source, config)
-    first = source.names()[0]
-    dtype = _resolve_dtype(dtype, source.get(first).dtype)
+    dtype = dtype or source.dtype(canonical_to_hf_name("embedding.weight"))
 
     def canonical(name: str) -> torch.Tensor:
         return source.get(canonical_to_hf_name(name))
@@ -521,7 +529,7 @@ def reshard(
     directory, metadata, reader = _engine_reader(load_dir, iteration)
     config = model_config_from_metadata(metadata)
     _check_layout(config, tp_size, pp_size, directory)
-    dtype = _resolve_dtype(dtype, config.params_dtype)
+    dtype = dtype or config.params_dtype
     info = {"format": "engine", "path": str(directory.resolve()), "layout": metadata["layout"]}
     data = metadata.get("config", {}).get("data") or {}
     tokenizer = {k: data[k] for k in ("tokenizer_type", "tokenizer_model") if data.get(k)}
@@ -542,7 +550,7 @@ def engine_to_hf(
     ``model.safetensors.index.json``, ``config.json`` and, if given, the tokenizer's files."""
     directory, metadata, reader = _engine_reader(load_dir, iteration)
     config = model_config_from_metadata(metadata)
-    dtype = _resolve_dtype(dtype, config.params_dtype)
+    dtype = dtype or config.params_dtype
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     shapes = canonical_shapes(config)  # vocabulary padding is not in the canonical view
@@ -592,13 +600,3 @@ def copy_tokenizer_files(source: Path, save_dir: Path) -> list[str]:
     for name in copied:
         shutil.copyfile(source / name, save_dir / name)
     return copied
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """``float32`` / ``bfloat16`` / ``float16`` -> dtype; None (keep as stored) for None."""
-    if name is None:
-        return None
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ConversionError(f"dtype {name!r} is not one of {sorted(dtypes)}")
-    return dtypes[name]

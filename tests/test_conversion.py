@@ -240,11 +240,15 @@ def test_bad_tensors_and_layouts_are_named(tmp_path, capsys):
     extra = dict(state, **{"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)})
     assert "model.layers.0.self_attn.q_proj.bias has no counterpart" in convert_with(extra)
     assert "--target-tensor-parallel-size 3" in convert_with(state, tp=3)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    hf_to_engine(tmp_path, tmp_path / "out")
+    with pytest.raises(ConversionError, match="already holds a checkpoint"):
+        hf_to_engine(tmp_path, tmp_path / "out")
     # The tool prints the message and exits with 1.
     assert convert_main(["hf-to-engine", "--load-dir", str(tmp_path / "nowhere"),
-                         "--save-dir", str(tmp_path / "out")]) == 1  # fmt: skip
+                         "--save-dir", str(tmp_path / "out2")]) == 1  # fmt: skip
     assert "config.json does not exist" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "latest_checkpointed_iteration.txt").exists()
+    assert not (tmp_path / "out2").exists()
 
 
 # LLaMA-2-7B's names and shape ratios at 1/16 of the width: 32 layers, 32 heads, h = 256,

@@ -17,8 +17,10 @@ import argparse
 import sys
 import time
 
+import torch
+
 from engine.checkpoint_storage import CheckpointError
-from engine.conversion import ConversionError, engine_to_hf, hf_to_engine, parse_dtype, reshard
+from engine.conversion import ConversionError, engine_to_hf, hf_to_engine, reshard
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        dtype = parse_dtype(args.dtype)
+        dtype = None if args.dtype is None else getattr(torch, args.dtype)
         if args.command == "hf-to-engine":
             out = hf_to_engine(
                 args.load_dir, args.save_dir, args.target_tensor_parallel_size,
