@@ -50,6 +50,7 @@ from engine.checkpoint_storage import (
 from engine.checkpointing import FORMAT_VERSION, METADATA_FILE, open_checkpoint
 from engine.config import ModelConfig, ParallelConfig, validate
 from engine.models.hf_llama import canonical_to_hf_name, hf_config_kwargs, hf_to_canonical_name
+from engine.models.meta_llama import MetaCheckpoint
 from engine.pipeline_parallel.partition import virtual_stage_layers
 from engine.tensor_parallel.layers import pad_vocab_size
 
@@ -473,10 +474,18 @@ def hf_to_engine(
     pp_size: int = 1,
     dtype: torch.dtype | None = None,
     make_vocab_size_divisible_by: int = 128,
+    checkpoint_type: str = "hf",
 ) -> Path:
-    """Convert a HF LLaMA directory into an engine checkpoint at TP x PP (``dtype``: as
-    stored when None); returns the checkpoint's directory."""
-    source = HFCheckpoint(load_dir)
+    """Convert a HF LLaMA directory (``checkpoint_type="meta"``: Meta's ``params.json`` +
+    ``consolidated.00.pth``, Q/K permuted, see `engine.models.meta_llama`) into an engine
+    checkpoint at TP x PP (``dtype``: as stored when None); returns its directory."""
+    if checkpoint_type == "meta":
+        try:
+            source = MetaCheckpoint(load_dir)
+        except ValueError as error:
+            raise ConversionError(str(error)) from None
+    else:
+        source = HFCheckpoint(load_dir)
     config = model_config_from_hf(source.hf_config, make_vocab_size_divisible_by)
     _check_layout(config, tp_size, pp_size, load_dir)
     check_hf_tensors(source, config)
@@ -485,7 +494,7 @@ def hf_to_engine(
     def canonical(name: str) -> torch.Tensor:
         return source.get(canonical_to_hf_name(name))
 
-    info = {"format": "huggingface", "path": str(Path(load_dir).resolve())}
+    info = {"format": checkpoint_type, "path": str(Path(load_dir).resolve())}
     return write_engine_checkpoint(
         save_dir, config, canonical, tp_size, pp_size, dtype, info, _hf_tokenizer(load_dir)
     )

@@ -344,3 +344,87 @@ def test_7b_shaped_conversion_streams(tmp_path):
         str(tmp_path / "hf" / index["weight_map"]["model.layers.31.mlp.up_proj.weight"]), "pt"
     ) as f:
         assert torch.equal(f.get_tensor("model.layers.31.mlp.up_proj.weight"), source)
+
+
+def meta_rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Meta's reference rotary embedding: x ``[s, heads, d]`` rotated as complex numbers made
+    of interleaved pairs (``apply_rotary_emb`` of Meta's llama/model.py)."""
+    s, _, d = x.shape
+    freqs = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    freqs_cis = torch.polar(torch.ones(s, d // 2), torch.outer(torch.arange(s).float(), freqs))
+    pairs = torch.view_as_complex(x.float().reshape(s, x.size(1), d // 2, 2))
+    return torch.view_as_real(pairs * freqs_cis[:, None, :]).flatten(2)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
+def test_meta_qk_permutation_gives_the_same_attention_scores(heads, kv_heads):
+    """Meta's weights with interleaved rotary == permuted weights with the engine's
+    rotate-half rotary: the same q.k for every head and position pair."""
+    from engine.models.llama import RotaryEmbedding, apply_rotary
+    from engine.models.meta_llama import permute_meta_qk
+
+    generator = torch.Generator().manual_seed(0)
+    h, d, s, theta = 64, 64 // heads, 12, 10000.0
+    wq = torch.randn(heads * d, h, generator=generator)
+    wk = torch.randn(kv_heads * d, h, generator=generator)
+    x = torch.randn(s, h, generator=generator)
+    q_meta = meta_rotary((x @ wq.T).view(s, heads, d), theta)
+    k_meta = meta_rotary((x @ wk.T).view(s, kv_heads, d), theta)
+    cos, sin = RotaryEmbedding(d, theta)(torch.arange(s).unsqueeze(0), torch.float32)
+    q = apply_rotary((x @ permute_meta_qk(wq, heads).T).view(s, 1, heads, d), cos, sin)[:, 0]
+    k = apply_rotary((x @ permute_meta_qk(wk, kv_heads).T).view(s, 1, kv_heads, d), cos, sin)[:, 0]
+    group = heads // kv_heads
+    for head in range(heads):
+        meta = q_meta[:, head] @ k_meta[:, head // group].T
+        ours = q[:, head] @ k[:, head // group].T
+        torch.testing.assert_close(ours, meta, rtol=1e-5, atol=1e-4)
+    # Without the permutation the scores differ: the test can fail.
+    q_unpermuted = apply_rotary((x @ wq.T).view(s, 1, heads, d), cos, sin)[:, 0]
+    assert not torch.allclose(q_unpermuted[:, 0] @ k[:, 0].T, q_meta[:, 0] @ k_meta[:, 0].T)
+
+
+def test_meta_checkpoint_converts_like_its_hf_twin(tmp_path):
+    """A Meta-format copy of a HF model (Q/K un-permuted, Meta names, params.json) converts
+    to an engine checkpoint whose HF export equals the HF model."""
+    hf = random_hf_model(kv_heads=2, heads=8, tied=False)
+    names = {
+        "model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+        "lm_head.weight": "output.weight",
+    }  # fmt: skip
+    layer_names = {
+        "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+        "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+        "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+        "mlp.down_proj": "feed_forward.w2",
+    }  # fmt: skip
+    meta = {}
+    for name, tensor in hf.state_dict().items():
+        if name in names:
+            meta[names[name]] = tensor
+            continue
+        _, _, n, rest = name.split(".", 3)
+        module = rest.removesuffix(".weight")
+        heads = {"self_attn.q_proj": 8, "self_attn.k_proj": 2}.get(module)
+        if heads:  # the inverse of permute_meta_qk: rotate-half -> interleaved
+            rows = tensor.size(0)
+            tensor = tensor.view(heads, 2, rows // heads // 2, 64).transpose(1, 2).reshape(rows, 64)
+        meta[f"layers.{n}.{layer_names[module]}.weight"] = tensor.contiguous()
+    meta["rope.freqs"] = torch.ones(4)
+    (tmp_path / "meta").mkdir()
+    torch.save(meta, tmp_path / "meta" / "consolidated.00.pth")
+    params = {"dim": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2, "multiple_of": 16,
+              "norm_eps": 1e-5, "vocab_size": -1}  # fmt: skip
+    (tmp_path / "meta" / "params.json").write_text(json.dumps(params))
+    assert convert_main([
+        "hf-to-engine", "--checkpoint-type", "meta", "--load-dir", str(tmp_path / "meta"),
+        "--save-dir", str(tmp_path / "engine"), "--target-tensor-parallel-size", "2",
+    ]) == 0  # fmt: skip
+    engine_to_hf(tmp_path / "engine", tmp_path / "hf")
+    exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in hf.state_dict().items())
+    torch.save(
+        {"layers.0.attention.wq.bias": torch.zeros(2)}, tmp_path / "meta" / "consolidated.01.pth"
+    )
+    with pytest.raises(ConversionError, match="2 model-parallel shards"):
+        hf_to_engine(tmp_path / "meta", tmp_path / "engine2", checkpoint_type="meta")

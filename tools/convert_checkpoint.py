@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--target-pipeline-parallel-size", type=int, default=1)
         if name == "hf-to-engine":
             sub.add_argument(
+                "--checkpoint-type", choices=["hf", "meta"], default="hf",
+                help="hf: a transformers directory; meta: params.json + consolidated.00.pth",
+            )  # fmt: skip
+            sub.add_argument(
                 "--make-vocab-size-divisible-by", type=int, default=128,
                 help="vocabulary padding per TP rank of the engine model",
             )  # fmt: skip
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             out = hf_to_engine(
                 args.load_dir, args.save_dir, args.target_tensor_parallel_size,
                 args.target_pipeline_parallel_size, dtype, args.make_vocab_size_divisible_by,
+                args.checkpoint_type,
             )  # fmt: skip
         elif args.command == "reshard":
             out = reshard(
