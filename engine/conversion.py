@@ -344,9 +344,11 @@ class HFCheckpoint:
     def _handle(self, path: Path) -> Any:
         if path not in self._open:
             if self._binary:  # mmap: tensors are read from the page cache when touched
-                self._open[path] = torch.load(
-                    path, map_location="cpu", weights_only=True, mmap=True
-                )
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # the legacy (pre-1.6, non-zip) format cannot be mapped
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                self._open[path] = state
             else:
                 self._open[path] = safe_open(str(path), framework="pt")
         return self._open[path]

@@ -69,9 +69,11 @@ def random_hf_model(kv_heads: int, heads: int, tied: bool) -> transformers.Llama
 
 
 def save_hf(model: transformers.LlamaForCausalLM, directory: Path, fmt: str) -> None:
-    if fmt == "bin":
+    if fmt in ("bin", "legacy-bin"):  # legacy: the pre-zip format, which cannot be mmapped
         model.config.save_pretrained(directory)
-        torch.save(model.state_dict(), directory / "pytorch_model.bin")
+        zipped = fmt == "bin"
+        path = directory / "pytorch_model.bin"
+        torch.save(model.state_dict(), path, _use_new_zipfile_serialization=zipped)
     elif fmt == "sharded":
         model.save_pretrained(directory, max_shard_size="100KB")
         assert (directory / "model.safetensors.index.json").exists()
@@ -127,6 +129,7 @@ def engine_logits_at_tp2_pp2(checkpoint: str, tokens: torch.Tensor, resave: str)
         (8, 2, True, "sharded"),  # GQA with K/V sharded over TP, tied
         (8, 1, False, "bin"),  # one K/V head: replicated at TP=2
         (4, 4, True, "safetensors"),  # MHA, tied
+        (4, 2, False, "legacy-bin"),  # GQA, pre-zip pytorch_model.bin
     ],
 )
 def test_round_trip_and_logits(pool, tmp_path, heads, kv_heads, tied, fmt):
