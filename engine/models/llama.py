@@ -16,6 +16,7 @@ Activations are sequence-first ``[s, b, h]`` inside the decoder, as in Megatron.
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,9 @@ from engine.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 from engine.tensor_parallel.random import MODEL_PARALLEL_RNG_NAME, checkpoint, get_rng_tracker
+
+if TYPE_CHECKING:
+    from engine.generation import KVCache
 
 
 def _seeded_init(config: ModelConfig, name: str, std: float | None = None) -> InitMethod:
@@ -138,6 +142,7 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_number: int):
         super().__init__()
+        self.layer_number = layer_number
         tp, d = _tp_size(), config.head_dim
         heads, groups = config.num_attention_heads, config.num_query_groups
         self.local_heads, self.head_dim = heads // tp, d
@@ -167,8 +172,14 @@ class Attention(nn.Module):
             init_method=_seeded_init(config, f"{prefix}.out", _output_std(config)), **common,
         )  # fmt: skip
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x ``[s(/tp), b, h]`` -> ``[s(/tp), b, h]``."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """x ``[s(/tp), b, h]`` -> ``[s(/tp), b, h]``.
+
+        With a ``kv_cache`` (decoding, see `engine.generation.KVCache`) the new K/V are written
+        at the cache's offset and the queries attend over the whole cached prefix under its mask.
+        """
         d = self.head_dim
         if self.kv_sharded:
             q, k, v = self.qkv(x).split(
@@ -181,16 +192,27 @@ class Attention(nn.Module):
         q = apply_rotary(q.view(s, b, self.local_heads, d), cos, sin)
         k = apply_rotary(k.view(s, b, self.local_kv_heads, d), cos, sin)
         v = v.view(s, b, self.local_kv_heads, d)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_number, k, v)
+            return self.out(self._core_attention(q, k, v, kv_cache.attention_mask))
         if self.recompute_core:
             out = checkpoint(self._core_attention, q, k, v)
         else:
             out = self._core_attention(q, k, v)
         return self.out(out)
 
-    def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q ``[s, b, hq/tp, d]``, k/v ``[s, b, hkv', d]`` -> ``[s, b, hq/tp * d]``."""
+    def _core_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q ``[s, b, hq/tp, d]``, k/v ``[s_kv, b, hkv', d]`` -> ``[s, b, hq/tp * d]``; an
+        explicit boolean ``mask [b, 1, s, s_kv]`` (True: attend) replaces the causal one."""
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # SDPA's [b, heads, s, d]
-        if self.training and self.dropout > 0:
+        if mask is not None:
+            # Decoding (cached prefix, padded prompts) needs an arbitrary mask, which only SDPA
+            # takes; the training backends keep their causal fast path.
+            gqa = k.size(1) != q.size(1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif self.training and self.dropout > 0:
             # Heads are sharded over TP, so dropout draws from the per-TP-rank RNG stream.
             with get_rng_tracker().fork(MODEL_PARALLEL_RNG_NAME):
                 out = self.attention_fn(q, k, v, is_causal=True, dropout_p=self.dropout)
@@ -237,8 +259,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = RMSNorm(config)
         self.mlp = MLP(config, layer_number)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.input_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attention(self.input_norm(x), cos, sin, kv_cache)
         return x + self.mlp(self.post_attention_norm(x))
 
 
@@ -321,6 +345,7 @@ class LlamaModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         decoder_input: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Run this chunk.
 
@@ -329,6 +354,8 @@ class LlamaModel(nn.Module):
             position_ids: ``[b, s]``; default ``0..s-1``.
             labels: ``[b, s]`` next-token ids (last stage); with them the output is the loss.
             decoder_input: ``[s(/tp), b, h]`` hidden states from the previous stage.
+            kv_cache: decoding only (`engine.generation.KVCache`): attend over the cached
+                prefix; ``position_ids`` then give each new token's absolute position.
 
         Returns:
             Last stage: per-token loss ``[b, s]`` (float32) with labels, else logits
@@ -352,7 +379,7 @@ class LlamaModel(nn.Module):
             if self.config.recompute_granularity == "full":
                 x = checkpoint(layer, x, cos, sin)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, kv_cache)
         if not self.post_process:
             return x
 
