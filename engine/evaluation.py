@@ -112,9 +112,14 @@ def load_model(load_dir: str | Path, iteration: int | None = None) -> LlamaModel
 
 @torch.no_grad()
 def evaluate_perplexity(
-    model: LlamaModel, documents: Sequence[Sequence[int]], seq_length: int, stride: int
+    model: LlamaModel,
+    documents: Sequence[Sequence[int]],
+    seq_length: int,
+    stride: int,
+    micro_batch_size: int = 1,
 ) -> PerplexityResult:
-    """Perplexity of ``documents`` (collective over every rank of the job)."""
+    """Perplexity of ``documents`` (collective over every rank of the job). Up to
+    ``micro_batch_size`` consecutive windows of the same length run as one batch."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     windows = [
@@ -124,30 +129,48 @@ def evaluate_perplexity(
     ]
     device = next(model.parameters()).device
     nll, count = torch.zeros((), dtype=torch.float64), 0
-    for window in windows[dp_rank::dp_size]:
-        tokens = torch.tensor(documents[window.document][window.begin : window.end], device=device)
-        loss = _window_losses(model, tokens[:-1].unsqueeze(0), tokens[1:].unsqueeze(0))
+    for batch in _batches(windows[dp_rank::dp_size], micro_batch_size):
+        tokens = torch.tensor(
+            [documents[w.document][w.begin : w.end] for w in batch], device=device
+        )
+        loss = _window_losses(model, tokens[:, :-1], tokens[:, 1:])
         if loss is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
-            # Input position i predicts token i + 1: scored targets start at score_from - 1.
-            scored = loss[0, window.score_from - 1 :]
-            nll += scored.double().sum().cpu()
-            count += scored.numel()
+            for row, window in zip(loss, batch, strict=True):
+                # Input position i predicts token i + 1: scored targets start at score_from - 1.
+                scored = row[window.score_from - 1 :]
+                nll += scored.double().sum().cpu()
+                count += scored.numel()
     totals = torch.tensor([nll.item(), float(count)], dtype=torch.float64)
     dist.all_reduce(totals)
     return PerplexityResult(totals[0].item(), int(totals[1].item()), len(windows))
 
 
+def _batches(windows: list[Window], size: int) -> list[list[Window]]:
+    """Consecutive windows of equal length, at most ``size`` a batch (every rank of a
+    pipeline computes the same batches, so the stages agree on the hidden states' shape)."""
+    batches: list[list[Window]] = []
+    for window in windows:
+        last = batches[-1] if batches else None
+        length = window.end - window.begin
+        if last and len(last) < size and last[0].end - last[0].begin == length:
+            last.append(window)
+        else:
+            batches.append([window])
+    return batches
+
+
 def _window_losses(
     model: LlamaModel, input_ids: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor | None:
-    """Per-token losses ``[1, s]`` on the last stage (None elsewhere); stages pass hidden
-    states ``[s, 1, h]`` to the next one point to point."""
+    """Per-token losses ``[b, s]`` on the last stage (None elsewhere); stages pass hidden
+    states ``[s, b, h]`` to the next one point to point."""
     first = parallel_state.is_pipeline_first_stage()
     last = parallel_state.is_pipeline_last_stage()
     hidden = None
     if not first:
         hidden = torch.empty(
-            input_ids.size(1), 1, model.config.hidden_size, dtype=model.config.params_dtype,
+            input_ids.size(1), input_ids.size(0), model.config.hidden_size,
+            dtype=model.config.params_dtype,
             device=input_ids.device,
         )  # fmt: skip
         dist.recv(hidden, parallel_state.get_pipeline_model_parallel_prev_rank())

@@ -96,12 +96,15 @@ def setup(tmp_path_factory):
     return str(checkpoint), str(jsonl), str(prefix), documents, reference
 
 
-def perplexity_at(checkpoint: str, data: str, tp: int, pp: int) -> tuple[float, int, int]:
+def perplexity_at(
+    checkpoint: str, data: str, tp: int, pp: int, micro_batch_size: int = 1
+) -> tuple[float, int, int]:
     parallel_state.initialize_model_parallel(tp, pp)
     try:
         tokenizer = build_tokenizer("Llama2Tokenizer", TOKENIZER)
         model = load_model(checkpoint)
-        result = evaluate_perplexity(model, read_documents(data, tokenizer), SEQ_LENGTH, STRIDE)
+        documents = read_documents(data, tokenizer)
+        result = evaluate_perplexity(model, documents, SEQ_LENGTH, STRIDE, micro_batch_size)
         return result.perplexity, result.tokens, result.windows
     finally:
         parallel_state.destroy_model_parallel()
@@ -125,16 +128,16 @@ def test_perplexity_equals_transformers_at_every_layout(pool, setup):
     expected_tokens = sum(len(d) - 1 for d in documents)
     assert expected_tokens > 4 * SEQ_LENGTH  # long documents: several windows each
     results = {}
-    for tp, pp, data in ((1, 1, jsonl), (2, 1, jsonl), (1, 2, prefix), (2, 1, prefix)):
-        values = pool.run(perplexity_at, checkpoint, data, tp, pp)
+    runs = ((1, 1, jsonl, 1), (2, 1, jsonl, 1), (1, 2, prefix, 1), (2, 1, prefix, 1),
+            (1, 2, jsonl, 3))  # fmt: skip
+    for tp, pp, data, micro_batch_size in runs:
+        values = pool.run(perplexity_at, checkpoint, data, tp, pp, micro_batch_size)
         assert len({v[0] for v in values}) == 1  # every rank reports the same total
         perplexity, tokens, _ = values[0]
         assert tokens == expected_tokens
         assert abs(perplexity - reference) <= 1e-4 * reference, (tp, pp, perplexity, reference)
-        results[(tp, pp, data)] = perplexity
-    print(
-        f"HF {reference:.6f}; engine", {k[:2] + (Path(k[2]).name,): v for k, v in results.items()}
-    )
+        results[(tp, pp, Path(data).name, micro_batch_size)] = perplexity
+    print(f"HF {reference:.6f}; engine (tp, pp, data, micro-batch): {results}")
     # TP changes only the order of float32 sums: the layouts agree far below the tolerance.
     spread = max(results.values()) - min(results.values())
     assert spread <= 1e-6 * reference, results

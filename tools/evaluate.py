@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer-model", default=None, help="default: the checkpoint's run's")
     parser.add_argument("--seq-length", type=int, required=True, help="window length in tokens")
     parser.add_argument("--stride", type=int, default=None, help="window step (default: seq)")
+    parser.add_argument("--micro-batch-size", type=int, default=1, help="windows per forward")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     return parser
@@ -55,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         documents = read_documents(args.data_path, tokenizer, args.json_keys[0])
         model = load_model(args.load, args.ckpt_step)
         result = evaluate_perplexity(
-            model, documents, args.seq_length, args.stride or args.seq_length
+            model,
+            documents,
+            args.seq_length,
+            args.stride or args.seq_length,
+            args.micro_batch_size,
         )
         if dist.get_rank() == 0:
             print(
