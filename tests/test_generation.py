@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import parallel_state
-from engine.generation import KVCache, forward_step, generate, left_pad
+from engine.generation import KVCache, SamplingParams, forward_step, generate, left_pad
 from engine.models import LlamaModel, ModelConfig
 from engine.models.hf_llama import canonical_from_hf, hf_config_kwargs
 from engine.models.weights import load_full_state
@@ -108,3 +108,68 @@ def test_cached_decoding_equals_recompute(pool, tp, pp):
     config = ModelConfig.from_preset("tiny-gqa")
     worst = max(pool.run(cache_vs_recompute, config, tp, pp, 6))
     assert worst <= 1e-5, f"max |cached - recomputed logits| = {worst:.2e}"
+
+
+def decoding_checks(config: ModelConfig, tp: int, pp: int) -> dict[str, object]:
+    """Batched vs alone, seeded sampling, top-k=1, EOS and streaming, at TP x PP."""
+    hf = _hf_model(config)
+    model = _our_model(config, hf, tp, pp)
+    try:
+        out: dict[str, object] = {}
+        streamed: list[list[int]] = []
+        batch = generate(model, PROMPTS, 8, on_tokens=lambda t, f: streamed.append(t.tolist()))
+        out["batch"] = batch
+        out["alone"] = [generate(model, [p], 8)[0] for p in PROMPTS]
+        out["streamed"] = [list(column) for column in zip(*streamed, strict=True)]
+        sampling = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=7)
+        out["sampled"] = generate(model, PROMPTS, 8, sampling)
+        out["sampled_again"] = generate(model, PROMPTS, 8, sampling)
+        out["sampled_other_seed"] = generate(model, PROMPTS, 8, SamplingParams(1.0, seed=8))
+        out["top_k_1"] = generate(model, PROMPTS, 8, SamplingParams(temperature=1.0, top_k=1))
+        # EOS: the third greedy token of the first prompt; that sequence stops there, the
+        # others go on (unless they emit it too).
+        eos = batch[0][2]
+        out["eos"] = eos
+        out["with_eos"] = generate(model, PROMPTS, 8, eos_id=eos)
+        return out
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 2), (2, 1)])
+def test_batching_sampling_and_eos(pool, tp, pp):
+    results = pool.run(decoding_checks, ModelConfig.from_preset("tiny-gqa"), tp, pp)
+    first = results[0]
+    for other in results[1:]:
+        assert other == first  # every rank holds the same tokens, sampled ones included
+    assert first["batch"] == first["alone"]  # left padding changes nothing
+    assert first["streamed"] == first["batch"]
+    assert first["sampled"] == first["sampled_again"]
+    assert first["sampled"] != first["sampled_other_seed"]
+    assert first["top_k_1"] == first["batch"]
+    eos = first["eos"]
+    for greedy, stopped in zip(first["batch"], first["with_eos"], strict=True):
+        expected = greedy[: greedy.index(eos) + 1] if eos in greedy else greedy
+        assert stopped == expected
+    assert len(first["with_eos"][0]) == 3
+
+
+def padded_batch_vs_hf(config: ModelConfig, max_new_tokens: int) -> tuple[list, list]:
+    """Our greedy continuation of the padded batch at TP=2 and HF's (left padding, mask)."""
+    hf = _hf_model(config)
+    model = _our_model(config, hf, 2, 1)
+    try:
+        ours = generate(model, PROMPTS, max_new_tokens)
+        tokens, valid, _ = left_pad(PROMPTS, max(len(p) for p in PROMPTS), 0, torch.device("cpu"))
+        out = hf.generate(
+            tokens, attention_mask=valid.long(), do_sample=False, max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+        return ours, out[:, tokens.size(1) :].tolist()
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_padded_batch_matches_transformers(pool):
+    ours, theirs = pool.run(padded_batch_vs_hf, ModelConfig.from_preset("tiny-gqa"), 10)[0]
+    assert ours == theirs
