@@ -27,7 +27,6 @@ import json
 import math
 import platform
 import shutil
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +41,6 @@ from engine.checkpoint_format import MODEL_STATE, Placement, ShardReader, local_
 from engine.checkpoint_format import read_header as read_shard_header
 from engine.checkpoint_storage import (
     LATEST_FILE,
-    fsync_file,
     iteration_dir,
     publish,
     write_text_atomic,
@@ -52,11 +50,16 @@ from engine.config import ModelConfig, ParallelConfig, validate
 from engine.models.hf_llama import canonical_to_hf_name, hf_config_kwargs, hf_to_canonical_name
 from engine.models.meta_llama import MetaCheckpoint
 from engine.pipeline_parallel.partition import virtual_stage_layers
+from engine.safetensors_writer import SAFETENSORS_DTYPES, StreamingSafetensorsWriter
 from engine.tensor_parallel.layers import pad_vocab_size
 
 
 class ConversionError(ValueError):
     """The source cannot be converted: unsupported architecture, missing or misshapen tensor."""
+
+
+# HF config fields that belong to the tokenizer, not the architecture: carried through.
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 # HF configuration --------------------------------------------------------------------------
@@ -228,66 +231,6 @@ def with_tp_rank(placement: Placement, tp_rank: int) -> Placement:
     return dataclasses.replace(placement, tp_rank=tp_rank)
 
 
-# Streaming safetensors ---------------------------------------------------------------------
-
-_SAFETENSORS_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8",
-}  # fmt: skip
-
-
-class StreamingSafetensorsWriter:
-    """A safetensors file written one tensor at a time, in the order declared up front.
-
-    The header (every name, dtype, shape and byte range) is written first, so no tensor needs
-    to be in memory before or after its own ``write``. The result is an ordinary safetensors
-    file (``safe_open`` and ``transformers`` read it).
-    """
-
-    def __init__(
-        self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-        metadata: dict[str, str] | None = None,
-    ):  # fmt: skip
-        header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-        offset = 0
-        for name, dtype, shape in specs:
-            size = math.prod(shape) * dtype.itemsize
-            header[name] = {
-                "dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                "data_offsets": [offset, offset + size],
-            }  # fmt: skip
-            offset += size
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors pads
-        self.path = path
-        self._specs = list(specs)
-        self._next = 0
-        self._file = open(path, "wb")  # noqa: SIM115 - closed by `close`
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor (must be the next declared one, with its dtype and shape)."""
-        expected, dtype, shape = self._specs[self._next]
-        if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            raise ConversionError(
-                f"{self.path}: expected tensor {expected} {dtype} {tuple(shape)} next, got "
-                f"{name} {tensor.dtype} {tuple(tensor.shape)}"
-            )
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._file.write(memoryview(flat.view(torch.uint8).numpy()))
-        self._next += 1
-
-    def close(self) -> None:
-        """Finish the file (fsynced); raises if declared tensors were never written."""
-        self._file.close()
-        if self._next != len(self._specs):
-            raise ConversionError(
-                f"{self.path}: {len(self._specs) - self._next} declared tensor(s) never "
-                f"written, first {self._specs[self._next][0]}"
-            )
-        fsync_file(self.path)
-
-
 # HF input ----------------------------------------------------------------------------------
 
 
@@ -335,7 +278,7 @@ class HFCheckpoint:
         if self._binary:
             return handle[name].dtype
         code = handle.get_slice(name).get_dtype()
-        return next(t for t, c in _SAFETENSORS_DTYPES.items() if c == code)
+        return next(t for t, c in SAFETENSORS_DTYPES.items() if c == code)
 
     def get(self, name: str) -> torch.Tensor:
         handle = self._handle(self._where[name])
@@ -496,7 +439,9 @@ def hf_to_engine(
     def canonical(name: str) -> torch.Tensor:
         return source.get(canonical_to_hf_name(name))
 
-    info = {"format": checkpoint_type, "path": str(Path(load_dir).resolve())}
+    # The special token ids are the tokenizer's, not the architecture's: kept for the export.
+    tokens = {k: source.hf_config[k] for k in _TOKEN_IDS if source.hf_config.get(k) is not None}
+    info = {"format": checkpoint_type, "path": str(Path(load_dir).resolve()), **tokens}
     return write_engine_checkpoint(
         save_dir, config, canonical, tp_size, pp_size, dtype, info, _hf_tokenizer(load_dir)
     )
@@ -586,7 +531,10 @@ def engine_to_hf(
     total = sum(math.prod(s) * dtype.itemsize for s in shapes.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (save_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (save_dir / "config.json").write_text(json.dumps(hf_config_dict(config, dtype), indent=2))
+    hf_config = hf_config_dict(config, dtype)
+    source = metadata.get("config", {}).get("converted_from") or {}
+    hf_config.update({k: source[k] for k in _TOKEN_IDS if k in source})
+    (save_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     if tokenizer_dir is not None:
         copy_tokenizer_files(Path(tokenizer_dir), save_dir)
     return save_dir

@@ -58,7 +58,7 @@ def random_hf_model(kv_heads: int, heads: int, tied: bool) -> transformers.Llama
     config = transformers.LlamaConfig(
         vocab_size=300, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
-        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=tied, eos_token_id=7,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # HF initialises norms to 1; random ones test that they are copied
@@ -169,6 +169,8 @@ def test_round_trip_and_logits(pool, tmp_path, heads, kv_heads, tied, fmt):
     for name, tensor in original.items():
         assert torch.equal(exported[name], tensor), name
 
+    exported_config = json.loads((out / "config.json").read_text())
+    assert exported_config["eos_token_id"] == hf.config.eos_token_id == 7  # kept from the source
     reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, expected)
@@ -431,3 +433,26 @@ def test_meta_checkpoint_converts_like_its_hf_twin(tmp_path):
     )
     with pytest.raises(ConversionError, match="2 model-parallel shards"):
         hf_to_engine(tmp_path / "meta", tmp_path / "engine2", checkpoint_type="meta")
+
+
+def test_streaming_writer_makes_ordinary_safetensors(tmp_path):
+    from engine.safetensors_writer import StreamingSafetensorsWriter
+
+    tensors = {
+        "a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int64).view(2, 3), "d": torch.randn(1, 2, 3).half(),
+    }  # fmt: skip
+    specs = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    writer = StreamingSafetensorsWriter(tmp_path / "x.safetensors", specs, {"format": "pt"})
+    for name, tensor in tensors.items():
+        writer.write(name, tensor)
+    writer.close()
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert all(torch.equal(f.get_tensor(name), t) for name, t in tensors.items())
+    writer = StreamingSafetensorsWriter(tmp_path / "y.safetensors", specs)
+    with pytest.raises(ValueError, match="expected tensor a"):
+        writer.write("b", tensors["b"])
+    writer.write("a", tensors["a"])
+    with pytest.raises(ValueError, match="3 declared tensor"):
+        writer.close()
