@@ -8,6 +8,11 @@ TP=2 x PP=2; padded batches, seeded sampling and EOS are checked against single-
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,6 +26,8 @@ from tests.rank_pool import module_pool
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
 
 pool = module_pool(4)
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer.model"
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 61], [7, 250, 31], [12, 12, 40, 200, 9]]
 
@@ -173,3 +180,36 @@ def padded_batch_vs_hf(config: ModelConfig, max_new_tokens: int) -> tuple[list, 
 def test_padded_batch_matches_transformers(pool):
     ours, theirs = pool.run(padded_batch_vs_hf, ModelConfig.from_preset("tiny-gqa"), 10)[0]
     assert ours == theirs
+
+
+@pytest.mark.skipif(not TOKENIZER.exists(), reason=f"needs {TOKENIZER}")
+def test_tool_streams_transformers_greedy_text_at_tp2(tmp_path):
+    """tools/generate.py under torchrun (TP=2) on a checkpoint converted from HF prints the
+    text of transformers' greedy continuation."""
+    from engine.conversion import hf_to_engine
+    from engine.data.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )).eval()  # fmt: skip
+    hf.save_pretrained(tmp_path / "hf")
+    shutil.copyfile(TOKENIZER, tmp_path / "hf" / "tokenizer.model")
+    hf_to_engine(tmp_path / "hf", tmp_path / "engine", tp_size=2)
+    prompt = "To be, or not to be"
+    tokenizer = build_tokenizer("Llama2Tokenizer", TOKENIZER)
+    ids = [tokenizer.bos] + tokenizer.tokenize(prompt)
+    out = hf.generate(
+        torch.tensor([ids]), do_sample=False, max_new_tokens=10, min_new_tokens=10,
+        eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    )[0].tolist()  # fmt: skip
+    expected = tokenizer.detokenize(out)[len(tokenizer.detokenize(ids)) :]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "tools/generate.py", "--load", str(tmp_path / "engine"), "--prompt", prompt,
+         "--max-new-tokens", "10", "--ignore-eos", "--tensor-model-parallel-size", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert prompt + expected in result.stdout, (result.stdout, expected)

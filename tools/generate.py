@@ -1,0 +1,153 @@
+"""Continue prompts with a checkpoint at any layout, streaming the text as it is decoded.
+
+    torchrun --nproc-per-node 4 tools/generate.py --load ckpt/llama2-7b \
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
+        --prompt "The capital of France is" --max-new-tokens 64 \
+        --temperature 0.8 --top-p 0.95 --seed 1234
+
+The model's architecture comes from the checkpoint's ``metadata.json``; the tokenizer defaults
+to the one its training run (or its conversion from HuggingFace) recorded. Prompts come from
+``--prompt`` (repeatable) or ``--prompts-file`` (one per line); they are decoded together as
+one left-padded batch. A single prompt streams token by token; several print as each finishes.
+``--temperature 0`` (the default) is greedy. See docs/generation.md and `engine.generation`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from engine import parallel_state
+from engine.checkpointing import open_checkpoint
+from engine.data.tokenizer import Tokenizer, build_tokenizer
+from engine.device import init_distributed
+from engine.evaluation import load_model
+from engine.generation import SamplingParams, generate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--load", required=True, help="checkpoint directory (any layout)")
+    parser.add_argument("--ckpt-step", type=int, default=None, help="iteration (default: latest)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus filter")
+    parser.add_argument("--seed", type=int, default=1234, help="sampling seed")
+    parser.add_argument("--ignore-eos", action="store_true", help="always decode max tokens")
+    parser.add_argument("--no-bos", action="store_true", help="do not start prompts with BOS")
+    parser.add_argument("--tokenizer-type", default=None, help="default: the checkpoint's run's")
+    parser.add_argument("--tokenizer-model", default=None, help="default: the checkpoint's run's")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    return parser
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        lines = Path(args.prompts_file).read_text().splitlines()
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise SystemExit("give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def encode(tokenizer: Tokenizer, text: str, add_bos: bool) -> list[int]:
+    """Prompt ids, starting with BOS when asked (SentencePiece's `tokenize` adds none; a HF
+    tokenizer's post-processor may already have)."""
+    ids = tokenizer.tokenize(text)
+    if add_bos and tokenizer.bos is not None and ids[:1] != [tokenizer.bos]:
+        ids = [tokenizer.bos] + ids
+    return ids
+
+
+class Printer:
+    """Prints new text as tokens arrive (global rank 0 only).
+
+    Text is decoded from the prompt plus all new tokens and only the part past what was
+    already printed is written: pieces such as SentencePiece's word-initial spaces or
+    multi-byte characters split over tokens only make sense in context.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompts: list[list[int]], texts: list[str]):
+        self.tokenizer, self.prompts, self.texts = tokenizer, prompts, texts
+        self.new: list[list[int]] = [[] for _ in prompts]
+        self.done = [False] * len(prompts)
+        self.printed = ""
+        self.stream = len(prompts) == 1
+        if self.stream:
+            print(texts[0], end="", flush=True)
+
+    def __call__(self, tokens: torch.Tensor, finished: torch.Tensor) -> None:
+        for row, token in enumerate(tokens.tolist()):
+            if not self.done[row]:
+                self.new[row].append(token)
+                self.done[row] = bool(finished[row])
+                if self.done[row] and not self.stream:
+                    self.print_one(row)
+        if self.stream:
+            text = self.completion(0)
+            if text.startswith(self.printed):
+                print(text[len(self.printed) :], end="", flush=True)
+                self.printed = text
+
+    def completion(self, row: int) -> str:
+        prompt = self.tokenizer.detokenize(self.prompts[row])
+        return self.tokenizer.detokenize(self.prompts[row] + self.new[row])[len(prompt) :]
+
+    def print_one(self, row: int) -> None:
+        print(f"--- prompt {row} ---\n{self.texts[row]}{self.completion(row)}", flush=True)
+
+    def finish(self) -> None:
+        if self.stream:
+            print(self.completion(0)[len(self.printed) :], flush=True)
+            return
+        for row, done in enumerate(self.done):
+            if not done:
+                self.print_one(row)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    texts = read_prompts(args)
+    init_distributed()
+    parallel_state.initialize_model_parallel(
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    )
+    try:
+        _, metadata = open_checkpoint(args.load, args.ckpt_step)
+        data = metadata.get("config", {}).get("data", {})
+        tokenizer_type = args.tokenizer_type or data.get("tokenizer_type")
+        tokenizer_model = args.tokenizer_model or data.get("tokenizer_model")
+        if not tokenizer_type:
+            raise SystemExit(f"{args.load} records no tokenizer: give --tokenizer-type/-model")
+        tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
+        prompts = [encode(tokenizer, text, not args.no_bos) for text in texts]
+        model = load_model(args.load, args.ckpt_step)
+        printer = Printer(tokenizer, prompts, texts) if dist.get_rank() == 0 else None
+        generate(
+            model,
+            prompts,
+            args.max_new_tokens,
+            SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
+            eos_id=None if args.ignore_eos else tokenizer.eod,
+            pad_id=tokenizer.pad if tokenizer.pad is not None else tokenizer.eod,
+            on_tokens=printer,
+        )
+        if printer is not None:
+            printer.finish()
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
