@@ -28,7 +28,7 @@ from engine import parallel_state
 from engine.checkpointing import load_checkpoint, open_checkpoint
 from engine.conversion import model_config_from_metadata
 from engine.data.indexed_dataset import IndexedDataset
-from engine.data.tokenizer import Tokenizer
+from engine.data.tokenizer import Tokenizer, build_tokenizer
 from engine.models.llama import LlamaModel
 
 
@@ -108,6 +108,22 @@ def load_model(load_dir: str | Path, iteration: int | None = None) -> LlamaModel
     model = LlamaModel(config)
     load_checkpoint(load_dir, [model], load_rng=False, iteration=iteration)
     return model.eval()
+
+
+def load_tokenizer(
+    load_dir: str | Path,
+    iteration: int | None = None,
+    tokenizer_type: str | None = None,
+    tokenizer_model: str | None = None,
+) -> Tokenizer | None:
+    """The tokenizer of ``--tokenizer-type`` / ``--tokenizer-model`` when given, else the one
+    the checkpoint records (its training run's, or a converted HF directory's); None if
+    neither names one."""
+    _, metadata = open_checkpoint(load_dir, iteration)
+    data = metadata.get("config", {}).get("data") or {}
+    tokenizer_type = tokenizer_type or data.get("tokenizer_type")
+    tokenizer_model = tokenizer_model or data.get("tokenizer_model")
+    return build_tokenizer(tokenizer_type, tokenizer_model) if tokenizer_type else None
 
 
 @torch.no_grad()

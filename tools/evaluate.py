@@ -19,10 +19,8 @@ import sys
 import torch.distributed as dist
 
 from engine import parallel_state
-from engine.checkpointing import open_checkpoint
-from engine.data.tokenizer import build_tokenizer
 from engine.device import init_distributed
-from engine.evaluation import evaluate_perplexity, load_model, read_documents
+from engine.evaluation import evaluate_perplexity, load_model, load_tokenizer, read_documents
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,11 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     )
     try:
-        _, metadata = open_checkpoint(args.load, args.ckpt_step)
-        data = metadata.get("config", {}).get("data", {})
-        tokenizer_type = args.tokenizer_type or data.get("tokenizer_type")
-        tokenizer_model = args.tokenizer_model or data.get("tokenizer_model")
-        tokenizer = build_tokenizer(tokenizer_type, tokenizer_model) if tokenizer_type else None
+        tokenizer = load_tokenizer(
+            args.load, args.ckpt_step, args.tokenizer_type, args.tokenizer_model
+        )
         documents = read_documents(args.data_path, tokenizer, args.json_keys[0])
         model = load_model(args.load, args.ckpt_step)
         result = evaluate_perplexity(
