@@ -44,6 +44,14 @@ class SamplingParams:
     seed: int = 0
     """Seed of the sampling generator (the same on every rank)."""
 
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"--temperature ({self.temperature}) must be >= 0 (0: greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k ({self.top_k}) must be >= 0 (0: no filter)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p ({self.top_p}) must be in (0, 1] (1: no filter)")
+
 
 class KVCache:
     """Keys and values of this rank's layers, preallocated for ``max_len`` positions.

@@ -17,7 +17,14 @@ import pytest
 import torch
 
 from engine import parallel_state
-from engine.generation import KVCache, SamplingParams, forward_step, generate, left_pad
+from engine.generation import (
+    KVCache,
+    SamplingParams,
+    forward_step,
+    generate,
+    left_pad,
+    sample,
+)
 from engine.models import LlamaModel, ModelConfig
 from engine.models.hf_llama import canonical_from_hf, hf_config_kwargs
 from engine.models.weights import load_full_state
@@ -213,3 +220,22 @@ def test_tool_streams_transformers_greedy_text_at_tp2(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert prompt + expected in result.stdout, (result.stdout, expected)
+
+
+def test_sampling_filters():
+    """top-k and top-p keep exactly the expected tokens (one process, many draws)."""
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().expand(2000, -1)
+    generator = torch.Generator().manual_seed(0)
+
+    def drawn(**kwargs) -> set[int]:
+        return set(sample(logits, SamplingParams(1.0, **kwargs), generator).tolist())
+
+    assert drawn() == {0, 1, 2, 3}
+    assert drawn(top_k=2) == {0, 1}
+    assert drawn(top_p=0.75) == {0, 1}  # 0.5 + 0.3 reaches 0.75
+    assert drawn(top_p=0.85) == {0, 1, 2}
+    assert drawn(top_p=0.1) == {0}  # the most likely token always stays
+    assert sample(logits[:1], SamplingParams()).tolist() == [0]  # greedy
+    with pytest.raises(ValueError, match="--top-p"):
+        SamplingParams(top_p=0.0)
