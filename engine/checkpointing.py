@@ -487,6 +487,12 @@ class _CheckedLocalState(LazyLocalState):
 
 def _load_rng(metadata: dict[str, Any], directory: Path) -> None:
     saved, mine = metadata["layout"], _layout()
+    name = f"rng_rank{_global_rank():05d}.pt"
+    if name not in metadata["files"]:
+        # A converted checkpoint (tools/convert_checkpoint.py) holds weights only.
+        if _global_rank() == 0:
+            logger.warning("RNG states not restored: %s holds none", directory)
+        return
     if saved != mine:
         if _global_rank() == 0:
             logger.warning(
@@ -494,7 +500,7 @@ def _load_rng(metadata: dict[str, Any], directory: Path) -> None:
                 "(per-rank streams only map onto the same layout)", saved, mine,
             )  # fmt: skip
         return
-    set_rng_state(load_pickle(directory / f"rng_rank{_global_rank():05d}.pt"))
+    set_rng_state(load_pickle(directory / name))
 
 
 # Layout and small helpers -------------------------------------------------------------------

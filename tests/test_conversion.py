@@ -90,7 +90,8 @@ def engine_logits_at_tp2_pp2(checkpoint: str, tokens: torch.Tensor, resave: str)
         directory, metadata = open_checkpoint(checkpoint)
         config = model_config_from_metadata(metadata)
         model = LlamaModel(config)
-        load_checkpoint(checkpoint, [model], load_rng=False)
+        # Same layout as converted, RNG wanted: a weights-only checkpoint has none to restore.
+        load_checkpoint(checkpoint, [model], load_rng=True)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         live = [
