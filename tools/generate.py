@@ -22,10 +22,9 @@ import torch
 import torch.distributed as dist
 
 from engine import parallel_state
-from engine.checkpointing import open_checkpoint
-from engine.data.tokenizer import Tokenizer, build_tokenizer
+from engine.data.tokenizer import Tokenizer
 from engine.device import init_distributed
-from engine.evaluation import load_model
+from engine.evaluation import load_model, load_tokenizer
 from engine.generation import SamplingParams, generate
 
 
@@ -122,13 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     )
     try:
-        _, metadata = open_checkpoint(args.load, args.ckpt_step)
-        data = metadata.get("config", {}).get("data", {})
-        tokenizer_type = args.tokenizer_type or data.get("tokenizer_type")
-        tokenizer_model = args.tokenizer_model or data.get("tokenizer_model")
-        if not tokenizer_type:
+        tokenizer = load_tokenizer(
+            args.load, args.ckpt_step, args.tokenizer_type, args.tokenizer_model
+        )
+        if tokenizer is None:
             raise SystemExit(f"{args.load} records no tokenizer: give --tokenizer-type/-model")
-        tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
         prompts = [encode(tokenizer, text, not args.no_bos) for text in texts]
         model = load_model(args.load, args.ckpt_step)
         printer = Printer(tokenizer, prompts, texts) if dist.get_rank() == 0 else None
