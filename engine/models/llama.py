@@ -36,6 +36,7 @@ from engine.tensor_parallel import (
     gather_from_sequence_parallel_region,
     normal_init,
     pad_vocab_size,
+    vocab_padded_init,
     vocab_parallel_cross_entropy,
 )
 from engine.tensor_parallel.random import MODEL_PARALLEL_RNG_NAME, checkpoint, get_rng_tracker
@@ -329,12 +330,12 @@ class LlamaModel(nn.Module):
             # A tied head off the first stage keeps its own copy, initialised like the
             # embedding (same seed); the pipeline keeps the two in sync.
             head_seed_name = "embedding" if config.tie_word_embeddings else "output"
-            head_init = _seeded_init(config, head_seed_name)
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size, padded,
                 sequence_parallel=config.sequence_parallel, dtype=config.params_dtype,
-                init_method=lambda full: (head_init(full[: config.vocab_size]),
-                                          full[config.vocab_size :].zero_()),
+                init_method=vocab_padded_init(
+                    _seeded_init(config, head_seed_name), config.vocab_size
+                ),
             )  # fmt: skip
             if config.tie_word_embeddings and self.pre_process:
                 del self.output_layer.weight  # use the embedding's weight itself

@@ -10,6 +10,7 @@ from engine.tensor_parallel.layers import (
     linear_with_sequence_parallel_input,
     normal_init,
     pad_vocab_size,
+    vocab_padded_init,
 )
 from engine.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -52,5 +53,6 @@ __all__ = [
     "reduce_scatter_to_sequence_parallel_region",
     "scatter_to_sequence_parallel_region",
     "scatter_to_tensor_model_parallel_region",
+    "vocab_padded_init",
     "vocab_parallel_cross_entropy",
 ]

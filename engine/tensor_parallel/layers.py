@@ -51,6 +51,17 @@ def normal_init(std: float = 0.02, seed: int | None = None) -> InitMethod:
     return init
 
 
+def vocab_padded_init(init_method: InitMethod, vocab_size: int) -> InitMethod:
+    """Init the first ``vocab_size`` rows of a vocabulary-padded weight; padding rows are zero."""
+
+    def init(full: torch.Tensor) -> None:
+        init_method(full[:vocab_size])
+        with torch.no_grad():
+            full[vocab_size:].zero_()
+
+    return init
+
+
 def _tp_group_rank_size(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup, int, int]:
     group = parallel_state.get_tensor_model_parallel_group() if group is None else group
     return group, dist.get_rank(group), dist.get_world_size(group)
@@ -309,10 +320,9 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _make_weight(
             (self.num_embeddings_per_partition, embedding_dim), dtype, device
         )
-        init = init_method or normal_init()
         _initialise_shard(
             self.weight, (self.padded_vocab_size, embedding_dim),
-            lambda full: (init(full[:vocab_size]), full[vocab_size:].zero_()),
+            vocab_padded_init(init_method or normal_init(), vocab_size),
             0, [self.padded_vocab_size], rank, world,
         )  # fmt: skip
         _mark(self.weight, 0, [self.padded_vocab_size])
