@@ -1,6 +1,6 @@
 """Throughput of the Triton kernels against PyTorch (and flash-attn when installed), on a GPU.
 
-    python benchmarks/kernels.py [--dtype bfloat16] [--out-dir benchmarks/results]
+    python benchmarks/kernel_throughput.py [--dtype bfloat16] [--out-dir benchmarks/results]
 
 Attention: TFLOP/s of forward, backward and both, head dim 128, sequence lengths 512..16K at a
 constant 16K tokens per batch, causal and not, against ``scaled_dot_product_attention`` (which

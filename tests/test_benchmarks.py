@@ -1,0 +1,30 @@
+"""The benchmark scripts run as users run them (`python benchmarks/X.py`)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = {"engine", "kernels", "tests", "tools"}
+
+
+def test_no_script_shadows_a_package():
+    # A script's directory comes first on sys.path: benchmarks/kernels.py once made
+    # `import kernels` find itself, breaking every benchmark that imports the model.
+    for folder in ("benchmarks", "examples", "tools"):
+        shadowing = {p.stem for p in (REPO / folder).glob("*.py")} & PACKAGES - {folder}
+        assert not shadowing, f"{folder}/ has scripts named like packages: {shadowing}"
+
+
+def test_model_cpu_benchmark_prints_its_ratio():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "model_cpu.py"), "--layers", "1",
+         "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vocab", "500", "--seq", "32",
+         "--batch", "2", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.fullmatch(r"ratio_vs_hf=\d+\.\d\d", result.stdout.strip().splitlines()[-1])
