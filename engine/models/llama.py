@@ -39,6 +39,7 @@ from engine.tensor_parallel import (
     vocab_padded_init,
     vocab_parallel_cross_entropy,
 )
+from engine.tensor_parallel.layers import initialise_shard
 from engine.tensor_parallel.random import MODEL_PARALLEL_RNG_NAME, checkpoint, get_rng_tracker
 
 if TYPE_CHECKING:
@@ -114,14 +115,9 @@ class ReplicatedKeyValue(nn.Module):
         self.sequence_parallel = config.sequence_parallel
         self.head_dim, self.kv_heads = d, kv
         self.head = parallel_state.get_tensor_model_parallel_rank() // (tp // kv)
-        self.weight = nn.Parameter(
-            torch.empty(2 * kv * d, config.hidden_size, dtype=config.params_dtype)
-        )
-        if self.weight.device.type != "meta":
-            full = torch.empty(self.weight.shape)
-            init_method(full)
-            with torch.no_grad():
-                self.weight.copy_(full)
+        rows = 2 * kv * d
+        self.weight = nn.Parameter(torch.empty(rows, config.hidden_size, dtype=config.params_dtype))
+        initialise_shard(self.weight, (rows, config.hidden_size), init_method, 0, [rows], 0, 1)
         mark_partial_over_tp(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

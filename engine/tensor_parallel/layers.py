@@ -79,7 +79,7 @@ def _make_weight(
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
 
 
-def _initialise_shard(
+def initialise_shard(
     weight: nn.Parameter,
     full_shape: tuple[int, int],
     init_method: InitMethod,
@@ -88,7 +88,8 @@ def _initialise_shard(
     rank: int,
     world: int,
 ) -> None:
-    """Fill ``weight`` with this rank's slice of a freshly initialised full weight."""
+    """Fill ``weight`` with this rank's slice of a freshly initialised full weight (the whole
+    of it with ``world=1``, for a replicated weight); nothing on the meta device."""
     if weight.device.type == "meta":
         return
     full = torch.empty(full_shape, dtype=torch.float32)
@@ -186,7 +187,7 @@ class ColumnParallelLinear(nn.Module):
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
 
         self.weight = _make_weight((self.output_size_per_partition, input_size), dtype, device)
-        _initialise_shard(
+        initialise_shard(
             self.weight, (self.output_size, input_size), init_method or normal_init(),
             0, sizes, rank, world,
         )  # fmt: skip
@@ -249,7 +250,7 @@ class RowParallelLinear(nn.Module):
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
 
         self.weight = _make_weight((output_size, self.input_size_per_partition), dtype, device)
-        _initialise_shard(
+        initialise_shard(
             self.weight, (output_size, input_size), init_method or normal_init(),
             1, [input_size], rank, world,
         )  # fmt: skip
@@ -320,7 +321,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _make_weight(
             (self.num_embeddings_per_partition, embedding_dim), dtype, device
         )
-        _initialise_shard(
+        initialise_shard(
             self.weight, (self.padded_vocab_size, embedding_dim),
             vocab_padded_init(init_method or normal_init(), vocab_size),
             0, [self.padded_vocab_size], rank, world,
