@@ -19,7 +19,7 @@ import transformers
 from engine import parallel_state
 from engine.device import init_distributed
 from engine.models import LlamaModel, ModelConfig
-from engine.models.hf_llama import canonical_from_hf, hf_config_kwargs
+from engine.models.llama.hf import canonical_from_hf, hf_config_kwargs
 from engine.models.weights import load_full_state
 
 

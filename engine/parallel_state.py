@@ -20,6 +20,37 @@ import torch.distributed as dist
 
 
 @dataclass
+class ParallelConfig:
+    """How a job is split (``--tensor-model-parallel-size`` etc.); DP is what the world size
+    leaves over."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+
+    def invalid_sizes(self) -> bool:
+        """A size below 1 (nothing else about the layout can then be computed)."""
+        vpp = self.virtual_pipeline_model_parallel_size or 1
+        return min(self.tensor_model_parallel_size, self.pipeline_model_parallel_size, vpp) < 1
+
+    def errors(self, world_size: int | None = None) -> list[str]:
+        """What is wrong with the sizes themselves, or with them on ``world_size`` ranks."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if self.invalid_sizes():
+            return [
+                f"parallel sizes must be at least 1: --tensor-model-parallel-size {tp}, "
+                f"--pipeline-model-parallel-size {pp}, virtual pipeline size "
+                f"{self.virtual_pipeline_model_parallel_size or 1}"
+            ]
+        if world_size is not None and world_size % (tp * pp) != 0:
+            return [
+                f"world size ({world_size}) must be divisible by --tensor-model-parallel-size "
+                f"({tp}) x --pipeline-model-parallel-size ({pp}) = {tp * pp}"
+            ]
+        return []
+
+
+@dataclass
 class _ParallelState:
     tensor_model_parallel_size: int
     pipeline_model_parallel_size: int

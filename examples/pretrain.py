@@ -1,6 +1,6 @@
 """Train a LLaMA model: the entry point that `torchrun` launches (one process per device).
 
-Megatron-LM's flags (`engine.arguments`), checked before any process group starts::
+Megatron-LM's flags (`engine.training.arguments`), checked before any process group starts::
 
     torchrun --nproc-per-node 8 examples/pretrain.py --model-preset llama2-7b \\
         --tensor-model-parallel-size 8 --micro-batch-size 1 --global-batch-size 1024 \\
@@ -9,7 +9,7 @@ Megatron-LM's flags (`engine.arguments`), checked before any process group start
         --tokenizer-model tokenizer.model --save ckpt --load ckpt
 
 ``--dry-run`` prints the memory / FLOPs plan for the world size and exits without training.
-With ``--sft`` and ``--load`` it fine-tunes (`engine.training.finetune`): weights from
+With ``--sft`` and ``--load`` it fine-tunes (`engine.training.loop.finetune`): weights from
 ``--load`` on the first start, its own checkpoints in ``--save`` after that.
 """
 
@@ -20,14 +20,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.arguments import parse_args  # noqa: E402
+from engine.training.arguments import parse_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     job = parse_args(argv, world_size=world_size)  # exits with a usage error naming the flag
     if job.training.dry_run:
-        from engine.plan import format_plan
+        from engine.planning.cost_model import format_plan
 
         print(format_plan(job, world_size))
         return 0
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after the arguments are checked: a bad flag costs no torch.distributed start.
     import torch.distributed as dist
 
-    from engine.training import finetune, pretrain
+    from engine.training.loop import finetune, pretrain
 
     fine_tuning = job.data.sft and job.checkpoint.load is not None
     result = (finetune if fine_tuning else pretrain)(job)

@@ -8,7 +8,7 @@
         --target-tensor-parallel-size 4 --target-pipeline-parallel-size 1
 
 One process, no GPU, memory bounded by a few copies of the largest tensor (see
-docs/conversion.md). The logic is `engine.conversion`.
+docs/conversion.md). The logic is `engine.conversion.convert`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from engine.checkpoint_storage import CheckpointError
-from engine.conversion import ConversionError, engine_to_hf, hf_to_engine, reshard
+from engine.checkpointing.storage import CheckpointError
+from engine.conversion.convert import ConversionError, engine_to_hf, hf_to_engine, reshard
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@
 ``--data-path`` is a ``.jsonl`` file (tokenized here) or the prefix of a ``.bin/.idx`` pair
 (already tokenized). The tokenizer defaults to the one the checkpoint's training run used.
 Prints one line: ``perplexity X | nll/token Y | tokens N | windows W``. See
-docs/conversion.md (Evaluation) and `engine.evaluation`.
+docs/conversion.md (Evaluation) and `engine.inference.perplexity`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from engine import parallel_state
 from engine.device import init_distributed
-from engine.evaluation import evaluate_perplexity, load_model, load_tokenizer, read_documents
+from engine.inference.loading import load_model, load_tokenizer
+from engine.inference.perplexity import evaluate_perplexity, read_documents
 
 
 def build_parser() -> argparse.ArgumentParser:

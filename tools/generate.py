@@ -9,7 +9,8 @@ The model's architecture comes from the checkpoint's ``metadata.json``; the toke
 to the one its training run (or its conversion from HuggingFace) recorded. Prompts come from
 ``--prompt`` (repeatable) or ``--prompts-file`` (one per line); they are decoded together as
 one left-padded batch. A single prompt streams token by token; several print as each finishes.
-``--temperature 0`` (the default) is greedy. See docs/generation.md and `engine.generation`.
+``--temperature 0`` (the default) is greedy. See docs/generation.md and
+`engine.inference.generation`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import torch.distributed as dist
 from engine import parallel_state
 from engine.data.tokenizer import Tokenizer
 from engine.device import init_distributed
-from engine.evaluation import load_model, load_tokenizer
-from engine.generation import SamplingParams, generate
+from engine.inference.generation import SamplingParams, generate
+from engine.inference.loading import load_model, load_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.arguments import parse_args
-from engine.plan import format_plan
+from engine.planning.cost_model import format_plan
+from engine.training.arguments import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine import parallel_state
-from engine.config import DistributedDataParallelConfig
+from engine.distributed.config import DistributedDataParallelConfig
 
 # Every shard of a bucket is a multiple of this many elements, so shards start aligned.
 _SHARD_ALIGNMENT = 64

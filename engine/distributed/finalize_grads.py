@@ -17,12 +17,8 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from engine import parallel_state
-
-
-def mark_partial_over_tp(param: nn.Parameter, partial: bool = True) -> nn.Parameter:
-    """Flag a replicated parameter whose gradient each TP rank holds only a part of."""
-    param.partial_grad_over_tp = partial
-    return param
+from engine.tensor_parallel.attributes import is_partial_over_tp
+from engine.wrappers import unwrap
 
 
 def _all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup) -> None:
@@ -45,9 +41,7 @@ def allreduce_embedding_grads(model_chunks: list[nn.Module]) -> None:
         return
     ends = {id(chunk): chunk for chunk in (model_chunks[0], model_chunks[-1])}.values()
     for chunk in ends:
-        while hasattr(chunk, "module"):  # data-parallel / mixed-precision wrappers
-            chunk = chunk.module
-        weight = chunk.shared_embedding_or_output_weight()
+        weight = unwrap(chunk).shared_embedding_or_output_weight()
         if weight is None:
             continue
         # A data-parallel wrapper may accumulate into a main_grad buffer instead of .grad.
@@ -82,7 +76,7 @@ def finalize_model_grads(model_chunks: Iterable[nn.Module]) -> None:
         _grad_of(p)
         for chunk in model_chunks
         for p in chunk.parameters()
-        if getattr(p, "partial_grad_over_tp", False) and _grad_of(p) is not None
+        if is_partial_over_tp(p) and _grad_of(p) is not None
     ]
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for grad in grads:

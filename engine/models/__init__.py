@@ -1,6 +1,6 @@
 """The LLaMA model family and its configuration."""
 
-from engine.config import PRESETS, ModelConfig
-from engine.models.llama import LlamaModel
+from engine.models.config import PRESETS, ModelConfig
+from engine.models.llama.model import LlamaModel
 
 __all__ = ["PRESETS", "LlamaModel", "ModelConfig"]

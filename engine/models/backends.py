@@ -48,6 +48,8 @@ def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 ATTENTION_BACKENDS: dict[str, AttentionFn] = {"torch": torch_attention, "triton": triton_attention}
 # The PyTorch RMSNorm is the very reference the Triton kernel is tested against.
 NORM_BACKENDS: dict[str, NormFn] = {"torch": rms_norm_reference, "triton": triton_rms_norm}
+BACKEND_CHOICES = ("auto", *ATTENTION_BACKENDS)
+"""``--attention-backend`` / ``--norm-backend``: "auto" or a backend's name."""
 
 
 def resolve_backend(name: str) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.config import OptimizerConfig
 from engine.optimizer.clip_grads import clip_grads_by_total_norm, get_grad_norm_fp32
+from engine.optimizer.config import OptimizerConfig
 from engine.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from engine.optimizer.lr_schedule import OptimizerParamScheduler, build_lr_scheduler
 from engine.optimizer.optimizer import MixedPrecisionOptimizer, StepResult
@@ -24,8 +24,8 @@ def build_optimizer(
             "same DistributedDataParallelConfig"
         )
     if sharded == {True}:
-        # Imported here: engine.distributed.distributed_optimizer builds on this package.
-        from engine.distributed.distributed_optimizer import DistributedOptimizer
+        # Imported here: engine.optimizer.distributed_optimizer builds on this package.
+        from engine.optimizer.distributed_optimizer import DistributedOptimizer
 
         return DistributedOptimizer(config, model_chunks)
     return MixedPrecisionOptimizer(config, model_chunks)

@@ -19,13 +19,14 @@ import torch.distributed as dist
 from torch import nn
 
 from engine import parallel_state
+from engine.tensor_parallel.attributes import is_tensor_parallel
 
 
 def counts_in_grad_norm(param: nn.Parameter) -> bool:
     """True when this rank counts ``param`` in the global norm (see the module docstring)."""
     if getattr(param, "shared", False):
         return False
-    if getattr(param, "tensor_model_parallel", False):
+    if is_tensor_parallel(param):
         return True
     return parallel_state.get_tensor_model_parallel_rank() == 0
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from engine.config import OptimizerConfig
-
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
-WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
-WD_INCR_STYLES = ("constant", "linear", "cosine")
+from engine.optimizer.config import (
+    LR_DECAY_STYLES,
+    WD_INCR_STYLES,
+    WSD_DECAY_STYLES,
+    OptimizerConfig,
+)
 
 
 class OptimizerParamScheduler:

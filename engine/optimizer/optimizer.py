@@ -7,7 +7,7 @@ a float32 copy, and after each step the updated values are cast back into the mo
 come from the data-parallel wrapper's flat buffer (``param.main_grad``, float32 by default).
 
 `MixedPrecisionOptimizer` holds one shard per whole parameter (optimizer state replicated on
-every DP rank); `engine.distributed.distributed_optimizer.DistributedOptimizer` reuses all of
+every DP rank); `engine.optimizer.distributed_optimizer.DistributedOptimizer` reuses all of
 it with shards cut from this DP rank's slice of each bucket (ZeRO-1).
 
 One step: copy/unscale gradients -> (fp16) check inf/nan on every rank, update the loss scale,
@@ -26,14 +26,15 @@ import torch.distributed as dist
 from torch import nn
 
 from engine import parallel_state
-from engine.config import OptimizerConfig
 from engine.optimizer.clip_grads import (
     all_reduce_over,
     clip_grads_by_total_norm,
     counts_in_grad_norm,
     get_grad_norm_fp32,
 )
+from engine.optimizer.config import OptimizerConfig
 from engine.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from engine.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def tied_embedding_copies(model_chunks: list[nn.Module]) -> set[nn.Parameter]:
     original): excluded from the gradient norm so the embedding counts once."""
     copies = set()
     for chunk in model_chunks:
-        module = getattr(chunk, "module", chunk)
+        module = unwrap(chunk)
         weight_of = getattr(module, "shared_embedding_or_output_weight", None)
         if weight_of is not None and not getattr(module, "pre_process", True):
             weight = weight_of()
@@ -178,7 +179,7 @@ class MixedPrecisionOptimizer:
         named = []
         for i, chunk in enumerate(self.model_chunks):
             prefix = f"chunk{i}." if len(self.model_chunks) > 1 else ""
-            module = getattr(chunk, "module", chunk)
+            module = unwrap(chunk)
             named += [(prefix + n, p) for n, p in module.named_parameters() if p.requires_grad]
         return named
 

@@ -45,6 +45,7 @@ from engine import parallel_state
 from engine.pipeline_parallel import p2p
 from engine.pipeline_parallel.p2p import P2PSpec
 from engine.pipeline_parallel.timeline import ScheduleRecorder
+from engine.wrappers import unwrap
 
 ForwardStepFunc = Callable[[Any, nn.Module], tuple[torch.Tensor, Callable[[torch.Tensor], Any]]]
 OneOrPerChunk = Callable | list[Callable] | None
@@ -97,13 +98,6 @@ def custom_backward(output: torch.Tensor, grad_output: torch.Tensor) -> None:
 # What every schedule does per microbatch ------------------------------------------------------
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The model inside wrappers (data-parallel, mixed precision) that keep it as ``.module``."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def _per_chunk(value: Any, num_chunks: int, what: str) -> list[Any]:
     if isinstance(value, list):
         if len(value) != num_chunks:
@@ -143,7 +137,7 @@ class _Step:
         self.losses: list[Any] = []
         self._no_sync: ExitStack | None = None
 
-        config = _unwrap(model[0]).config
+        config = unwrap(model[0]).config
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if config.sequence_parallel and seq_length % tp != 0:
             raise ValueError(
@@ -180,7 +174,7 @@ class _Step:
         if parallel_state.get_virtual_pipeline_model_parallel_world_size() is not None:
             parallel_state.set_virtual_pipeline_model_parallel_rank(chunk)
         with self.recorder.span("forward", microbatch, chunk):
-            set_input_tensor = getattr(_unwrap(self.model[chunk]), "set_input_tensor", None)
+            set_input_tensor = getattr(unwrap(self.model[chunk]), "set_input_tensor", None)
             if set_input_tensor is not None:
                 set_input_tensor(input_tensor)
             elif input_tensor is not None:

@@ -1,6 +1,7 @@
 """Tensor parallelism: communication ops, parallel layers, vocab-parallel cross entropy, and
 the RNG streams and activation recomputation that go with them."""
 
+from engine.tensor_parallel.attributes import mark_partial_over_tp
 from engine.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from engine.tensor_parallel.layers import (
     ColumnParallelLinear,
@@ -47,6 +48,7 @@ __all__ = [
     "gather_from_sequence_parallel_region",
     "gather_from_tensor_model_parallel_region",
     "linear_with_sequence_parallel_input",
+    "mark_partial_over_tp",
     "normal_init",
     "pad_vocab_size",
     "reduce_from_tensor_model_parallel_region",

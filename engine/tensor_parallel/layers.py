@@ -9,9 +9,10 @@ Initialisation does not depend on the layout: each layer builds its full (unshar
 the CPU in float32, fills it with ``init_method``, and keeps its own slice. With seeded init
 methods, gathered weights are therefore identical for every TP size.
 
-Parameters carry the attributes that checkpointing, resharding and gradient clipping read:
-``tensor_model_parallel`` (bool), ``partition_dim`` and ``partition_sizes`` (the full sizes of
-the blocks that are each split over TP, for fused projections such as Q|K|V or gate|up).
+Parameters carry the attributes of `engine.tensor_parallel.attributes` that gradient clipping
+and reduction read: ``tensor_model_parallel``, ``partition_dim`` and ``partition_sizes`` (the
+full sizes of the blocks that are each split over TP, for fused projections such as Q|K|V or
+gate|up), and ``partial_grad_over_tp``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import parallel_state
+from engine.tensor_parallel.attributes import mark_partial_over_tp, mark_tensor_parallel
 from engine.tensor_parallel.mappings import (
     all_gather_along_first_dim,
     copy_to_tensor_model_parallel_region,
@@ -96,12 +98,6 @@ def initialise_shard(
     init_method(full)
     with torch.no_grad():
         weight.copy_(shard_tensor(full, partition_dim, partition_sizes, rank, world))
-
-
-def _mark(param: nn.Parameter, partition_dim: int, partition_sizes: Sequence[int]) -> None:
-    param.tensor_model_parallel = True
-    param.partition_dim = partition_dim
-    param.partition_sizes = tuple(partition_sizes)
 
 
 class _SequenceParallelLinear(torch.autograd.Function):
@@ -191,12 +187,12 @@ class ColumnParallelLinear(nn.Module):
             self.weight, (self.output_size, input_size), init_method or normal_init(),
             0, sizes, rank, world,
         )  # fmt: skip
-        _mark(self.weight, 0, sizes)
+        mark_tensor_parallel(self.weight, 0, sizes)
         if bias:
             self.bias = nn.Parameter(
                 torch.zeros(self.output_size_per_partition, dtype=dtype, device=device)
             )
-            _mark(self.bias, 0, sizes)
+            mark_tensor_parallel(self.bias, 0, sizes)
         else:
             self.register_parameter("bias", None)
 
@@ -254,12 +250,12 @@ class RowParallelLinear(nn.Module):
             self.weight, (output_size, input_size), init_method or normal_init(),
             1, [input_size], rank, world,
         )  # fmt: skip
-        _mark(self.weight, 1, [input_size])
+        mark_tensor_parallel(self.weight, 1, [input_size])
         if bias:
             # The bias is added once, after the reduction, so it is replicated; with sequence
             # parallelism each rank sees a slice of the sequence, so its gradient is partial.
             self.bias = nn.Parameter(torch.zeros(output_size, dtype=dtype, device=device))
-            self.bias.sequence_parallel = sequence_parallel
+            mark_partial_over_tp(self.bias, sequence_parallel)
         else:
             self.register_parameter("bias", None)
 
@@ -326,7 +322,7 @@ class VocabParallelEmbedding(nn.Module):
             vocab_padded_init(init_method or normal_init(), vocab_size),
             0, [self.padded_vocab_size], rank, world,
         )  # fmt: skip
-        _mark(self.weight, 0, [self.padded_vocab_size])
+        mark_tensor_parallel(self.weight, 0, [self.padded_vocab_size])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if dist.get_world_size(self.group) > 1:

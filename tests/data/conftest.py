@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+from tests.paths import SHARED_DATA
+
 SP_MODEL = SHARED_DATA / "llama2-tokenizer.model"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 

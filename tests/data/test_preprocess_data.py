@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 from engine.data.indexed_dataset import IndexedDataset
+from tests.paths import REPO
 from tools import preprocess_data
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def megatron_reference(

@@ -10,13 +10,13 @@ process because this one decorated the kernels for the interpreter. Run directly
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.paths import REPO
+
 triton = pytest.importorskip("triton", reason="the Triton kernels need the `triton` package")
 
-REPO = Path(__file__).resolve().parents[2]
 FLOAT_POINTERS = {"LSE", "DELTA", "RSTD", "DW_PARTIAL"}  # float32 whatever the input dtype
 FLOAT_SCALARS = {"qk_scale", "sm_scale", "eps"}
 

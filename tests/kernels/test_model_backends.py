@@ -12,8 +12,8 @@ import torch
 pytest.importorskip("triton", reason="the Triton backends need triton")
 
 from engine.models import ModelConfig  # noqa: E402
+from tests.models.test_tensor_parallel_model import run_layouts  # noqa: E402
 from tests.rank_pool import module_pool  # noqa: E402
-from tests.test_tensor_parallel_model import run_layouts  # noqa: E402
 
 pool = module_pool(2)
 

@@ -1,0 +1,36 @@
+"""Sharded, atomic checkpoints that load under any TP / PP / DP layout.
+
+`protocol` decides who writes and reads what, and when; `format` is what a shard file holds
+and how shards from any layout turn back into full tensors; `storage` the directories and
+atomic renames; `rng` the random streams; `safetensors_writer` streams tensors to disk.
+"""
+
+from engine.checkpointing.protocol import (
+    FORMAT_VERSION,
+    METADATA_FILE,
+    check_architecture,
+    load_checkpoint,
+    open_checkpoint,
+    read_full_state,
+    save_checkpoint,
+)
+from engine.checkpointing.storage import (
+    LATEST_FILE,
+    CheckpointError,
+    iteration_dir,
+    read_latest_iteration,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LATEST_FILE",
+    "METADATA_FILE",
+    "CheckpointError",
+    "check_architecture",
+    "iteration_dir",
+    "load_checkpoint",
+    "open_checkpoint",
+    "read_full_state",
+    "read_latest_iteration",
+    "save_checkpoint",
+]

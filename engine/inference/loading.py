@@ -1,0 +1,42 @@
+"""A trained model and its tokenizer for the tools (generation, evaluation), from any
+checkpoint and at any layout."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from engine.checkpointing import load_checkpoint, open_checkpoint
+from engine.conversion.convert import model_config_from_metadata
+from engine.data.tokenizer import Tokenizer, build_tokenizer
+from engine.models.llama.model import LlamaModel
+
+
+def load_model(load_dir: str | Path, iteration: int | None = None) -> LlamaModel:
+    """This rank's model chunk with the checkpoint's weights (any saved layout); the
+    parallel state must be initialised (no virtual pipeline)."""
+    _, metadata = open_checkpoint(load_dir, iteration)
+    # Training-only settings do not apply: windows have any length (no sequence parallelism)
+    # and nothing is recomputed without a backward.
+    config = replace(
+        model_config_from_metadata(metadata), sequence_parallel=False, recompute_granularity=None
+    )
+    model = LlamaModel(config)
+    load_checkpoint(load_dir, [model], load_rng=False, iteration=iteration)
+    return model.eval()
+
+
+def load_tokenizer(
+    load_dir: str | Path,
+    iteration: int | None = None,
+    tokenizer_type: str | None = None,
+    tokenizer_model: str | None = None,
+) -> Tokenizer | None:
+    """The tokenizer of ``--tokenizer-type`` / ``--tokenizer-model`` when given, else the one
+    the checkpoint records (its training run's, or a converted HF directory's); None if
+    neither names one."""
+    _, metadata = open_checkpoint(load_dir, iteration)
+    data = metadata.get("config", {}).get("data") or {}
+    tokenizer_type = tokenizer_type or data.get("tokenizer_type")
+    tokenizer_model = tokenizer_model or data.get("tokenizer_model")
+    return build_tokenizer(tokenizer_type, tokenizer_model) if tokenizer_type else None

@@ -1,0 +1,230 @@
+"""The model's configuration: `ModelConfig`, its named presets, and the checks that it can be
+laid out over a TP / PP layout (run before any process group starts).
+
+Field names follow Megatron-LM's flags (``num_layers`` is ``--num-layers``), so a Megatron
+user can read them off their scripts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from engine.models.backends import BACKEND_CHOICES
+from engine.parallel_state import ParallelConfig
+from engine.pipeline_parallel.layout import layers_per_rank, virtual_stage_layers
+
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+"""``--recompute-granularity``: whole decoder layers, or core attention only."""
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-family decoder: architecture and how its layers execute."""
+
+    num_layers: int
+    """Decoder layers (``--num-layers``)."""
+    hidden_size: int
+    """Model width h (``--hidden-size``)."""
+    num_attention_heads: int
+    """Query heads (``--num-attention-heads``)."""
+    ffn_hidden_size: int
+    """SwiGLU inner width (``--ffn-hidden-size``)."""
+    vocab_size: int
+    """Tokenizer vocabulary; padded for TP by ``make_vocab_size_divisible_by``."""
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention (``--num-query-groups``); None = MHA."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the rotary cache covers (``--max-position-embeddings``)."""
+    rotary_base: float = 10000.0
+    """Rotary embedding theta (``--rotary-base``): 10000 for LLaMA-2, 500000 for LLaMA-3."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon (``--norm-epsilon``)."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the output head (LLaMA does not)."""
+    make_vocab_size_divisible_by: int = 128
+    """Vocabulary padding per TP rank (``--make-vocab-size-divisible-by``)."""
+    init_method_std: float = 0.02
+    """Std of the normal init (``--init-method-std``); output projections get it / sqrt(2L)."""
+    init_seed: int = 1234
+    """Seed of the parameter init; each parameter draws from its own seeded generator."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities (``--attention-dropout``); LLaMA uses 0."""
+    decoder_first_pipeline_num_layers: int | None = None
+    """Layers of the first pipeline rank when the split is uneven
+    (``--decoder-first-pipeline-num-layers``); the other ranks share the rest."""
+    decoder_last_pipeline_num_layers: int | None = None
+    """Layers of the last pipeline rank (``--decoder-last-pipeline-num-layers``)."""
+    sequence_parallel: bool = False
+    """Shard norms and residuals along the sequence over TP (``--sequence-parallel``)."""
+    recompute_granularity: str | None = None
+    """None, "full" (recompute whole layers) or "selective" (core attention only)."""
+    attention_backend: str = "auto"
+    """"torch" (scaled_dot_product_attention), "triton" (kernels.flash_attention) or "auto"
+    (Triton on CUDA, PyTorch elsewhere) (``--attention-backend``)."""
+    norm_backend: str = "auto"
+    """"torch" (reference RMSNorm), "triton" (kernels.rmsnorm) or "auto" (``--norm-backend``)."""
+    params_dtype: torch.dtype = torch.float32
+    """Dtype the parameters are created in."""
+
+    def __post_init__(self) -> None:
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
+        """A named architecture (see `PRESETS`), with fields overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def validate(
+        self,
+        parallel: ParallelConfig,
+        world_size: int | None = None,
+        seq_length: int | None = None,
+    ) -> None:
+        """Check that the model can be laid out as ``parallel`` says (on ``world_size`` ranks,
+        for ``seq_length`` tokens); raise ValueError naming every problem's flags and values.
+
+        Runs before any process group starts, so a bad layout costs nothing.
+        """
+        errors = layout_errors(self, parallel, world_size, seq_length)
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    def virtual_stage_layers(
+        self,
+        pipeline_model_parallel_size: int,
+        virtual_pipeline_model_parallel_size: int | None = None,
+    ) -> list[list[int]]:
+        """Global layer numbers of every virtual stage (`virtual_stage_layers` with this
+        model's uneven split, if any)."""
+        return virtual_stage_layers(
+            self.num_layers, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size,
+            self.decoder_first_pipeline_num_layers, self.decoder_last_pipeline_num_layers,
+        )  # fmt: skip
+
+    def layers_per_rank(self, pipeline_model_parallel_size: int) -> list[int]:
+        """Decoder layers of each pipeline rank (all its virtual chunks)."""
+        return layers_per_rank(
+            self.num_layers, pipeline_model_parallel_size,
+            self.decoder_first_pipeline_num_layers, self.decoder_last_pipeline_num_layers,
+        )  # fmt: skip
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameters of the unsharded, unpadded model."""
+        h, kv = self.hidden_size, self.num_query_groups * self.head_dim
+        per_layer = h * h * 2 + 2 * h * kv + 3 * h * self.ffn_hidden_size + 2 * h
+        total = self.num_layers * per_layer + h
+        if include_embeddings:
+            total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return total
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "llama2-7b": ModelConfig(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008,
+        vocab_size=32000, max_position_embeddings=4096,
+    ),
+    "llama2-13b": ModelConfig(
+        num_layers=40, hidden_size=5120, num_attention_heads=40, ffn_hidden_size=13824,
+        vocab_size=32000, max_position_embeddings=4096,
+    ),
+    "llama2-70b": ModelConfig(
+        num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
+        ffn_hidden_size=28672, vocab_size=32000, max_position_embeddings=4096,
+    ),
+    "llama3-8b": ModelConfig(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+        ffn_hidden_size=14336, vocab_size=128256, max_position_embeddings=8192,
+        rotary_base=500000.0,
+    ),
+    # Tiny models for tests and the CPU quickstart.
+    "tiny": ModelConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=176,
+        vocab_size=1000, max_position_embeddings=256,
+    ),
+    "tiny-gqa": ModelConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=2,
+        ffn_hidden_size=176, vocab_size=1000, max_position_embeddings=256,
+    ),
+}  # fmt: skip
+
+
+def layout_errors(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    world_size: int | None = None,
+    seq_length: int | None = None,
+) -> list[str]:
+    """Why ``model`` cannot be laid out as ``parallel`` says (empty: it can), each message
+    naming the flags and values."""
+    errors = parallel.errors(world_size)
+    if parallel.invalid_sizes():
+        return errors  # nothing below can be computed with a size below 1
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    heads, groups = model.num_attention_heads, model.num_query_groups
+    if model.hidden_size % heads != 0:
+        errors.append(
+            f"--hidden-size ({model.hidden_size}) must be divisible by "
+            f"--num-attention-heads ({heads})"
+        )
+    if heads % groups != 0:
+        errors.append(
+            f"--num-attention-heads ({heads}) must be divisible by --num-query-groups ({groups})"
+        )
+    if heads % tp != 0:
+        errors.append(
+            f"--num-attention-heads ({heads}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+    if groups % tp != 0 and tp % groups != 0:
+        errors.append(
+            f"--num-query-groups ({groups}) and --tensor-model-parallel-size ({tp}) are "
+            "incompatible: one must divide the other (K/V heads are sharded when there are at "
+            "least as many as TP ranks, replicated otherwise)"
+        )
+    if model.ffn_hidden_size % tp != 0:
+        errors.append(
+            f"--ffn-hidden-size ({model.ffn_hidden_size}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+    try:
+        model.virtual_stage_layers(pp, parallel.virtual_pipeline_model_parallel_size)
+    except ValueError as error:
+        errors.append(str(error))
+    if model.sequence_parallel and seq_length is not None and seq_length % tp != 0:
+        errors.append(
+            f"--seq-length ({seq_length}) must be divisible by --tensor-model-parallel-size "
+            f"({tp}) with --sequence-parallel"
+        )
+    if seq_length is not None and seq_length > model.max_position_embeddings:
+        errors.append(
+            f"--seq-length ({seq_length}) exceeds --max-position-embeddings "
+            f"({model.max_position_embeddings})"
+        )
+    if model.recompute_granularity not in (None, *RECOMPUTE_GRANULARITIES):
+        errors.append(
+            f"--recompute-granularity must be {_one_of(RECOMPUTE_GRANULARITIES)}, got "
+            f"{model.recompute_granularity!r}"
+        )
+    for name in ("attention_backend", "norm_backend"):
+        if getattr(model, name) not in BACKEND_CHOICES:
+            errors.append(
+                f"--{name.replace('_', '-')} must be {_one_of(BACKEND_CHOICES)}, got "
+                f"{getattr(model, name)!r}"
+            )
+    return errors
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    """``'a', 'b' or 'c'``."""
+    quoted = [repr(choice) for choice in choices]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]

@@ -1,0 +1,419 @@
+"""The LLaMA family, built from tensor-parallel layers.
+
+Read top to bottom: rotary embedding, RMSNorm, attention, MLP, decoder layer, model. The
+parallel policy is visible here and nowhere else:
+
+- Q|K|V and gate|up are column-parallel (each rank owns whole heads / a slice of the FFN);
+  the attention output and down projections are row-parallel, so each sub-block costs one
+  all-reduce (one all-gather + one reduce-scatter with sequence parallelism).
+- K/V heads are sharded when there are at least as many as TP ranks, replicated otherwise.
+- With sequence parallelism, activations between sub-blocks (norms, residuals) are sharded
+  along the sequence: ``[s/tp, b, h]``.
+
+Activations are sequence-first ``[s, b, h]`` inside the decoder, as in Megatron.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import parallel_state
+from engine.models.backends import ATTENTION_BACKENDS, NORM_BACKENDS, resolve_backend
+from engine.models.config import ModelConfig
+from engine.models.kv_cache import KVCache
+from engine.models.stage import chunk_layer_numbers
+from engine.parallel_state import ParallelConfig
+from engine.tensor_parallel import (
+    ColumnParallelLinear,
+    InitMethod,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    normal_init,
+    pad_vocab_size,
+    vocab_padded_init,
+    vocab_parallel_cross_entropy,
+)
+from engine.tensor_parallel.attributes import mark_partial_over_tp
+from engine.tensor_parallel.layers import initialise_shard
+from engine.tensor_parallel.random import MODEL_PARALLEL_RNG_NAME, checkpoint, get_rng_tracker
+
+
+def _seeded_init(config: ModelConfig, name: str, std: float | None = None) -> InitMethod:
+    """A normal init drawn from a generator seeded by the parameter's name, not the layout."""
+    seed = zlib.crc32(f"{config.init_seed}:{name}".encode())
+    return normal_init(config.init_method_std if std is None else std, seed)
+
+
+def _blocks_init(*inits: tuple[int, InitMethod]) -> InitMethod:
+    """Init a fused weight block by block (rows), each with its own method."""
+
+    def init(full: torch.Tensor) -> None:
+        row = 0
+        for rows, method in inits:
+            method(full[row : row + rows])
+            row += rows
+
+    return init
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (the "rotate half" convention of HF and Megatron)."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """position_ids ``[b, s]`` -> cos, sin ``[s, b, 1, d]`` in ``dtype``."""
+        exponents = torch.arange(0, self.head_dim, 2, device=position_ids.device).float()
+        inv_freq = 1.0 / (self.base ** (exponents / self.head_dim))
+        angles = position_ids.t().float().unsqueeze(-1) * inv_freq  # [s, b, d/2]
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(2)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x ``[s, b, heads, d]`` rotated by the angles in cos/sin ``[s, b, 1, d]``."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a replicated weight ``[h]``; under sequence parallelism its gradient is
+    partial on each TP rank (each sees a slice of the sequence)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.eps = config.norm_epsilon
+        self.weight = nn.Parameter(torch.ones(config.hidden_size, dtype=config.params_dtype))
+        mark_partial_over_tp(self.weight, config.sequence_parallel)
+        self.norm_fn = NORM_BACKENDS[resolve_backend(config.norm_backend)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_fn(x, self.weight, self.eps)
+
+
+class ReplicatedKeyValue(nn.Module):
+    """K/V projection when there are fewer K/V heads than TP ranks.
+
+    Every rank holds all K/V heads (a replicated weight ``[2 * kv * d, h]``) but computes
+    only the one its query heads use; each rank's weight gradient is therefore partial and is
+    summed over TP by `finalize_model_grads`.
+    """
+
+    def __init__(self, config: ModelConfig, init_method: InitMethod):
+        super().__init__()
+        kv, d, tp = config.num_query_groups, config.head_dim, _tp_size()
+        self.sequence_parallel = config.sequence_parallel
+        self.head_dim, self.kv_heads = d, kv
+        self.head = parallel_state.get_tensor_model_parallel_rank() // (tp // kv)
+        rows = 2 * kv * d
+        self.weight = nn.Parameter(torch.empty(rows, config.hidden_size, dtype=config.params_dtype))
+        initialise_shard(self.weight, (rows, config.hidden_size), init_method, 0, [rows], 0, 1)
+        mark_partial_over_tp(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[s(/tp), b, h]`` -> this rank's K|V ``[s, b, 2 * d]``."""
+        # With sequence parallelism this all-gather repeats the query projection's; it is
+        # only paid in this uncommon layout (fewer K/V heads than TP ranks).
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x)
+        else:
+            x = copy_to_tensor_model_parallel_region(x)
+        d, start = self.head_dim, self.head * self.head_dim
+        k_rows = self.weight[start : start + d]
+        v_rows = self.weight[self.kv_heads * d + start : self.kv_heads * d + start + d]
+        return F.linear(x, torch.cat([k_rows, v_rows]))
+
+
+class Attention(nn.Module):
+    """Causal self-attention with rotary embeddings and grouped-query attention."""
+
+    def __init__(self, config: ModelConfig, layer_number: int):
+        super().__init__()
+        self.layer_number = layer_number
+        tp, d = _tp_size(), config.head_dim
+        heads, groups = config.num_attention_heads, config.num_query_groups
+        self.local_heads, self.head_dim = heads // tp, d
+        self.kv_sharded = groups >= tp
+        self.local_kv_heads = groups // tp if self.kv_sharded else 1
+        self.dropout = config.attention_dropout
+        self.recompute_core = config.recompute_granularity == "selective"
+        self.attention_fn = ATTENTION_BACKENDS[resolve_backend(config.attention_backend)]
+
+        prefix = f"layers.{layer_number}.attention"
+        q_init = (heads * d, _seeded_init(config, f"{prefix}.q"))
+        k_init = (groups * d, _seeded_init(config, f"{prefix}.k"))
+        v_init = (groups * d, _seeded_init(config, f"{prefix}.v"))
+        common = dict(sequence_parallel=config.sequence_parallel, dtype=config.params_dtype)
+        if self.kv_sharded:
+            self.qkv = ColumnParallelLinear(
+                config.hidden_size, [heads * d, groups * d, groups * d],
+                init_method=_blocks_init(q_init, k_init, v_init), **common,
+            )  # fmt: skip
+        else:
+            self.q = ColumnParallelLinear(
+                config.hidden_size, heads * d, init_method=q_init[1], **common
+            )
+            self.kv = ReplicatedKeyValue(config, _blocks_init(k_init, v_init))
+        self.out = RowParallelLinear(
+            heads * d, config.hidden_size,
+            init_method=_seeded_init(config, f"{prefix}.out", _output_std(config)), **common,
+        )  # fmt: skip
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """x ``[s(/tp), b, h]`` -> ``[s(/tp), b, h]``.
+
+        With a ``kv_cache`` (decoding, see `engine.models.kv_cache.KVCache`) the new K/V are written
+        at the cache's offset and the queries attend over the whole cached prefix under its mask.
+        """
+        d = self.head_dim
+        if self.kv_sharded:
+            q, k, v = self.qkv(x).split(
+                [self.local_heads * d, self.local_kv_heads * d, self.local_kv_heads * d], dim=-1
+            )
+        else:
+            q = self.q(x)
+            k, v = self.kv(x).chunk(2, dim=-1)
+        s, b = q.shape[:2]
+        q = apply_rotary(q.view(s, b, self.local_heads, d), cos, sin)
+        k = apply_rotary(k.view(s, b, self.local_kv_heads, d), cos, sin)
+        v = v.view(s, b, self.local_kv_heads, d)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_number, k, v)
+            return self.out(self._core_attention(q, k, v, kv_cache.attention_mask))
+        if self.recompute_core:
+            out = checkpoint(self._core_attention, q, k, v)
+        else:
+            out = self._core_attention(q, k, v)
+        return self.out(out)
+
+    def _core_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """q ``[s, b, hq/tp, d]``, k/v ``[s_kv, b, hkv', d]`` -> ``[s, b, hq/tp * d]``; an
+        explicit boolean ``mask [b, 1, s, s_kv]`` (True: attend) replaces the causal one."""
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # SDPA's [b, heads, s, d]
+        if mask is not None:
+            # Decoding (cached prefix, padded prompts) needs an arbitrary mask, which only SDPA
+            # takes; the training backends keep their causal fast path.
+            gqa = k.size(1) != q.size(1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif self.training and self.dropout > 0:
+            # Heads are sharded over TP, so dropout draws from the per-TP-rank RNG stream.
+            with get_rng_tracker().fork(MODEL_PARALLEL_RNG_NAME):
+                out = self.attention_fn(q, k, v, is_causal=True, dropout_p=self.dropout)
+        else:
+            out = self.attention_fn(q, k, v, is_causal=True)
+        b, heads, s, d = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, heads * d)
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate|up fused and column-parallel."""
+
+    def __init__(self, config: ModelConfig, layer_number: int):
+        super().__init__()
+        h, ffn = config.hidden_size, config.ffn_hidden_size
+        prefix = f"layers.{layer_number}.mlp"
+        common = dict(sequence_parallel=config.sequence_parallel, dtype=config.params_dtype)
+        self.gate_up = ColumnParallelLinear(
+            h, [ffn, ffn],
+            init_method=_blocks_init(
+                (ffn, _seeded_init(config, f"{prefix}.gate")),
+                (ffn, _seeded_init(config, f"{prefix}.up")),
+            ),
+            **common,
+        )  # fmt: skip
+        self.down = RowParallelLinear(
+            ffn, h, init_method=_seeded_init(config, f"{prefix}.down", _output_std(config)),
+            **common,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: ModelConfig, layer_number: int):
+        super().__init__()
+        self.layer_number = layer_number
+        self.input_norm = RMSNorm(config)
+        self.attention = Attention(config, layer_number)
+        self.post_attention_norm = RMSNorm(config)
+        self.mlp = MLP(config, layer_number)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attention(self.input_norm(x), cos, sin, kv_cache)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+class LlamaModel(nn.Module):
+    """A LLaMA decoder holding only this rank's share: its pipeline stage, sharded over TP.
+
+    Args:
+        config: the architecture (see `ModelConfig`).
+        pre_process: this chunk owns the embedding (default: first pipeline stage).
+        post_process: this chunk owns the final norm and output head (default: last stage).
+        layer_numbers: global indices of the layers to build (default: an even split of
+            ``num_layers`` over the pipeline stages).
+
+    Build under ``with torch.device("meta"):`` to get shapes without memory.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        pre_process: bool | None = None,
+        post_process: bool | None = None,
+        layer_numbers: list[int] | None = None,
+    ):
+        super().__init__()
+        config.validate(
+            ParallelConfig(
+                tensor_model_parallel_size=_tp_size(),
+                pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+                virtual_pipeline_model_parallel_size=(
+                    parallel_state.get_virtual_pipeline_model_parallel_world_size()
+                ),
+            ),
+        )
+        self.config = config
+        self.pre_process = (
+            parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process
+        )
+        self.post_process = (
+            parallel_state.is_pipeline_last_stage() if post_process is None else post_process
+        )
+        if layer_numbers is None:
+            layer_numbers = chunk_layer_numbers(config)
+        # Pipeline stages after the first get their input from the schedule (Megatron's
+        # set_input_tensor), so a forward-step function calls every stage the same way.
+        self.input_tensor: torch.Tensor | None = None
+        self.tp = _tp_size()
+        embedding_kwargs = dict(
+            make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
+            sequence_parallel=config.sequence_parallel,
+            init_method=_seeded_init(config, "embedding"),
+            dtype=config.params_dtype,
+        )
+        if self.pre_process:
+            self.embedding = VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, **embedding_kwargs
+            )
+        self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base)
+        self.layers = nn.ModuleList(DecoderLayer(config, n) for n in layer_numbers)
+        if self.post_process:
+            self.final_norm = RMSNorm(config)
+            padded = pad_vocab_size(config.vocab_size, self.tp, config.make_vocab_size_divisible_by)
+            self.padded_vocab_size = padded
+            # A tied head off the first stage keeps its own copy, initialised like the
+            # embedding (same seed); the pipeline keeps the two in sync.
+            head_seed_name = "embedding" if config.tie_word_embeddings else "output"
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size, padded,
+                sequence_parallel=config.sequence_parallel, dtype=config.params_dtype,
+                init_method=vocab_padded_init(
+                    _seeded_init(config, head_seed_name), config.vocab_size
+                ),
+            )  # fmt: skip
+            if config.tie_word_embeddings and self.pre_process:
+                del self.output_layer.weight  # use the embedding's weight itself
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_input: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Run this chunk.
+
+        Args:
+            input_ids: ``[b, s]`` token ids (first stage).
+            position_ids: ``[b, s]``; default ``0..s-1``.
+            labels: ``[b, s]`` next-token ids (last stage); with them the output is the loss.
+            decoder_input: ``[s(/tp), b, h]`` hidden states from the previous stage.
+            kv_cache: decoding only (`engine.models.kv_cache.KVCache`): attend over the cached
+                prefix; ``position_ids`` then give each new token's absolute position.
+
+        Returns:
+            Last stage: per-token loss ``[b, s]`` (float32) with labels, else logits
+            ``[b, s, padded_vocab/tp]`` (this rank's vocabulary slice). Other stages: hidden
+            states ``[s(/tp), b, h]`` for the next stage.
+        """
+        if decoder_input is None:
+            decoder_input = self.input_tensor
+        if self.pre_process:
+            x = self._embed(input_ids)
+        elif decoder_input is None:
+            raise ValueError("this pipeline stage has no embedding: pass decoder_input")
+        else:
+            x = decoder_input
+        seq = x.size(0) * (self.tp if self.config.sequence_parallel else 1)
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=x.device).unsqueeze(0).expand(x.size(1), -1)
+        cos, sin = self.rotary(position_ids, x.dtype)
+
+        for layer in self.layers:
+            if self.config.recompute_granularity == "full":
+                x = checkpoint(layer, x, cos, sin)
+            else:
+                x = layer(x, cos, sin, kv_cache)
+        if not self.post_process:
+            return x
+
+        x = self.final_norm(x)
+        tied = self.config.tie_word_embeddings and self.pre_process
+        logits = self.output_layer(x, weight=self.embedding.weight if tied else None)
+        if labels is None:
+            return logits.transpose(0, 1)
+        # Cross entropy on [s, b] avoids transposing the (large) logits.
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size)
+        return loss.t()
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | None) -> None:
+        """The previous stage's hidden states ``[s(/tp), b, h]`` for the next forward."""
+        self.input_tensor = input_tensor
+
+    def shared_embedding_or_output_weight(self) -> nn.Parameter | None:
+        """The weight a tied embedding shares between the first and last stage, if any here."""
+        if not self.config.tie_word_embeddings:
+            return None
+        if self.pre_process:
+            return self.embedding.weight
+        return self.output_layer.weight if self.post_process else None
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[b, s]`` ids -> ``[s(/tp), b, h]``."""
+        if self.config.sequence_parallel:
+            if input_ids.size(1) % self.tp != 0:
+                raise ValueError(
+                    f"sequence length {input_ids.size(1)} must be divisible by "
+                    f"--tensor-model-parallel-size ({self.tp}) with --sequence-parallel"
+                )
+            return self.embedding(input_ids.t())
+        return self.embedding(input_ids).transpose(0, 1).contiguous()
+
+
+def _tp_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _output_std(config: ModelConfig) -> float:
+    # Megatron's scaled init for the projections that write into the residual stream.
+    return config.init_method_std / (2.0 * config.num_layers) ** 0.5

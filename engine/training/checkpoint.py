@@ -1,0 +1,63 @@
+"""The trainer's side of checkpoints: what a run saves and restores, through
+`engine.checkpointing.protocol` (which owns the format, the atomic writes and resharding).
+
+Saved: the model chunks, the optimizer (main parameters, Adam moments, loss scaler, skipped
+steps), the LR schedule, the iteration, ``consumed_samples`` (the data position), every RNG
+stream and the job's configuration. Restored at ``--load``: all of it, so the run continues
+bit for bit (RNG streams only under the same layout, since they are per rank); with
+``--finetune``, or on `engine.training.loop.finetune`'s first start, the weights only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from engine import checkpointing
+from engine.training.state import TrainingRun
+
+
+def save(run: TrainingRun) -> str:
+    """Save ``run`` at its current iteration into ``--save`` (collective); return the
+    checkpoint's directory."""
+    config = run.job.checkpoint
+    path = checkpointing.save_checkpoint(
+        config.save,
+        run.iteration,
+        run.chunks,
+        None if config.no_save_optim else run.optimizer,
+        run.scheduler,
+        run.consumed_samples,
+        config_dict=dataclasses.asdict(run.job),
+        keep_last_n=config.keep_last_n,
+    )
+    return str(path)
+
+
+def load(run: TrainingRun, finetuning: bool) -> str | None:
+    """Restore ``run`` from ``--load``; return what was loaded (None: nothing to load).
+
+    A fine-tuning run that has already saved to ``--save`` resumes from there, fully; its
+    first start takes only the weights of ``--load``.
+    """
+    config = run.job.checkpoint
+    directory, weights_only = config.load, config.finetune
+    if finetuning:
+        if config.save is not None and checkpointing.read_latest_iteration(config.save) is not None:
+            directory, weights_only = config.save, False
+        else:
+            weights_only = True
+    if directory is None:
+        return None
+    iteration, consumed = checkpointing.load_checkpoint(
+        directory,
+        run.chunks,
+        None if (config.no_load_optim and not weights_only) else run.optimizer,
+        None if weights_only else run.scheduler,
+        finetune=weights_only,
+        load_rng=not config.no_load_rng,
+    )
+    if config.no_load_optim and not weights_only:
+        run.optimizer.reload_model_params()  # 16-bit models: main params follow the weights
+    run.iteration, run.consumed_samples = iteration, consumed
+    return str(Path(directory))

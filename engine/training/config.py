@@ -1,0 +1,162 @@
+"""One training job: `TrainingConfig` (batch sizes, run length, evaluation, logging,
+stopping) and `JobConfig`, which composes every section's config and validates them together
+before any process group starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from engine.checkpointing.config import CheckpointConfig
+from engine.data.config import DataConfig
+from engine.distributed.config import DistributedDataParallelConfig
+from engine.models.config import ModelConfig, layout_errors
+from engine.optimizer.config import OptimizerConfig
+from engine.parallel_state import ParallelConfig
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, run length, evaluation, logging and stopping (Megatron's flags)."""
+
+    micro_batch_size: int = 1
+    """Sequences per microbatch on one rank (``--micro-batch-size``)."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all DP ranks (``--global-batch-size``); None =
+    micro batch x DP (no gradient accumulation), as in Megatron."""
+    seq_length: int = 2048
+    """Tokens per sample (``--seq-length``)."""
+    train_iters: int | None = None
+    """Optimizer steps to run (``--train-iters``); exclusive with ``train_samples``."""
+    train_samples: int | None = None
+    """Samples to train on (``--train-samples``): the run lasts train_samples / global batch
+    steps and LR spans are counted in samples."""
+    eval_interval: int = 1000
+    """Evaluate on the validation split every this many steps (``--eval-interval``)."""
+    eval_iters: int = 100
+    """Validation batches per evaluation (``--eval-iters``); 0 disables evaluation."""
+    log_interval: int = 100
+    """Print and record metrics every this many steps (``--log-interval``)."""
+    exit_interval: int | None = None
+    """Save and exit when the iteration is a multiple of this (``--exit-interval``)."""
+    exit_duration_in_mins: float | None = None
+    """Save and exit after this many minutes of training (``--exit-duration-in-mins``)."""
+    exit_on_nan: bool = False
+    """Save and exit on a non-finite loss instead of skipping the step (``--exit-on-nan``)."""
+    seed: int = 1234
+    """Seeds data order, dropout and the parameter init (``--seed``)."""
+    peak_tflops: float | None = None
+    """Device peak TFLOP/s for MFU (``--peak-tflops``); None = detected from the device."""
+    tensorboard_dir: str | None = None
+    """Write TensorBoard event files here (``--tensorboard-dir``); None disables them."""
+    device_memory_gb: float | None = None
+    """Memory of one device in GB (10^9 bytes) that the plan checks against
+    (``--device-memory-gb``); None = detected or unchecked."""
+    dry_run: bool = False
+    """Print the plan (parameters, memory, FLOPs per rank) and exit without training
+    (``--dry-run``)."""
+
+    def errors(self, dp: int | None, require_train_length: bool = True) -> list[str]:
+        """Batch sizes, run length and intervals, with ``dp`` data-parallel ranks (None when
+        the layout gives none: the global batch is then not checked)."""
+        errors = []
+        for flag, value in (
+            ("--micro-batch-size", self.micro_batch_size),
+            ("--seq-length", self.seq_length),
+        ):
+            if value < 1:
+                errors.append(f"{flag} must be at least 1, got {value}")
+        if dp is not None:
+            per_step = self.micro_batch_size * dp
+            if self.global_batch_size is not None and (
+                self.global_batch_size < 1 or per_step < 1 or self.global_batch_size % per_step != 0
+            ):
+                errors.append(
+                    f"--global-batch-size ({self.global_batch_size}) must be a positive multiple "
+                    f"of --micro-batch-size ({self.micro_batch_size}) x data-parallel size ({dp}) = "
+                    f"{per_step}"
+                )
+        if self.train_iters is not None and self.train_samples is not None:
+            errors.append(
+                f"give one of --train-iters ({self.train_iters}) and --train-samples "
+                f"({self.train_samples}), not both"
+            )
+        elif require_train_length and self.train_iters is None and self.train_samples is None:
+            errors.append("give --train-iters or --train-samples")
+        positive = {
+            "--train-iters": self.train_iters,
+            "--train-samples": self.train_samples,
+            "--eval-interval": self.eval_interval,
+            "--log-interval": self.log_interval,
+            "--exit-interval": self.exit_interval,
+            "--exit-duration-in-mins": self.exit_duration_in_mins,
+            "--peak-tflops": self.peak_tflops,
+            "--device-memory-gb": self.device_memory_gb,
+        }
+        errors += [
+            f"{flag} must be positive, got {value}"
+            for flag, value in positive.items()
+            if value is not None and value <= 0
+        ]
+        if self.eval_iters < 0:
+            errors.append(f"--eval-iters must be at least 0, got {self.eval_iters}")
+        return errors
+
+
+@dataclass
+class JobConfig:
+    """Everything one training job needs, one section per owner; `validate` runs every
+    section's own checks before any process group starts, and the derived sizes (DP, gradient
+    accumulation) are computed here only."""
+
+    model: ModelConfig
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    ddp: DistributedDataParallelConfig = dataclasses.field(
+        default_factory=DistributedDataParallelConfig
+    )
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP = world size / (TP x PP)."""
+        model_parallel = (
+            self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
+        )
+        if world_size % model_parallel != 0:
+            raise ValueError(
+                f"world size ({world_size}) must be divisible by --tensor-model-parallel-size x "
+                f"--pipeline-model-parallel-size ({model_parallel})"
+            )
+        return world_size // model_parallel
+
+    def global_batch_size(self, world_size: int) -> int:
+        """``--global-batch-size``, or micro batch x DP when it is not given."""
+        if self.training.global_batch_size is not None:
+            return self.training.global_batch_size
+        return self.training.micro_batch_size * self.data_parallel_size(world_size)
+
+    def num_microbatches(self, world_size: int) -> int:
+        """Gradient accumulation steps: global batch / (micro batch x DP)."""
+        per_step = self.training.micro_batch_size * self.data_parallel_size(world_size)
+        return self.global_batch_size(world_size) // per_step
+
+    def validate(self, world_size: int, require_train_length: bool = True) -> None:
+        """Run every check; raise one ValueError listing each problem with its flag and value.
+
+        ``require_train_length=False`` skips the ``--train-iters``/``--train-samples`` check
+        (planning a layout needs no run length).
+        """
+        t = self.training
+        errors = layout_errors(self.model, self.parallel, world_size, t.seq_length)
+        dp = None
+        if world_size >= 1 and not self.parallel.errors(world_size):
+            dp = self.data_parallel_size(world_size)
+        errors += t.errors(dp, require_train_length)
+        errors += self.optimizer.errors(t.train_iters, t.train_samples)
+        errors += self.ddp.errors()
+        errors += self.data.errors()
+        errors += self.checkpoint.errors()
+        if errors:
+            raise ValueError("; ".join(errors))

@@ -1,0 +1,161 @@
+"""The trainer's data: tokenizer, train/valid/test datasets, and per-rank batch iterators.
+
+Pretraining reads Megatron's ``--data-path`` (one prefix, or a weighted blend) split by
+``--split`` into GPT datasets sized for the run; fine-tuning (``--sft``) reads chat JSONL, or
+its preprocessed ``{prefix}_tokens_document`` / ``{prefix}_loss_mask_document`` pair, packed
+into rows of ``--seq-length`` (`engine.data.sft_dataset`).
+
+Every data-parallel rank iterates its own slice of each global batch, starting after
+``consumed_samples``: that count is all a checkpoint needs to resume the data exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from engine.data.blended_dataset import build_blended_gpt_datasets
+from engine.data.config import DataConfig
+from engine.data.gpt_dataset import GPTDatasetConfig, parse_split
+from engine.data.samplers import build_data_loader
+from engine.data.sft_dataset import SFTDataset
+from engine.data.tokenizer import Tokenizer, build_tokenizer
+from engine.training.config import JobConfig
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Datasets:
+    """The three splits (valid/test may be None) and the tokenizer, if one was configured."""
+
+    train: torch.utils.data.Dataset
+    valid: torch.utils.data.Dataset | None
+    test: torch.utils.data.Dataset | None
+    tokenizer: Tokenizer | None
+
+
+def build_job_tokenizer(data: DataConfig) -> Tokenizer | None:
+    """The tokenizer of ``--tokenizer-type`` / ``--tokenizer-model``, or None when not given
+    (pretraining on preprocessed data needs only the model's vocabulary size)."""
+    if data.tokenizer_type is None:
+        return None
+    return build_tokenizer(data.tokenizer_type, data.tokenizer_model)
+
+
+def build_datasets(
+    job: JobConfig, global_batch_size: int, train_iters: int, tokenizer: Tokenizer | None
+) -> Datasets:
+    """Train, valid and test datasets sized for ``train_iters`` steps and the evaluations.
+
+    Validation uses the same ``--eval-iters`` global batches every time, so successive
+    evaluations are comparable (and resuming never shifts them).
+    """
+    if not job.data.data_path:
+        raise ValueError("no training data: give --data-path")
+    if job.data.sft:
+        return _sft_datasets(job, tokenizer)
+    if job.data.reset_attention_mask:
+        raise ValueError(
+            "--reset-attention-mask needs an explicit attention mask, which the model's fused "
+            "causal attention does not take; use --reset-position-ids and --eod-mask-loss"
+        )
+    config = GPTDatasetConfig(
+        seq_length=job.training.seq_length,
+        random_seed=job.training.seed,
+        split=job.data.split,
+        path_to_cache=job.data.data_cache_path,
+        eod=None if tokenizer is None else tokenizer.eod,
+        reset_position_ids=job.data.reset_position_ids,
+        eod_mask_loss=job.data.eod_mask_loss,
+    )
+    eval_samples = job.training.eval_iters * global_batch_size
+    sizes = (train_iters * global_batch_size, eval_samples or None, eval_samples or None)
+    train, valid, test = build_blended_gpt_datasets(job.data.data_path, sizes, config)
+    if train is None:
+        raise ValueError(f"--split {job.data.split} leaves no training documents")
+    return Datasets(train, valid, test, tokenizer)
+
+
+def _sft_datasets(job: JobConfig, tokenizer: Tokenizer | None) -> Datasets:
+    """Packed SFT rows, split into train/valid/test by ``--split`` (contiguous ranges of the
+    shuffled rows)."""
+    path = job.data.data_path[-1]
+    seq, seed = job.training.seq_length, job.training.seed
+    if path.endswith(".jsonl"):
+        if tokenizer is None:
+            raise ValueError(f"--sft on {path} (JSONL) needs --tokenizer-type/--tokenizer-model")
+        full = SFTDataset.from_jsonl(path, tokenizer, seq, job.data.chat_template, seed)
+    else:
+        pad = 0 if tokenizer is None or tokenizer.pad is None else tokenizer.pad
+        full = SFTDataset.from_indexed(path, seq, seed, pad)
+    weights = parse_split(job.data.split)
+    bounds = [0]
+    for weight in weights:
+        bounds.append(bounds[-1] + weight)
+    edges = [int(round(b * len(full))) for b in bounds]
+    parts = [
+        torch.utils.data.Subset(full, range(lo, hi)) if hi > lo else None
+        for lo, hi in zip(edges, edges[1:], strict=False)
+    ]
+    if parts[0] is None:
+        raise ValueError(f"{path}: --split {job.data.split} leaves no training conversations")
+    return Datasets(parts[0], parts[1], parts[2], tokenizer)
+
+
+MODEL_INPUTS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+class _ModelInputs(torch.utils.data.Dataset):
+    """The fields of each sample the model uses: SFT samples also carry an ``[s, s]``
+    attention mask and variable-length ``cu_seqlens``, which would be collated for nothing
+    (or, for ``cu_seqlens``, not at all)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> Batch:
+        sample = self.dataset[idx]
+        return {key: sample[key] for key in MODEL_INPUTS}
+
+
+def batch_iterator(
+    dataset: torch.utils.data.Dataset,
+    consumed_samples: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int,
+    device: torch.device,
+) -> Iterator[Batch]:
+    """This rank's micro-batches from ``consumed_samples`` on, moved to ``device``.
+
+    ``shuffle`` (SFT) draws epoch after epoch from seeded permutations; otherwise the
+    (pre-shuffled) dataset is walked in order.
+    """
+    loader = build_data_loader(
+        _ModelInputs(dataset), consumed_samples, micro_batch_size, data_parallel_rank,
+        data_parallel_size, shuffle=shuffle, seed=seed, num_workers=num_workers,
+    )  # fmt: skip
+    # Starting a DataLoader iterator draws a worker seed from the global CPU generator;
+    # without this fork, evaluations and resumes would shift the training RNG streams.
+    with torch.random.fork_rng(devices=[]):
+        batches = iter(loader)
+    for batch in batches:
+        yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def iterations_for(train_iters: int | None, train_samples: int | None, global_batch: int) -> int:
+    """Optimizer steps of the run: ``--train-iters``, or ``--train-samples`` / global batch."""
+    if train_iters is not None:
+        return train_iters
+    assert train_samples is not None
+    return math.ceil(train_samples / global_batch)

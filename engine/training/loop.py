@@ -1,0 +1,245 @@
+"""The training loop: `pretrain` and `finetune`.
+
+One iteration, on every rank (Megatron-LM's order)::
+
+    optimizer.zero_grad()                          # the DDP gradient buffers
+    losses = forward_backward_func(...)            # the pipeline schedule over m microbatches,
+                                                   # DDP's no_sync / grad-sync hooks, then
+                                                   # finalize_model_grads (DP, TP, embedding)
+    loss = the global mean loss                    # one all-reduce; every rank knows it
+    if loss is finite: optimizer.step()            # unscale, clip, AdamW, (ZeRO) all-gather
+                       scheduler.step(...)         # LR and weight decay of the next step
+    else: skip the step, count it (or save and stop with --exit-on-nan)
+
+then every ``--log-interval`` a console line and TensorBoard scalars
+(`engine.training.metrics`), every ``--eval-interval`` the validation loss and perplexity,
+every ``--save-interval`` a checkpoint, and after each iteration the exit checks (`engine.training.exit`: SIGTERM, ``--exit-interval``,
+``--exit-duration-in-mins``), all decided identically on every rank.
+
+Everything that shapes the next iteration is either in the checkpoint (weights, optimizer state
+and loss scaler, LR schedule, RNG states, ``consumed_samples``) or a pure function of the
+configuration, so a resumed run repeats the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from engine import parallel_state
+from engine.device import init_distributed
+from engine.training import checkpoint as ckpt
+from engine.training.config import JobConfig
+from engine.training.data import build_datasets
+from engine.training.exit import ExitConditions, SignalHandler
+from engine.training.metrics import IntervalMeter, TensorBoardWriter, detect_peak_tflops, memory_gb
+from engine.training.state import TrainingRun
+
+
+@dataclass
+class TrainResult:
+    """What a run did, returned on every rank."""
+
+    iteration: int
+    """The last completed iteration."""
+    consumed_samples: int
+    losses: dict[int, float] = field(default_factory=dict)
+    """The global training loss of every iteration this run executed (nan when skipped)."""
+    evaluations: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Iteration -> ``{"loss", "ppl"}`` of the validation split."""
+    test: dict[str, float] | None = None
+    """``{"loss", "ppl"}`` of the test split, evaluated once at the end."""
+    skipped_steps: int = 0
+    nan_iterations: int = 0
+    exit_reason: str | None = None
+    """Why the run stopped early (None: it reached the last iteration)."""
+    checkpoint: str | None = None
+    """The directory of the last checkpoint saved, if any."""
+
+
+# Evaluation -----------------------------------------------------------------------------------
+
+
+def eval_batches(run: TrainingRun, dataset: torch.utils.data.Dataset | None) -> int:
+    """Global batches an evaluation of ``dataset`` takes: ``--eval-iters``, or fewer when the
+    split is smaller (packed SFT splits are not sized to the run); 0 means no evaluation."""
+    if dataset is None:
+        return 0
+    return min(run.job.training.eval_iters, len(dataset) // run.global_batch)
+
+
+def evaluate(run: TrainingRun, dataset: torch.utils.data.Dataset) -> dict[str, float]:
+    """Mean loss and perplexity over `eval_batches` global batches of ``dataset`` (the same
+    batches every time), with no gradients."""
+    run.sync_params()
+    for chunk in run.chunks:
+        chunk.eval()
+    iterators = run.iterators(dataset, 0)
+    try:
+        with torch.no_grad():
+            losses = [
+                run.run_schedule(iterators, forward_only=True)
+                for _ in range(eval_batches(run, dataset))
+            ]
+    finally:
+        for chunk in run.chunks:
+            chunk.train()
+    loss = sum(losses) / len(losses)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+# The loop -------------------------------------------------------------------------------------
+
+
+def _print(run: TrainingRun, message: str) -> None:
+    if run.rank == 0:
+        print(message, flush=True)
+
+
+def _log(
+    run: TrainingRun, meter: IntervalMeter, writer: TensorBoardWriter | None, iteration: int
+) -> None:
+    """One console line and its TensorBoard scalars; memory is the maximum over ranks."""
+    what, gb = memory_gb(run.device)
+    peak = torch.tensor([gb], device=run.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    entry = meter.summary(
+        iteration, run.train_iters, lr=run.optimizer.param_groups[0]["lr"],
+        loss_scale=run.optimizer.loss_scale, skipped_steps=run.optimizer.skipped_steps,
+        nan_iterations=run.nan_iterations, memory=(what, peak.item()),
+    )  # fmt: skip
+    _print(run, entry.line())
+    if writer is not None:
+        writer.scalars(entry.scalars(), iteration)
+    meter.reset()
+
+
+def _log_evaluation(
+    run: TrainingRun, writer: TensorBoardWriter | None, split: str, result: dict[str, float]
+) -> None:
+    _print(
+        run,
+        f"{split} at iteration {run.iteration} | loss {result['loss']:.6E} | "
+        f"ppl {result['ppl']:.6E}",
+    )
+    if writer is not None:
+        writer.scalars(
+            {f"{split}/loss": result["loss"], f"{split}/ppl": result["ppl"]}, run.iteration
+        )
+
+
+def _train(job: JobConfig, finetuning: bool) -> TrainResult:
+    """Set up, load, train, evaluate and save; see the module docstring."""
+    device = init_distributed()
+    job.validate(dist.get_world_size())
+    run = TrainingRun(job, device)
+    t = job.training
+    writer = None
+    try:
+        if t.tensorboard_dir is not None and run.rank == 0:
+            writer = TensorBoardWriter(t.tensorboard_dir)
+        loaded = ckpt.load(run, finetuning)
+        if loaded is not None:
+            _print(run, f"loaded {loaded} at iteration {run.iteration}")
+        run.datasets = build_datasets(job, run.global_batch, run.train_iters, run.tokenizer)
+        result = TrainResult(run.iteration, run.consumed_samples)
+        with SignalHandler() as handler:
+            exits = ExitConditions(t.exit_interval, t.exit_duration_in_mins, handler)
+            _loop(run, writer, result, exits)
+        return result
+    finally:
+        if writer is not None:
+            writer.close()
+        parallel_state.destroy_model_parallel()
+
+
+def _loop(
+    run: TrainingRun, writer: TensorBoardWriter | None, result: TrainResult, exits: ExitConditions
+) -> None:
+    """Iterations from the loaded one to the last (or an exit); fills ``result``."""
+    job, t = run.job, run.job.training
+    peak = t.peak_tflops if t.peak_tflops is not None else detect_peak_tflops(run.device)
+    meter = IntervalMeter(run.model_config, t.seq_length, run.world_size, peak)
+    train_iterators = run.iterators(run.datasets.train, run.consumed_samples)
+    tokens_per_iteration = run.global_batch * t.seq_length
+    # A loaded checkpoint is already saved: a run with nothing left to do writes no copy.
+    saved_at = run.iteration if run.iteration > 0 else None
+    can_evaluate = eval_batches(run, run.datasets.valid) > 0
+    _print(
+        run,
+        f"training {run.train_iters} iterations from iteration {run.iteration}: global batch "
+        f"{run.global_batch} = micro batch {t.micro_batch_size} x {run.num_microbatches} "
+        f"microbatches x DP {parallel_state.get_data_parallel_world_size()}",
+    )
+    while run.iteration < run.train_iters:
+        start = time.perf_counter()
+        run.optimizer.zero_grad()
+        loss = run.run_schedule(train_iterators, forward_only=False)
+        grad_norm = None
+        if math.isfinite(loss):
+            step = run.optimizer.step()
+            grad_norm = step.grad_norm
+            if step.updated:
+                run.scheduler.step(run.scheduler_increment)
+        else:
+            run.nan_iterations += 1  # the gradients are discarded by the next zero_grad
+        run.iteration += 1
+        run.consumed_samples += run.global_batch
+        result.losses[run.iteration] = loss
+        meter.add(loss, grad_norm, tokens_per_iteration, time.perf_counter() - start)
+
+        if run.iteration % t.log_interval == 0:
+            _log(run, meter, writer, run.iteration)
+        if can_evaluate and run.iteration % t.eval_interval == 0:
+            result.evaluations[run.iteration] = evaluate(run, run.datasets.valid)
+            _log_evaluation(run, writer, "validation", result.evaluations[run.iteration])
+        reason = exits.reason(run.iteration)
+        if reason is None and not math.isfinite(loss) and t.exit_on_nan:
+            reason = f"non-finite loss ({loss}) with --exit-on-nan"
+        every = job.checkpoint.save_interval
+        if job.checkpoint.save and (reason or (every and run.iteration % every == 0)):
+            result.checkpoint, saved_at = ckpt.save(run), run.iteration
+        if reason is not None:
+            result.exit_reason = reason
+            _print(run, f"exiting at iteration {run.iteration}: {reason}")
+            break
+    if result.exit_reason is None:
+        if can_evaluate and run.iteration not in result.evaluations:
+            result.evaluations[run.iteration] = evaluate(run, run.datasets.valid)
+            _log_evaluation(run, writer, "validation", result.evaluations[run.iteration])
+        if eval_batches(run, run.datasets.test) > 0:
+            result.test = evaluate(run, run.datasets.test)
+            _log_evaluation(run, writer, "test", result.test)
+        if job.checkpoint.save and saved_at != run.iteration:
+            result.checkpoint = ckpt.save(run)
+    result.iteration, result.consumed_samples = run.iteration, run.consumed_samples
+    result.skipped_steps, result.nan_iterations = run.optimizer.skipped_steps, run.nan_iterations
+
+
+# Entry points ---------------------------------------------------------------------------------
+
+
+def pretrain(job: JobConfig) -> TrainResult:
+    """Pretrain on ``--data-path`` (GPT / blended datasets) as ``job`` says.
+
+    Starts the default process group if needed (torchrun's environment, or a group of one),
+    builds the TP/PP/DP groups, trains, and tears the groups down again (the default group
+    stays up for the caller). ``--load`` resumes exactly where a checkpoint stopped.
+    """
+    return _train(job, finetuning=False)
+
+
+def finetune(job: JobConfig) -> TrainResult:
+    """Supervised fine-tuning (``--sft`` data: chat JSONL or its preprocessed prefix) from the
+    weights of ``--load``.
+
+    The first run loads weights only (fresh optimizer, schedule and data position); once this
+    run has saved to ``--save``, a restart resumes from its own latest checkpoint exactly.
+    """
+    job = dataclasses.replace(job, data=dataclasses.replace(job.data, sft=True))
+    return _train(job, finetuning=True)

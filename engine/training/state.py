@@ -1,0 +1,133 @@
+"""The state of one training run on this rank: process groups, model chunks in DDP,
+optimizer, LR schedule, data iterators and counters (built here, driven by
+`engine.training.loop`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from engine import parallel_state
+from engine.distributed import DistributedDataParallel, finalize_model_grads
+from engine.models.build import build_model_chunks
+from engine.models.config import ModelConfig
+from engine.optimizer import build_lr_scheduler, build_optimizer
+from engine.pipeline_parallel.schedules import get_forward_backward_func
+from engine.tensor_parallel.random import model_parallel_seed
+from engine.training.config import JobConfig
+from engine.training.data import Datasets, batch_iterator, build_job_tokenizer, iterations_for
+from engine.training.step import forward_step
+
+
+def _model_config(job: JobConfig, tokenizer_vocab: int | None) -> ModelConfig:
+    """The model as trained: the tokenizer's vocabulary (when there is a tokenizer: the
+    embedding must cover its ids) and the parameters in the precision flags' dtype."""
+    dtype = job.model.params_dtype
+    if job.optimizer.bf16:
+        dtype = torch.bfloat16
+    elif job.optimizer.fp16:
+        dtype = torch.float16
+    vocab = job.model.vocab_size if tokenizer_vocab is None else tokenizer_vocab
+    return dataclasses.replace(job.model, vocab_size=vocab, params_dtype=dtype)
+
+
+class TrainingRun:
+    """The state of one training run on this rank: process groups, model chunks in DDP,
+    optimizer, LR schedule, counters (built here, driven by `_loop`)."""
+
+    def __init__(self, job: JobConfig, device: torch.device):
+        world = dist.get_world_size()
+        self.job, self.device, self.world_size = job, device, world
+        self.rank = dist.get_rank()
+        self.global_batch = job.global_batch_size(world)
+        self.num_microbatches = job.num_microbatches(world)
+        t = job.training
+        self.train_iters = iterations_for(t.train_iters, t.train_samples, self.global_batch)
+        self.tokenizer = build_job_tokenizer(job.data)
+        vocab = None if self.tokenizer is None else self.tokenizer.vocab_size
+        self.model_config = _model_config(job, vocab)
+        p = job.parallel
+        parallel_state.initialize_model_parallel(
+            p.tensor_model_parallel_size,
+            p.pipeline_model_parallel_size,
+            p.virtual_pipeline_model_parallel_size,
+        )
+        model_parallel_seed(t.seed)
+        self.chunks = [
+            DistributedDataParallel(chunk.to(device), job.ddp)
+            for chunk in build_model_chunks(self.model_config)
+        ]
+        self.optimizer = build_optimizer(job.optimizer, self.chunks)
+        if t.train_samples is not None:
+            self.scheduler = build_lr_scheduler(
+                self.optimizer, job.optimizer, train_samples=t.train_samples
+            )
+            self.scheduler_increment = self.global_batch
+        else:
+            self.scheduler = build_lr_scheduler(
+                self.optimizer, job.optimizer, train_iters=self.train_iters
+            )
+            self.scheduler_increment = 1
+        self.iteration, self.consumed_samples = 0, 0
+        self.nan_iterations = 0
+        self.datasets: Datasets | None = None
+        self.forward_backward = get_forward_backward_func()
+
+    @property
+    def dp_rank(self) -> int:
+        return parallel_state.get_data_parallel_rank()
+
+    def iterators(self, dataset: torch.utils.data.Dataset, consumed: int) -> list[Iterator]:
+        """One batch iterator per model chunk (interleaving runs every chunk on the same
+        microbatches), starting after ``consumed`` samples."""
+        shuffle = self.job.data.sft and dataset is self.datasets.train
+        return [
+            batch_iterator(
+                dataset,
+                consumed,
+                self.job.training.micro_batch_size,
+                self.dp_rank,
+                parallel_state.get_data_parallel_world_size(),
+                shuffle,
+                self.job.training.seed,
+                self.job.data.num_workers,
+                self.device,
+            )
+            for _ in self.chunks
+        ]
+
+    def run_schedule(self, iterators: list[Iterator], forward_only: bool) -> float:
+        """Forward (and backward) one global batch; return its global mean loss on every rank."""
+        logged = self.forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.chunks,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.job.training.seq_length,
+            micro_batch_size=self.job.training.micro_batch_size,
+            forward_only=forward_only,
+            no_sync_func=[c.no_sync for c in self.chunks],
+            grad_sync_func=[c.start_grad_sync for c in self.chunks],
+            finalize_model_grads_func=finalize_model_grads,
+            grad_scale_func=None if forward_only else self.optimizer.scale_loss,
+        )
+        return self.global_loss(logged)
+
+    def global_loss(self, logged: list[torch.Tensor]) -> float:
+        """Mean over microbatches and DP replicas of the microbatch losses (what the gradient
+        is the gradient of). The last stage's TP rank 0 contributes; one world all-reduce."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if logged and parallel_state.get_tensor_model_parallel_rank() == 0:
+            total[0] = sum(float(loss) for loss in logged)
+            total[1] = len(logged)
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    def sync_params(self) -> None:
+        """Finish overlapped parameter all-gathers (distributed optimizer) before the
+        parameters are read outside a forward (evaluation, checkpoints)."""
+        for chunk in self.chunks:
+            chunk.finish_param_sync()
