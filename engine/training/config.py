@@ -73,8 +73,8 @@ class TrainingConfig:
             ):
                 errors.append(
                     f"--global-batch-size ({self.global_batch_size}) must be a positive multiple "
-                    f"of --micro-batch-size ({self.micro_batch_size}) x data-parallel size ({dp}) = "
-                    f"{per_step}"
+                    f"of --micro-batch-size ({self.micro_batch_size}) x data-parallel size "
+                    f"({dp}) = {per_step}"
                 )
         if self.train_iters is not None and self.train_samples is not None:
             errors.append(

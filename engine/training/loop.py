@@ -13,8 +13,9 @@ One iteration, on every rank (Megatron-LM's order)::
 
 then every ``--log-interval`` a console line and TensorBoard scalars
 (`engine.training.metrics`), every ``--eval-interval`` the validation loss and perplexity,
-every ``--save-interval`` a checkpoint, and after each iteration the exit checks (`engine.training.exit`: SIGTERM, ``--exit-interval``,
-``--exit-duration-in-mins``), all decided identically on every rank.
+every ``--save-interval`` a checkpoint, and after each iteration the exit checks
+(`engine.training.exit`: SIGTERM, ``--exit-interval``, ``--exit-duration-in-mins``), all
+decided identically on every rank.
 
 Everything that shapes the next iteration is either in the checkpoint (weights, optimizer state
 and loss scaler, LR schedule, RNG states, ``consumed_samples``) or a pure function of the
