@@ -370,7 +370,8 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary(position_ids, x.dtype)
 
         for layer in self.layers:
-            if self.config.recompute_granularity == "full":
+            # Decoding has no backward to recompute for; the cache must reach every layer.
+            if self.config.recompute_granularity == "full" and kv_cache is None:
                 x = checkpoint(layer, x, cos, sin)
             else:
                 x = layer(x, cos, sin, kv_cache)
