@@ -51,7 +51,7 @@ def main() -> None:
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config_kwargs(config)))
     ours = LlamaModel(config)
-    load_full_state(ours, canonical_from_hf(hf.state_dict()))
+    load_full_state(ours, canonical_from_hf(hf.state_dict(), config))
     tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
 

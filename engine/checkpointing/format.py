@@ -1,7 +1,7 @@
 """The on-disk format of sharded checkpoints: where each saved tensor sits in the full model.
 
-`engine.checkpointing.protocol` decides *when* and *by whom* files are written; this module knows
-*what* a shard is and how shards from any TP/PP/DP layout turn back into full tensors.
+`engine.checkpointing.protocol` decides *when* and *by whom* files are written; this module
+knows *what* a shard is and how shards from any TP/PP/DP layout turn back into full tensors.
 
 A model parameter on one rank is described by a `Placement`:
 
@@ -22,12 +22,15 @@ Every safetensors file holds tensors under ``{state}/{param}/{start}`` (``state`
 mapping each key to its placement. Loading reads the headers, then only the tensors that
 hold what the loading rank needs (`ShardReader`), one full parameter at a time.
 
-The RNG states are pickled files of their own (`engine.checkpointing.rng`).
+Placements are derived from the model's parameter inventory (`spec_placement`), for a live
+model chunk and for a converter that builds none alike. The RNG states are pickled files of
+their own (`engine.checkpointing.rng`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,15 +41,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-# The canonical names and fusions are the model's own (engine.models.weights defines the
-# layout-free view); importing them keeps one definition of which tensors are fused.
 from engine.checkpointing.storage import fsync_file
-from engine.models.weights import (
-    FUSED_PARAMETERS,
-    VOCAB_PADDED_PARAMETERS,
-    block_sizes,
-    global_name,
-)
+from engine.models.inventory import ParameterSpec
+from engine.models.weights import global_name
 from engine.tensor_parallel.sharding import shard_tensor, unshard_tensor
 
 MODEL_STATE = "model"
@@ -78,41 +75,41 @@ class Placement:
 
 def is_tied_copy(module: nn.Module, name: str) -> bool:
     """The last stage's copy of a tied embedding: never saved (the embedding is the original)
-    and loaded from ``embedding.weight``."""
-    config = module.config
-    return (
-        name == "output_layer.weight"
-        and config.tie_word_embeddings
-        and not getattr(module, "pre_process", True)
-    )
+    and loaded from it."""
+    return module.inventory.spec(global_name(module, name)).tied_to is not None
 
 
 def placement_of(
     module: nn.Module, name: str, param: nn.Parameter, tp_rank: int, tp_size: int
 ) -> Placement:
-    """The placement of ``module``'s parameter ``name`` (a `LlamaModel` chunk)."""
-    canonical = global_name(module, name)
-    sharded = getattr(param, "tensor_model_parallel", False) and tp_size > 1
-    full_shape = list(param.shape)
-    partition_dim, sizes = None, []
-    if sharded:
-        partition_dim, sizes = param.partition_dim, list(param.partition_sizes)
-        full_shape[partition_dim] = sum(sizes)
-    suffix = canonical.split(".", 2)[-1] if canonical.startswith("layers.") else canonical
-    if suffix in FUSED_PARAMETERS:
-        prefix = canonical[: -len(suffix)]
-        names = [prefix + part for part in FUSED_PARAMETERS[suffix]]
-        rows = sizes if sharded and partition_dim == 0 else block_sizes(param, len(names))
-        parts = list(zip(names, [int(r) for r in rows], strict=True))
-    elif canonical in VOCAB_PADDED_PARAMETERS:
-        parts = [(canonical, module.config.vocab_size)]
-    else:
-        parts = [(canonical, full_shape[0])]
+    """The placement of ``module``'s parameter ``name`` (one model chunk), from its inventory."""
+    spec = module.inventory.spec(global_name(module, name))
+    placement = spec_placement(spec, tp_rank, tp_size)
+    if placement.local_shape != list(param.shape):
+        raise ValueError(
+            f"parameter {spec.name} has shape {tuple(param.shape)}; its inventory declares "
+            f"{tuple(placement.local_shape)} at TP={tp_size}"
+        )
+    return placement
+
+
+def spec_placement(spec: ParameterSpec, tp_rank: int, tp_size: int) -> Placement:
+    """Where TP rank ``tp_rank`` of ``tp_size`` holds the parameter ``spec`` declares (a
+    concrete spec: global layer numbers). At TP=1 nothing is split, so nothing is recorded
+    as split."""
+    sharded = spec.tp_dim is not None and tp_size > 1
+    local_shape = list(spec.local_shape(tp_size))
     return Placement(
-        param=canonical, parts=parts, partition_dim=partition_dim, partition_sizes=sizes,
-        tp_rank=tp_rank if sharded else 0, tp_size=tp_size if sharded else 1,
-        local_shape=list(param.shape), start=0, end=param.numel(),
-    )  # fmt: skip
+        param=spec.name,
+        parts=[(part.name, part.shape[0]) for part in spec.parts],
+        partition_dim=spec.tp_dim if sharded else None,
+        partition_sizes=list(spec.partition_sizes) if sharded else [],
+        tp_rank=tp_rank if sharded else 0,
+        tp_size=tp_size if sharded else 1,
+        local_shape=local_shape,
+        start=0,
+        end=math.prod(local_shape),
+    )
 
 
 # From full to local and back ---------------------------------------------------------------

@@ -80,6 +80,8 @@ from engine.checkpointing.storage import (
     remove_stale,
     write_text_atomic,
 )
+from engine.models.config import ModelConfig
+from engine.models.families import family_of
 from engine.optimizer.lr_schedule import OptimizerParamScheduler
 from engine.optimizer.optimizer import MixedPrecisionOptimizer
 from engine.wrappers import unwrap
@@ -88,18 +90,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
-
-# Fields that fix the shapes of the saved tensors, with the flag that sets each.
-_ARCHITECTURE_FLAGS = {
-    "num_layers": "--num-layers",
-    "hidden_size": "--hidden-size",
-    "num_attention_heads": "--num-attention-heads",
-    "num_query_groups": "--num-query-groups",
-    "ffn_hidden_size": "--ffn-hidden-size",
-    "vocab_size": "--vocab-size (the tokenizer's)",
-    "tie_word_embeddings": "--untie-embeddings-and-output-weights",
-}
-
 
 # Saving -------------------------------------------------------------------------------------
 
@@ -414,18 +404,34 @@ def _shard_headers(
 def check_architecture(
     metadata: dict[str, Any], model_chunks: Sequence[nn.Module], directory: Path
 ) -> None:
-    """Raise `CheckpointError` naming every architecture field that differs."""
-    saved, mine = metadata["model"], _model_config(model_chunks)
+    """Raise `CheckpointError` when the checkpoint's parameters (its recorded configuration's
+    inventory) differ from the model's, naming every architecture field that differs (the
+    family's ``architecture_flags``), or else the tensors."""
+    module = unwrap(model_chunks[0])
+    mine_config = module.config
+    saved_config = ModelConfig.from_dict(metadata["model"])
+    saved = saved_config.inventory().canonical_shapes()
+    mine = mine_config.inventory().canonical_shapes()
+    if saved == mine and saved_config.family == mine_config.family:
+        return
+    saved_fields, mine_fields = dataclasses.asdict(saved_config), _model_config(model_chunks)
+    flags = {"family": "the model family", **family_of(mine_config).architecture_flags}
     diffs = [
-        f"{field.replace('_', ' ')} {saved.get(field)} in the checkpoint vs {mine[field]} in "
-        f"the model ({flag})"
-        for field, flag in _ARCHITECTURE_FLAGS.items()
-        if saved.get(field) != mine[field]
+        f"{field.replace('_', ' ')} {saved_fields[field]} in the checkpoint vs "
+        f"{mine_fields[field]} in the model ({flag})"
+        for field, flag in flags.items()
+        if saved_fields[field] != mine_fields[field]
     ]
-    if diffs:
-        raise CheckpointError(
-            f"checkpoint {directory / METADATA_FILE} does not fit the model: " + "; ".join(diffs)
-        )
+    if not diffs:
+        diffs = [
+            f"tensor {name}: {saved.get(name, 'absent')} in the checkpoint vs "
+            f"{mine.get(name, 'absent')} in the model"
+            for name in sorted(set(saved) | set(mine))
+            if saved.get(name) != mine.get(name)
+        ][:5]
+    raise CheckpointError(
+        f"checkpoint {directory / METADATA_FILE} does not fit the model: " + "; ".join(diffs)
+    )
 
 
 def _local(placement: Placement, reader: ShardReader, directory: Path) -> torch.Tensor:
@@ -514,6 +520,7 @@ def _layout() -> dict[str, int | None]:
 
 
 def _model_config(model_chunks: Sequence[nn.Module]) -> dict[str, Any]:
+    """The model's configuration as the metadata records it (plain JSON values)."""
     module = unwrap(model_chunks[0])
     return json.loads(json.dumps(dataclasses.asdict(module.config), default=_jsonable))
 

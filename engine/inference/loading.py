@@ -7,8 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine.checkpointing import load_checkpoint, open_checkpoint
-from engine.conversion.convert import model_config_from_metadata
 from engine.data.tokenizer import Tokenizer, build_tokenizer
+from engine.models.config import ModelConfig
 from engine.models.llama.model import LlamaModel
 
 
@@ -19,7 +19,9 @@ def load_model(load_dir: str | Path, iteration: int | None = None) -> LlamaModel
     # Training-only settings do not apply: windows have any length (no sequence parallelism)
     # and nothing is recomputed without a backward.
     config = replace(
-        model_config_from_metadata(metadata), sequence_parallel=False, recompute_granularity=None
+        ModelConfig.from_dict(metadata["model"]),
+        sequence_parallel=False,
+        recompute_granularity=None,
     )
     model = LlamaModel(config)
     load_checkpoint(load_dir, [model], load_rng=False, iteration=iteration)

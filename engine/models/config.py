@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from engine.models.backends import BACKEND_CHOICES
+from engine.models.families import family_of
+from engine.models.inventory import Inventory
 from engine.parallel_state import ParallelConfig
 from engine.pipeline_parallel.layout import layers_per_rank, virtual_stage_layers
 
@@ -22,7 +25,8 @@ RECOMPUTE_GRANULARITIES = ("full", "selective")
 
 @dataclass
 class ModelConfig:
-    """A LLaMA-family decoder: architecture and how its layers execute."""
+    """A decoder's architecture and how its layers execute (the LLaMA family's fields; the
+    family in ``family`` declares its parameters)."""
 
     num_layers: int
     """Decoder layers (``--num-layers``)."""
@@ -68,6 +72,8 @@ class ModelConfig:
     """"torch" (reference RMSNorm), "triton" (kernels.rmsnorm) or "auto" (``--norm-backend``)."""
     params_dtype: torch.dtype = torch.float32
     """Dtype the parameters are created in."""
+    family: str = "llama"
+    """The model family that builds this configuration (`engine.models.families`)."""
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
@@ -118,14 +124,22 @@ class ModelConfig:
             self.decoder_first_pipeline_num_layers, self.decoder_last_pipeline_num_layers,
         )  # fmt: skip
 
+    def inventory(self, tp_size: int = 1) -> Inventory:
+        """Every parameter of the model over ``tp_size`` TP ranks, as its family declares."""
+        return family_of(self).inventory(self, tp_size)
+
     def num_parameters(self, include_embeddings: bool = True) -> int:
-        """Parameters of the unsharded, unpadded model."""
-        h, kv = self.hidden_size, self.num_query_groups * self.head_dim
-        per_layer = h * h * 2 + 2 * h * kv + 3 * h * self.ffn_hidden_size + 2 * h
-        total = self.num_layers * per_layer + h
-        if include_embeddings:
-            total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return total
+        """Parameters of the unsharded, unpadded model (from the inventory)."""
+        return self.inventory().num_parameters(include_embeddings)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> ModelConfig:
+        """The configuration a checkpoint's metadata records (``dataclasses.asdict`` as JSON,
+        the dtype as its name); unknown keys are ignored, missing ones take the defaults."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in saved.items() if k in fields}
+        dtype = str(values.pop("params_dtype", "torch.float32")).removeprefix("torch.")
+        return cls(**values, params_dtype=getattr(torch, dtype))
 
 
 PRESETS: dict[str, ModelConfig] = {

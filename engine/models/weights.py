@@ -1,11 +1,12 @@
-"""A layout-free view of a `LlamaModel`'s weights: full tensors under canonical names.
+"""A layout-free view of a model's weights: full tensors under canonical names.
 
 Whatever the TP size and however projections are fused, the same model has the same canonical
-tensors: ``embedding.weight [vocab, h]``, ``layers.{n}.attention.{q,k,v,out}.weight``,
-``layers.{n}.mlp.{gate,up,down}.weight``, ``layers.{n}.{input_norm,post_attention_norm}.weight``,
-``final_norm.weight``, ``output_layer.weight [vocab, h]`` (absent when tied on this stage).
-Layer numbers are global, vocabulary padding is dropped. Parity tests compare layouts in this
-view; checkpoint conversion reads and writes it.
+tensors, as its parameter inventory names them (for LLaMA: ``embedding.weight [vocab, h]``,
+``layers.{n}.attention.{q,k,v,out}.weight``, ``layers.{n}.mlp.{gate,up,down}.weight``,
+``layers.{n}.{input_norm,post_attention_norm}.weight``, ``final_norm.weight``,
+``output_layer.weight`` (absent when tied on this stage)). Layer numbers are global,
+vocabulary padding is dropped. Parity tests compare layouts in this view; checkpoint
+conversion reads and writes it.
 """
 
 from __future__ import annotations
@@ -15,15 +16,8 @@ import torch.distributed as dist
 from torch import nn
 
 from engine import parallel_state
+from engine.models.inventory import ParameterSpec
 from engine.tensor_parallel.sharding import gather_tensor, shard_tensor
-
-# Fused parameters and the canonical tensors they hold, in order along dim 0.
-FUSED_PARAMETERS = {
-    "attention.qkv.weight": ("attention.q.weight", "attention.k.weight", "attention.v.weight"),
-    "attention.kv.weight": ("attention.k.weight", "attention.v.weight"),
-    "mlp.gate_up.weight": ("mlp.gate.weight", "mlp.up.weight"),
-}
-VOCAB_PADDED_PARAMETERS = ("embedding.weight", "output_layer.weight")
 
 
 def global_name(model: nn.Module, name: str) -> str:
@@ -34,9 +28,37 @@ def global_name(model: nn.Module, name: str) -> str:
     return f"layers.{model.layers[int(local)].layer_number}.{rest}"
 
 
-def block_sizes(param: nn.Parameter, parts: int) -> list[int]:
-    sizes = getattr(param, "partition_sizes", None)
-    return list(sizes) if sizes and len(sizes) == parts else [param.size(0) // parts] * parts
+def named_specs(model: nn.Module) -> list[tuple[str, nn.Parameter, ParameterSpec]]:
+    """Every parameter of ``model`` (one chunk) with its spec in the model's inventory,
+    under its global name; ValueError when a parameter's shape is not the declared one."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    out = []
+    for name, param in model.named_parameters():
+        spec = model.inventory.spec(global_name(model, name))
+        if tuple(param.shape) != spec.local_shape(tp):
+            raise ValueError(
+                f"parameter {spec.name} has shape {tuple(param.shape)}; its inventory declares "
+                f"{spec.local_shape(tp)} at TP={tp}"
+            )
+        out.append((spec.name, param, spec))
+    return out
+
+
+def split_parts(full: torch.Tensor, spec: ParameterSpec) -> dict[str, torch.Tensor]:
+    """The canonical tensors a full (fused, padded) parameter holds; padding dropped."""
+    rows = [part.shape[0] for part in spec.parts]
+    pieces = full[: sum(rows)].split(rows, dim=0)
+    return {part.name: piece for part, piece in zip(spec.parts, pieces, strict=True)}
+
+
+def join_parts(parts: list[torch.Tensor], spec: ParameterSpec) -> torch.Tensor:
+    """The full parameter from its canonical tensors: fused along dim 0, vocabulary padding
+    rows zero (as the model initialises them)."""
+    full = torch.cat(parts, dim=0)
+    padding = spec.full_shape[0] - full.size(0)
+    if padding > 0:
+        full = torch.cat([full, full.new_zeros(padding, *full.shape[1:])])
+    return full
 
 
 def gather_full_state(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
@@ -45,27 +67,14 @@ def gather_full_state(model: nn.Module, grads: bool = False) -> dict[str, torch.
     Collective over the TP group: every TP rank of the stage must call it.
     """
     group = parallel_state.get_tensor_model_parallel_group()
-    vocab = model.config.vocab_size
     out: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
+    for name, param, spec in named_specs(model):
         tensor = param.grad if grads else param.detach()
         if tensor is None:
             raise ValueError(f"parameter {name} has no gradient")
-        if getattr(param, "tensor_model_parallel", False):
-            tensor = gather_tensor(tensor, param.partition_dim, param.partition_sizes, group)
-        tensor = tensor.cpu()
-        name = global_name(model, name)
-        suffix = name.split(".", 2)[-1] if name.startswith("layers.") else name
-        if suffix in FUSED_PARAMETERS:
-            prefix = name[: -len(suffix)]
-            pieces = tensor.split(block_sizes(param, len(FUSED_PARAMETERS[suffix])), dim=0)
-            out.update(
-                {prefix + part: p for part, p in zip(FUSED_PARAMETERS[suffix], pieces, strict=True)}
-            )
-        elif name in VOCAB_PADDED_PARAMETERS:
-            out[name] = tensor[:vocab]
-        else:
-            out[name] = tensor
+        if spec.tp_dim is not None:
+            tensor = gather_tensor(tensor, spec.tp_dim, spec.partition_sizes, group)
+        out.update(split_parts(tensor.cpu(), spec))
     return out
 
 
@@ -76,21 +85,10 @@ def load_full_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """
     group = parallel_state.get_tensor_model_parallel_group()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    for name, param in model.named_parameters():
-        name = global_name(model, name)
-        suffix = name.split(".", 2)[-1] if name.startswith("layers.") else name
-        if suffix in FUSED_PARAMETERS:
-            prefix = name[: -len(suffix)]
-            full = torch.cat(
-                [_take(tensors, prefix + part) for part in FUSED_PARAMETERS[suffix]], dim=0
-            )
-        else:
-            full = _take(tensors, name)
-        if name in VOCAB_PADDED_PARAMETERS:
-            padding = (param.size(0) * (world if param.tensor_model_parallel else 1)) - full.size(0)
-            full = torch.cat([full, full.new_zeros(padding, full.size(1))])
-        if getattr(param, "tensor_model_parallel", False):
-            full = shard_tensor(full, param.partition_dim, param.partition_sizes, rank, world)
+    for name, param, spec in named_specs(model):
+        full = join_parts([_take(tensors, part.name) for part in spec.parts], spec)
+        if spec.tp_dim is not None:
+            full = shard_tensor(full, spec.tp_dim, spec.partition_sizes, rank, world)
         if full.shape != param.shape:
             raise ValueError(
                 f"tensor {name}: expected shape {tuple(param.shape)} on this rank, got "

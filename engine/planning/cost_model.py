@@ -38,18 +38,11 @@ GB = 10**9
 
 
 def layer_parameters(model: ModelConfig, tp: int) -> int:
-    """Parameters of one decoder layer on one TP rank.
-
-    Q, the output projection and the SwiGLU matrices are split over TP; K/V are split when
-    there are at least as many K/V heads as TP ranks and replicated (all of them) otherwise;
-    the two RMSNorm weights are replicated.
-    """
-    h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
-    heads, groups = model.num_attention_heads, model.num_query_groups
-    kv_rows = 2 * (groups // tp if groups >= tp else groups) * d
-    attention = (heads // tp) * d * h + kv_rows * h + h * (heads // tp) * d
-    mlp = 3 * h * (f // tp)
-    return attention + mlp + 2 * h
+    """Parameters of one decoder layer on one TP rank, as the model's inventory declares them
+    (for LLaMA: Q, the output projection and the SwiGLU matrices split over TP; K/V split when
+    there are at least as many K/V heads as TP ranks and replicated otherwise; the two norm
+    weights replicated)."""
+    return model.inventory(tp).stage_parameters([0], first=False, last=False)
 
 
 def stage_layers(model: ModelConfig, pp: int) -> list[int]:
@@ -64,14 +57,11 @@ def rank_parameters(model: ModelConfig, tp: int, pp: int) -> list[int]:
     output head; with tied embeddings and PP > 1 the last rank keeps its own copy of the
     shared weight (as Megatron does), so it is counted on both.
     """
-    counts = stage_layers(model, pp)
-    vocab_shard = pad_vocab_size(model.vocab_size, tp, model.make_vocab_size_divisible_by) // tp
-    out = [layers * layer_parameters(model, tp) for layers in counts]
-    out[0] += vocab_shard * model.hidden_size
-    out[-1] += model.hidden_size  # final norm
-    if not (model.tie_word_embeddings and pp == 1):
-        out[-1] += vocab_shard * model.hidden_size
-    return out
+    inventory = model.inventory(tp)
+    return [
+        inventory.stage_parameters(range(layers), first=rank == 0, last=rank == pp - 1)
+        for rank, layers in enumerate(stage_layers(model, pp))
+    ]
 
 
 def activation_bytes_per_layer(

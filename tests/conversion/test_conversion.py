@@ -23,7 +23,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine import parallel_state
-from engine.checkpointing.format import is_tied_copy, placement_of
 from engine.checkpointing.protocol import (
     load_checkpoint,
     open_checkpoint,
@@ -32,15 +31,11 @@ from engine.checkpointing.protocol import (
 )
 from engine.conversion.convert import (
     ConversionError,
-    canonical_shapes,
     engine_to_hf,
     hf_to_engine,
-    model_config_from_metadata,
     reshard,
-    stage_placements,
-    with_tp_rank,
 )
-from engine.models import LlamaModel
+from engine.models import LlamaModel, ModelConfig
 from engine.tensor_parallel import gather_from_tensor_model_parallel_region
 from tests.paths import REPO
 from tests.rank_pool import module_pool
@@ -82,29 +77,16 @@ def save_hf(model: transformers.LlamaForCausalLM, directory: Path, fmt: str) -> 
 
 def engine_logits_at_tp2_pp2(checkpoint: str, tokens: torch.Tensor, resave: str) -> dict:
     """Load the converted checkpoint at TP=2 x PP=2 and run the two stages; return the full
-    logits on the last stage, and whether every placement equals `stage_placements`. Save
-    the loaded model again under ``resave`` (as training would: `save_checkpoint`)."""
+    logits on the last stage. Save the loaded model again under ``resave`` (as training
+    would: `save_checkpoint`)."""
     parallel_state.initialize_model_parallel(2, 2)
     try:
         directory, metadata = open_checkpoint(checkpoint)
-        config = model_config_from_metadata(metadata)
+        config = ModelConfig.from_dict(metadata["model"])
         model = LlamaModel(config)
         # Same layout as converted, RNG wanted: a weights-only checkpoint has none to restore.
         load_checkpoint(checkpoint, [model], load_rng=True)
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        live = [
-            placement_of(model, name, param, tp_rank, 2)
-            for name, param in model.named_parameters()
-            if not is_tied_copy(model, name)
-        ]
-        computed = [with_tp_rank(p, tp_rank) for p in stage_placements(config, 2, 2)[pp_rank]]
-        same_placements = [p.param for p in live] == [p.param for p in computed] and all(
-            a.parts == b.parts and a.partition_dim == b.partition_dim
-            and list(a.partition_sizes) == list(b.partition_sizes)
-            and (a.tp_rank, a.local_shape, a.end) == (b.tp_rank, b.local_shape, b.end)
-            for a, b in zip(live, computed, strict=True)
-        )  # fmt: skip
         group = parallel_state.get_pipeline_model_parallel_group()
         ranks = parallel_state.get_pipeline_model_parallel_global_ranks()
         hidden = torch.empty(tokens.size(1), tokens.size(0), config.hidden_size)
@@ -117,7 +99,7 @@ def engine_logits_at_tp2_pp2(checkpoint: str, tokens: torch.Tensor, resave: str)
                 local = model(tokens, decoder_input=hidden)
                 logits = gather_from_tensor_model_parallel_region(local)[..., : config.vocab_size]
         save_checkpoint(resave, 7, [model], None, None, 0)
-        return {"logits": logits, "same_placements": same_placements}
+        return {"logits": logits}
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -145,7 +127,6 @@ def test_round_trip_and_logits(pool, tmp_path, heads, kv_heads, tied, fmt):
         "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
     ]) == 0  # fmt: skip
     results = pool.run(engine_logits_at_tp2_pp2, str(ckpt), tokens, str(tmp_path / "resaved"))
-    assert all(r["same_placements"] for r in results)
     for r in results[2:]:  # the last stage's ranks
         error = (r["logits"] - expected).abs().max().item()
         print(f"max |engine logits at TP=2 x PP=2 - HF logits| = {error:.2e}")
@@ -195,7 +176,7 @@ def test_reshard_keeps_every_tensor(tmp_path):
     # bf16 on the way: the dtype is recorded and the tensors are rounded once.
     out = reshard(tmp_path / "tp2pp2", tmp_path / "bf16", 1, 1, dtype=torch.bfloat16)
     assert (
-        model_config_from_metadata(json.loads((out / "metadata.json").read_text())).params_dtype
+        ModelConfig.from_dict(json.loads((out / "metadata.json").read_text())["model"]).params_dtype
         == torch.bfloat16
     )
     embedding = read_full_state(out)["model"]["embedding.weight"]
@@ -303,21 +284,11 @@ def test_7b_shaped_conversion_streams(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     config.save_pretrained(src)
-    shapes = canonical_shapes(
-        model_config_from_metadata(
-            {
-                "model": dict(
-                    num_layers=32,
-                    hidden_size=256,
-                    num_attention_heads=32,
-                    ffn_hidden_size=688,
-                    vocab_size=2000,
-                )
-            }
-        )  # fmt: skip
-    )
-    from engine.models.llama.hf import canonical_to_hf_name
-
+    inventory = ModelConfig(
+        num_layers=32, hidden_size=256, num_attention_heads=32, ffn_hidden_size=688,
+        vocab_size=2000,
+    ).inventory()  # fmt: skip
+    shapes, canonical_to_hf_name = inventory.canonical_shapes(), inventory.renamer("name", "hf")
     weight_map, shard, generator = {}, {}, torch.Generator().manual_seed(0)
     names = list(shapes)
     for i, name in enumerate(names):  # written in shards of ~8 MB, as HF shards (smaller)

@@ -33,7 +33,7 @@ def compare_with_hf(config: ModelConfig, tp: int) -> float:
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     try:
         model = LlamaModel(config)
-        load_full_state(model, canonical_from_hf(hf.state_dict()))
+        load_full_state(model, canonical_from_hf(hf.state_dict(), config))
         with torch.no_grad():
             ours = gather_from_tensor_model_parallel_region(model(tokens))[..., : config.vocab_size]
             theirs = hf(tokens).logits

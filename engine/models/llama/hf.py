@@ -1,59 +1,29 @@
-"""Names and configuration shared with HuggingFace `transformers`' LlamaForCausalLM.
+"""The LLaMA family's HuggingFace adapter: ``config.json`` <-> `ModelConfig` for
+`transformers`' LlamaForCausalLM (tensor names are the inventory's).
 
 Both sides use the "rotate half" rotary convention, so weights map one to one (no Q/K
-permutation); only names differ. Works on the canonical view of `engine.models.weights`.
+permutation); only names differ.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
 from engine.models.config import ModelConfig
-
-# (HuggingFace pattern, canonical pattern); {n} is the layer number.
-_NAME_PAIRS = [
-    ("model.embed_tokens.weight", "embedding.weight"),
-    ("model.norm.weight", "final_norm.weight"),
-    ("lm_head.weight", "output_layer.weight"),
-    ("model.layers.{n}.input_layernorm.weight", "layers.{n}.input_norm.weight"),
-    ("model.layers.{n}.post_attention_layernorm.weight", "layers.{n}.post_attention_norm.weight"),
-    ("model.layers.{n}.self_attn.q_proj.weight", "layers.{n}.attention.q.weight"),
-    ("model.layers.{n}.self_attn.k_proj.weight", "layers.{n}.attention.k.weight"),
-    ("model.layers.{n}.self_attn.v_proj.weight", "layers.{n}.attention.v.weight"),
-    ("model.layers.{n}.self_attn.o_proj.weight", "layers.{n}.attention.out.weight"),
-    ("model.layers.{n}.mlp.gate_proj.weight", "layers.{n}.mlp.gate.weight"),
-    ("model.layers.{n}.mlp.up_proj.weight", "layers.{n}.mlp.up.weight"),
-    ("model.layers.{n}.mlp.down_proj.weight", "layers.{n}.mlp.down.weight"),
-]
+from engine.models.families import HFAdapter
+from engine.models.llama.inventory import llama_inventory
 
 
-def _renamer(pairs: list[tuple[str, str]]):
-    compiled = [
-        (re.compile("^" + re.escape(src).replace(r"\{n\}", r"(\d+)") + "$"), dst)
-        for src, dst in pairs
-    ]
-
-    def rename(name: str) -> str:
-        for pattern, dst in compiled:
-            match = pattern.match(name)
-            if match:
-                return dst.replace("{n}", match.group(1)) if match.groups() else dst
-        raise KeyError(f"tensor {name} has no counterpart in a LLaMA model")
-
-    return rename
-
-
-hf_to_canonical_name = _renamer(_NAME_PAIRS)
-canonical_to_hf_name = _renamer([(dst, src) for src, dst in _NAME_PAIRS])
-
-
-def canonical_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF LlamaForCausalLM state dict -> canonical tensors (rotary buffers are skipped)."""
+def canonical_from_hf(
+    state: dict[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """HF LlamaForCausalLM state dict -> canonical tensors (rotary buffers are skipped); the
+    names are the inventory's (`engine.models.llama.inventory`)."""
+    rename = llama_inventory(config, 1).renamer("hf", "name")
     return {
-        hf_to_canonical_name(name): tensor
+        rename(name): tensor
         for name, tensor in state.items()
         if not name.endswith("rotary_emb.inv_freq")
     }
@@ -75,3 +45,64 @@ def hf_config_kwargs(config: ModelConfig) -> dict[str, Any]:
         attention_bias=False,
         mlp_bias=False,
     )
+
+
+def model_config_from_hf(
+    hf: dict[str, Any], make_vocab_size_divisible_by: int = 128
+) -> ModelConfig:
+    """A `ModelConfig` from a HF ``config.json`` dict of a ``LlamaForCausalLM``; ValueError
+    naming every field the engine cannot represent (biases, rope scaling, ...)."""
+    problems = []
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field):
+            problems.append(f"{field} true (the engine's LLaMA has no biases)")
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {hf['hidden_act']!r} (SwiGLU needs 'silu')")
+    if hf.get("pretraining_tp", 1) != 1:
+        problems.append(f"pretraining_tp {hf['pretraining_tp']} (must be 1)")
+    rope = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type")) if scaling else rope.get("rope_type")
+    if rope_type not in (None, "default"):
+        problems.append(f"rope scaling {rope_type!r} (only plain rotary embeddings are supported)")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    if head_dim * heads != hf["hidden_size"]:
+        problems.append(f"head_dim {head_dim} x {heads} heads != hidden_size {hf['hidden_size']}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return ModelConfig(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        ffn_hidden_size=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rotary_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm_epsilon=hf.get("rms_norm_eps", 1e-5),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+    )
+
+
+def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """``config.json`` of the HF model with the same architecture (``transformers`` writes it
+    when installed, so its defaults and version are those of the reader)."""
+    kwargs = hf_config_kwargs(config)
+    try:
+        import transformers
+    except ImportError:
+        theta = kwargs.pop("rope_theta")
+        kwargs.update(
+            rope_parameters={"rope_type": "default", "rope_theta": theta}, hidden_act="silu",
+            model_type="llama", head_dim=config.head_dim,
+        )  # fmt: skip
+        out = kwargs
+    else:
+        out = transformers.LlamaConfig(**kwargs).to_dict()
+    out.update(architectures=["LlamaForCausalLM"], dtype=str(dtype).removeprefix("torch."))
+    return out
+
+
+HF_ADAPTER = HFAdapter(("llama",), model_config_from_hf, hf_config_dict)

@@ -16,27 +16,13 @@ Only single-file checkpoints (model-parallel size 1: LLaMA-2-7B, LLaMA-3-8B) are
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# Meta name -> HF name; {n} is the layer number.
-_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "layers.{n}.attention_norm.weight": "model.layers.{n}.input_layernorm.weight",
-    "layers.{n}.ffn_norm.weight": "model.layers.{n}.post_attention_layernorm.weight",
-    "layers.{n}.attention.wq.weight": "model.layers.{n}.self_attn.q_proj.weight",
-    "layers.{n}.attention.wk.weight": "model.layers.{n}.self_attn.k_proj.weight",
-    "layers.{n}.attention.wv.weight": "model.layers.{n}.self_attn.v_proj.weight",
-    "layers.{n}.attention.wo.weight": "model.layers.{n}.self_attn.o_proj.weight",
-    "layers.{n}.feed_forward.w1.weight": "model.layers.{n}.mlp.gate_proj.weight",
-    "layers.{n}.feed_forward.w3.weight": "model.layers.{n}.mlp.up_proj.weight",
-    "layers.{n}.feed_forward.w2.weight": "model.layers.{n}.mlp.down_proj.weight",
-}
+from engine.models.config import ModelConfig
+from engine.models.llama.inventory import llama_inventory
 
 
 def permute_meta_qk(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -74,16 +60,6 @@ class MetaCheckpoint:
         self._state = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
         self._heads = params["n_heads"]
         self._kv_heads = params.get("n_kv_heads") or self._heads
-        self._meta_name = {}
-        for name in self._state:
-            if name == "rope.freqs":  # recomputed, not a weight
-                continue
-            generic = re.sub(r"^layers\.(\d+)\.", "layers.{n}.", name)
-            if generic not in _NAMES:
-                raise ValueError(f"tensor {name} has no counterpart in a LLaMA model")
-            layer = re.match(r"^layers\.(\d+)\.", name)
-            hf = _NAMES[generic].replace("{n}", layer.group(1) if layer else "")
-            self._meta_name[hf] = name
         vocab = params.get("vocab_size", -1)
         if vocab is None or vocab < 0:  # LLaMA-2's params.json leaves it to the tokenizer
             vocab = self._state["tok_embeddings.weight"].shape[0]
@@ -97,6 +73,21 @@ class MetaCheckpoint:
             "max_position_embeddings": params.get("max_seq_len", 4096),
             "tie_word_embeddings": False,
         }  # fmt: skip
+        architecture = ModelConfig(
+            num_layers=params["n_layers"], hidden_size=params["dim"],
+            num_attention_heads=self._heads, num_query_groups=self._kv_heads,
+            ffn_hidden_size=meta_ffn_hidden_size(params), vocab_size=vocab,
+        )  # fmt: skip
+        # The names are the inventory's (engine.models.llama.inventory), Meta's beside HF's.
+        to_hf = llama_inventory(architecture, 1).renamer("meta", "hf")
+        self._meta_name = {}
+        for name in self._state:
+            if name == "rope.freqs":  # recomputed, not a weight
+                continue
+            try:
+                self._meta_name[to_hf(name)] = name
+            except KeyError:
+                raise ValueError(f"tensor {name} has no counterpart in a LLaMA model") from None
         if params.get("use_scaled_rope"):
             self.hf_config["rope_scaling"] = {"rope_type": "llama3"}  # refused by the converter
 

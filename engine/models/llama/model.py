@@ -24,6 +24,8 @@ from torch import nn
 from engine import parallel_state
 from engine.models.backends import ATTENTION_BACKENDS, NORM_BACKENDS, resolve_backend
 from engine.models.config import ModelConfig
+from engine.models.families import family_of
+from engine.models.inventory import Inventory
 from engine.models.kv_cache import KVCache
 from engine.models.stage import chunk_layer_numbers
 from engine.parallel_state import ParallelConfig
@@ -135,8 +137,9 @@ class ReplicatedKeyValue(nn.Module):
 class Attention(nn.Module):
     """Causal self-attention with rotary embeddings and grouped-query attention."""
 
-    def __init__(self, config: ModelConfig, layer_number: int):
+    def __init__(self, config: ModelConfig, layer_number: int, inventory: Inventory | None = None):
         super().__init__()
+        inventory = inventory or config.inventory(_tp_size())
         self.layer_number = layer_number
         tp, d = _tp_size(), config.head_dim
         heads, groups = config.num_attention_heads, config.num_query_groups
@@ -155,16 +158,19 @@ class Attention(nn.Module):
         if self.kv_sharded:
             self.qkv = ColumnParallelLinear(
                 config.hidden_size, [heads * d, groups * d, groups * d],
-                init_method=_blocks_init(q_init, k_init, v_init), **common,
+                init_method=_blocks_init(q_init, k_init, v_init),
+                bias=inventory.declares(f"{prefix}.qkv.bias"), **common,
             )  # fmt: skip
         else:
             self.q = ColumnParallelLinear(
-                config.hidden_size, heads * d, init_method=q_init[1], **common
-            )
+                config.hidden_size, heads * d, init_method=q_init[1],
+                bias=inventory.declares(f"{prefix}.q.bias"), **common,
+            )  # fmt: skip
             self.kv = ReplicatedKeyValue(config, _blocks_init(k_init, v_init))
         self.out = RowParallelLinear(
             heads * d, config.hidden_size,
-            init_method=_seeded_init(config, f"{prefix}.out", _output_std(config)), **common,
+            init_method=_seeded_init(config, f"{prefix}.out", _output_std(config)),
+            bias=inventory.declares(f"{prefix}.out.bias"), **common,
         )  # fmt: skip
 
     def forward(
@@ -220,8 +226,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate|up fused and column-parallel."""
 
-    def __init__(self, config: ModelConfig, layer_number: int):
+    def __init__(self, config: ModelConfig, layer_number: int, inventory: Inventory | None = None):
         super().__init__()
+        inventory = inventory or config.inventory(_tp_size())
         h, ffn = config.hidden_size, config.ffn_hidden_size
         prefix = f"layers.{layer_number}.mlp"
         common = dict(sequence_parallel=config.sequence_parallel, dtype=config.params_dtype)
@@ -231,11 +238,11 @@ class MLP(nn.Module):
                 (ffn, _seeded_init(config, f"{prefix}.gate")),
                 (ffn, _seeded_init(config, f"{prefix}.up")),
             ),
-            **common,
+            bias=inventory.declares(f"{prefix}.gate_up.bias"), **common,
         )  # fmt: skip
         self.down = RowParallelLinear(
             ffn, h, init_method=_seeded_init(config, f"{prefix}.down", _output_std(config)),
-            **common,
+            bias=inventory.declares(f"{prefix}.down.bias"), **common,
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,13 +253,14 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
-    def __init__(self, config: ModelConfig, layer_number: int):
+    def __init__(self, config: ModelConfig, layer_number: int, inventory: Inventory | None = None):
         super().__init__()
+        inventory = inventory or config.inventory(_tp_size())
         self.layer_number = layer_number
         self.input_norm = RMSNorm(config)
-        self.attention = Attention(config, layer_number)
+        self.attention = Attention(config, layer_number, inventory)
         self.post_attention_norm = RMSNorm(config)
-        self.mlp = MLP(config, layer_number)
+        self.mlp = MLP(config, layer_number, inventory)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
@@ -304,6 +312,9 @@ class LlamaModel(nn.Module):
         # set_input_tensor), so a forward-step function calls every stage the same way.
         self.input_tensor: torch.Tensor | None = None
         self.tp = _tp_size()
+        # The family's declaration of every parameter: optional ones (biases) are built when
+        # it lists them, and checkpoints, conversion and the cost model read the same list.
+        self.inventory = family_of(config).inventory(config, self.tp)
         embedding_kwargs = dict(
             make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
             sequence_parallel=config.sequence_parallel,
@@ -315,7 +326,7 @@ class LlamaModel(nn.Module):
                 config.vocab_size, config.hidden_size, **embedding_kwargs
             )
         self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base)
-        self.layers = nn.ModuleList(DecoderLayer(config, n) for n in layer_numbers)
+        self.layers = nn.ModuleList(DecoderLayer(config, n, self.inventory) for n in layer_numbers)
         if self.post_process:
             self.final_norm = RMSNorm(config)
             padded = pad_vocab_size(config.vocab_size, self.tp, config.make_vocab_size_divisible_by)

@@ -1,0 +1,83 @@
+"""Model families by name: what builds a family's model chunks, its parameter inventory, and
+its adapters to other checkpoint formats.
+
+`ModelConfig.family` names the family a configuration belongs to; every part of the engine
+that needs a model's weights without building it (checkpoints, conversion, the cost model)
+asks `family_of(config)`. A family registers itself when its package is imported
+(`engine.models` imports the built-in ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from engine.models.inventory import Inventory
+
+if TYPE_CHECKING:
+    from engine.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class HFAdapter:
+    """How a family's configuration reads and writes a HuggingFace ``config.json``; tensor
+    names come from the inventory (`CanonicalTensor.hf`)."""
+
+    model_types: tuple[str, ...]
+    """The ``model_type`` values of ``config.json`` this family reads."""
+    config_from_hf: Callable[[dict[str, Any], int], ModelConfig]
+    """``(config.json dict, make_vocab_size_divisible_by) -> ModelConfig``; raises ValueError
+    naming every field the family cannot represent."""
+    config_to_hf: Callable[[ModelConfig, torch.dtype], dict[str, Any]]
+    """``(config, dtype) -> config.json dict`` of the same architecture."""
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One model family (see the module docstring)."""
+
+    name: str
+    model: Callable[..., nn.Module]
+    """Builds one chunk: ``model(config, pre_process=None, post_process=None,
+    layer_numbers=None)``."""
+    inventory: Callable[[ModelConfig, int], Inventory]
+    """``(config, tp_size) -> Inventory``: every parameter, declared once."""
+    architecture_flags: Mapping[str, str] = field(default_factory=dict)
+    """Configuration fields that fix the parameters' shapes, with the flag that sets each."""
+    hf: HFAdapter | None = None
+    meta_reader: Callable[[Path], Any] | None = None
+    """Opens Meta's original checkpoint directory as a HF-named source (if the family has one)."""
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add (or replace) a family under its name."""
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; registered: {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(config: ModelConfig) -> ModelFamily:
+    """The family that builds ``config``."""
+    return get_family(config.family)
+
+
+def family_for_hf(model_type: str | None) -> ModelFamily:
+    """The family that reads HF ``config.json`` files of ``model_type``."""
+    for family in FAMILIES.values():
+        if family.hf is not None and model_type in family.hf.model_types:
+            return family
+    known = sorted(t for f in FAMILIES.values() if f.hf for t in f.hf.model_types)
+    raise ValueError(f"model_type {model_type!r} (supported: {', '.join(map(repr, known))})")
