@@ -6,15 +6,18 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from torch import nn
+
 from engine.checkpointing import load_checkpoint, open_checkpoint
 from engine.data.tokenizer import Tokenizer, build_tokenizer
 from engine.models.config import ModelConfig
-from engine.models.llama.model import LlamaModel
+from engine.models.families import family_of
 
 
-def load_model(load_dir: str | Path, iteration: int | None = None) -> LlamaModel:
-    """This rank's model chunk with the checkpoint's weights (any saved layout); the
-    parallel state must be initialised (no virtual pipeline)."""
+def load_model(load_dir: str | Path, iteration: int | None = None) -> nn.Module:
+    """This rank's model chunk (of the family the checkpoint records) with the checkpoint's
+    weights (any saved layout); the parallel state must be initialised (no virtual
+    pipeline)."""
     _, metadata = open_checkpoint(load_dir, iteration)
     # Training-only settings do not apply: windows have any length (no sequence parallelism)
     # and nothing is recomputed without a backward.
@@ -23,7 +26,7 @@ def load_model(load_dir: str | Path, iteration: int | None = None) -> LlamaModel
         sequence_parallel=False,
         recompute_granularity=None,
     )
-    model = LlamaModel(config)
+    model = family_of(config).model(config)
     load_checkpoint(load_dir, [model], load_rng=False, iteration=iteration)
     return model.eval()
 

@@ -1,7 +1,9 @@
 """The LLaMA family, built from tensor-parallel layers.
 
 Read top to bottom: rotary embedding, RMSNorm, attention, MLP, decoder layer, model. The
-parallel policy is visible here and nowhere else:
+parallel policy is visible here (and stated as data, for checkpoints and conversion, in the
+family's parameter inventory, `engine.models.llama.inventory`, whose optional parameters such
+as biases the layers build when it declares them):
 
 - Q|K|V and gate|up are column-parallel (each rank owns whole heads / a slice of the FFN);
   the attention output and down projections are row-parallel, so each sub-block costs one
