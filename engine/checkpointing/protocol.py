@@ -249,19 +249,52 @@ def _metadata(
     config_dict: dict[str, Any] | None,
     files: list[str],
 ) -> dict[str, Any]:
+    return metadata_record(
+        iteration,
+        consumed_samples,
+        _layout(),
+        _model_config(model_chunks),
+        config_dict or {},
+        files,
+        use_distributed_optimizer=optimizer is not None and _is_distributed(optimizer),
+        has_optimizer_state=optimizer is not None,
+        lr_scheduler=None if lr_scheduler is None else lr_scheduler.state_dict(),
+        optimizer_step=optimizer_meta.get("step", 0),
+        grad_scaler=optimizer_meta.get("grad_scaler"),
+        skipped_steps=optimizer_meta.get("skipped_steps", 0),
+    )
+
+
+def metadata_record(
+    iteration: int,
+    consumed_samples: int,
+    layout: dict[str, int | None],
+    model: dict[str, Any],
+    config: dict[str, Any],
+    files: list[str],
+    *,
+    use_distributed_optimizer: bool = False,
+    has_optimizer_state: bool = False,
+    lr_scheduler: dict[str, Any] | None = None,
+    optimizer_step: int = 0,
+    grad_scaler: dict[str, Any] | None = None,
+    skipped_steps: int = 0,
+) -> dict[str, Any]:
+    """The contents of ``metadata.json`` (the defaults: a weights-only checkpoint, as
+    conversion writes)."""
     return {
         "format_version": FORMAT_VERSION,
         "iteration": iteration,
         "consumed_samples": consumed_samples,
-        "layout": _layout(),
-        "use_distributed_optimizer": optimizer is not None and _is_distributed(optimizer),
-        "has_optimizer_state": optimizer is not None,
-        "model": _model_config(model_chunks),
-        "config": config_dict or {},
-        "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
-        "optimizer_step": optimizer_meta.get("step", 0),
-        "grad_scaler": optimizer_meta.get("grad_scaler"),
-        "skipped_steps": optimizer_meta.get("skipped_steps", 0),
+        "layout": layout,
+        "use_distributed_optimizer": use_distributed_optimizer,
+        "has_optimizer_state": has_optimizer_state,
+        "model": model,
+        "config": config,
+        "lr_scheduler": lr_scheduler,
+        "optimizer_step": optimizer_step,
+        "grad_scaler": grad_scaler,
+        "skipped_steps": skipped_steps,
         "files": files,
         "versions": {
             "engine": engine.__version__,
@@ -521,8 +554,12 @@ def _layout() -> dict[str, int | None]:
 
 def _model_config(model_chunks: Sequence[nn.Module]) -> dict[str, Any]:
     """The model's configuration as the metadata records it (plain JSON values)."""
-    module = unwrap(model_chunks[0])
-    return json.loads(json.dumps(dataclasses.asdict(module.config), default=_jsonable))
+    return config_record(unwrap(model_chunks[0]).config)
+
+
+def config_record(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON values (dtypes and anything else as strings)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=_jsonable))
 
 
 def _is_distributed(optimizer: MixedPrecisionOptimizer) -> bool:

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import torch
 
-import engine
 from engine.checkpointing.format import MODEL_STATE, Placement, local_from_canonical, spec_placement
-from engine.checkpointing.protocol import FORMAT_VERSION, METADATA_FILE
+from engine.checkpointing.protocol import METADATA_FILE, config_record, metadata_record
 from engine.checkpointing.safetensors_writer import StreamingSafetensorsWriter
 from engine.checkpointing.storage import LATEST_FILE, iteration_dir, publish, write_text_atomic
 from engine.conversion.errors import ConversionError
@@ -102,24 +98,13 @@ def write_engine_checkpoint(
             del parts
         for writer in writers:
             writer.close()
-    metadata = {
-        "format_version": FORMAT_VERSION, "iteration": 0, "consumed_samples": 0,
-        "layout": {
-            "world_size": tp_size * pp_size, "tensor_model_parallel_size": tp_size,
-            "pipeline_model_parallel_size": pp_size,
-            "virtual_pipeline_model_parallel_size": None, "data_parallel_size": 1,
-        },
-        "use_distributed_optimizer": False, "has_optimizer_state": False,
-        "model": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
-        "config": {"converted_from": source, "data": tokenizer or {}},
-        "lr_scheduler": None, "optimizer_step": 0,
-        "grad_scaler": None, "skipped_steps": 0, "files": sorted(files),
-        "versions": {
-            "engine": engine.__version__, "torch": torch.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version(),
-        },
-        "saved_at_unix_s": time.time(),
+    layout = {
+        "world_size": tp_size * pp_size, "tensor_model_parallel_size": tp_size,
+        "pipeline_model_parallel_size": pp_size, "virtual_pipeline_model_parallel_size": None,
+        "data_parallel_size": 1,
     }  # fmt: skip
+    config_dict = {"converted_from": source, "data": tokenizer or {}}
+    metadata = metadata_record(0, 0, layout, config_record(config), config_dict, sorted(files))
     write_text_atomic(tmp / METADATA_FILE, json.dumps(metadata, indent=1))
     publish(tmp, final)
     write_text_atomic(save_dir / LATEST_FILE, "0")
