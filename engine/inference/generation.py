@@ -8,10 +8,11 @@ pipeline stage, all given the same prompts):
   padded prompt decodes exactly as it would alone (HF's convention too).
 - The first step runs the whole padded prompt (prefill), then one token per step. Each rank's
   `KVCache` holds the K/V heads of its own layers and TP shard.
-- Pipeline stages pass hidden states ``[s, b, h]`` to the next stage with point-to-point
-  send / recv. The last stage gathers the vocab-parallel logits into the full vocabulary
-  (padding rows dropped) and samples; TP rank 0's choice is broadcast to its TP group and then
-  from the last stage back along the pipeline, so every rank holds the same tokens.
+- Pipeline stages pass hidden states ``[s, b, h]`` to the next stage point to point
+  (`engine.pipeline_parallel.forward_only`, the pass evaluation uses too). The last stage
+  gathers the vocab-parallel logits into the full vocabulary (padding rows dropped) and
+  samples; TP rank 0's choice is broadcast to its TP group and then from the last stage back
+  along the pipeline, so every rank holds the same tokens.
 - Greedy, temperature, top-k and top-p sampling draw from a generator seeded by the caller.
 """
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from engine import parallel_state
 from engine.models.kv_cache import KVCache
 from engine.models.llama.model import LlamaModel
+from engine.pipeline_parallel.forward_only import activation_spec, forward_only_pass
 from engine.tensor_parallel import gather_from_tensor_model_parallel_region
 
 TokenCallback = Callable[[torch.Tensor, torch.Tensor], None]
@@ -55,13 +57,14 @@ class SamplingParams:
 
 
 @torch.no_grad()
-def forward_step(
+def forward_logits(
     model: LlamaModel,
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
     kv_cache: KVCache | None = None,
 ) -> torch.Tensor | None:
-    """One forward through the pipeline (collective over the model-parallel group).
+    """Full-vocabulary logits of one forward through the pipeline (collective over the
+    model-parallel group), by `engine.pipeline_parallel.forward_only.forward_only_pass`.
 
     Args:
         input_ids: ``[b, s]`` (read on the first stage).
@@ -74,14 +77,13 @@ def forward_step(
         None on the other stages.
     """
     b, s = input_ids.shape
-    hidden = None
-    if not parallel_state.is_pipeline_first_stage():
-        param = next(model.parameters())
-        hidden = torch.empty(s, b, model.config.hidden_size, dtype=param.dtype, device=param.device)
-        dist.recv(hidden, parallel_state.get_pipeline_model_parallel_prev_rank())
-    output = model(input_ids, position_ids=position_ids, decoder_input=hidden, kv_cache=kv_cache)
-    if not parallel_state.is_pipeline_last_stage():
-        dist.send(output.contiguous(), parallel_state.get_pipeline_model_parallel_next_rank())
+    output = forward_only_pass(
+        lambda hidden: model(
+            input_ids, position_ids=position_ids, decoder_input=hidden, kv_cache=kv_cache
+        ),
+        activation_spec(model, (s, b, model.config.hidden_size)),
+    )
+    if output is None:
         return None
     # The vocabulary padding rows are dropped, so no padded entry can ever be sampled.
     logits = gather_from_tensor_model_parallel_region(output)
@@ -171,7 +173,7 @@ def generate(
     begin, end = 0, prompt_len
     for _ in range(max_new_tokens):
         cache.prepare(valid[:, begin:end])
-        logits = forward_step(model, tokens[:, begin:end], positions[:, begin:end], cache)
+        logits = forward_logits(model, tokens[:, begin:end], positions[:, begin:end], cache)
         cache.advance()
         next_tokens = torch.empty(len(prompts), dtype=torch.long, device=device)
         if logits is not None:

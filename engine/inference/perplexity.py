@@ -8,9 +8,10 @@ forwards). This is the windowing of HuggingFace's perplexity guide, with each to
 once. Perplexity is ``exp(sum NLL / tokens scored)``.
 
 Every rank reads the same documents; windows are dealt to data-parallel ranks round robin;
-pipeline stages pass hidden states point to point; the last stage's TP rank 0 adds each
-window's token losses (float32 from the vocab-parallel cross entropy, summed in float64) and
-one all-reduce gives the total.
+pipeline stages pass hidden states point to point (`engine.pipeline_parallel.forward_only`,
+the pass generation uses too); the last stage's TP rank 0 adds each window's token losses
+(float32 from the vocab-parallel cross entropy, summed in float64) and one all-reduce gives
+the total.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from engine import parallel_state
 from engine.data.indexed_dataset import IndexedDataset
 from engine.data.tokenizer import Tokenizer
 from engine.models.llama.model import LlamaModel
+from engine.pipeline_parallel.forward_only import activation_spec, forward_only_pass
 
 
 @dataclass
@@ -146,20 +148,12 @@ def _batches(windows: list[Window], size: int) -> list[list[Window]]:
 def _window_losses(
     model: LlamaModel, input_ids: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor | None:
-    """Per-token losses ``[b, s]`` on the last stage (None elsewhere); stages pass hidden
-    states ``[s, b, h]`` to the next one point to point."""
-    first = parallel_state.is_pipeline_first_stage()
+    """Per-token losses ``[b, s]`` on the last stage (None elsewhere), by one forward-only
+    pipeline pass (`engine.pipeline_parallel.forward_only`): stages pass hidden states
+    ``[s, b, h]`` to the next one point to point."""
     last = parallel_state.is_pipeline_last_stage()
-    hidden = None
-    if not first:
-        hidden = torch.empty(
-            input_ids.size(1), input_ids.size(0), model.config.hidden_size,
-            dtype=model.config.params_dtype,
-            device=input_ids.device,
-        )  # fmt: skip
-        dist.recv(hidden, parallel_state.get_pipeline_model_parallel_prev_rank())
-    output = model(input_ids, labels=labels if last else None, decoder_input=hidden)
-    if last:
-        return output
-    dist.send(output.contiguous(), parallel_state.get_pipeline_model_parallel_next_rank())
-    return None
+    b, s = input_ids.shape
+    return forward_only_pass(
+        lambda hidden: model(input_ids, labels=labels if last else None, decoder_input=hidden),
+        activation_spec(model, (s, b, model.config.hidden_size)),
+    )

@@ -18,7 +18,7 @@ import torch
 from engine import parallel_state
 from engine.inference.generation import (
     SamplingParams,
-    forward_step,
+    forward_logits,
     generate,
     left_pad,
     sample,
@@ -50,7 +50,7 @@ def _our_model(config: ModelConfig, hf, tp: int, pp: int) -> LlamaModel | None:
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
     )
     model = LlamaModel(config)
-    load_full_state(model, canonical_from_hf(hf.state_dict()))
+    load_full_state(model, canonical_from_hf(hf.state_dict(), config))
     return model.eval()
 
 
@@ -95,13 +95,13 @@ def cache_vs_recompute(config: ModelConfig, tp: int, pp: int, steps: int) -> flo
         begin, end, worst = 0, max(len(p) for p in PROMPTS), 0.0
         for _ in range(steps):
             cache.prepare(valid[:, begin:end])
-            cached = forward_step(model, tokens[:, begin:end], positions[:, begin:end], cache)
+            cached = forward_logits(model, tokens[:, begin:end], positions[:, begin:end], cache)
             cache.advance()
             # Recompute each prompt alone (no padding) from scratch with the training path.
             for row, prompt in enumerate(PROMPTS):
                 start = max(len(p) for p in PROMPTS) - len(prompt)
                 ids = tokens[row : row + 1, start:end]
-                full = forward_step(model, ids, torch.arange(ids.size(1)).unsqueeze(0))
+                full = forward_logits(model, ids, torch.arange(ids.size(1)).unsqueeze(0))
                 if full is not None:
                     worst = max(worst, (cached[row, -1] - full[0, -1]).abs().max().item())
             next_tokens = torch.zeros(len(PROMPTS), dtype=torch.long)
