@@ -1,19 +1,18 @@
 """Sharded, atomic checkpoints that load under any TP / PP / DP layout.
 
-`protocol` decides who writes and reads what, and when; `format` is what a shard file holds
+`protocol` decides who writes and reads what, and when; `metadata` is what ``metadata.json``
+records and the check that a checkpoint fits the model; `format` is what a shard file holds
 and how shards from any layout turn back into full tensors; `storage` the directories and
 atomic renames; `rng` the random streams; `safetensors_writer` streams tensors to disk.
 """
 
-from engine.checkpointing.protocol import (
+from engine.checkpointing.metadata import (
     FORMAT_VERSION,
     METADATA_FILE,
     check_architecture,
-    load_checkpoint,
     open_checkpoint,
-    read_full_state,
-    save_checkpoint,
 )
+from engine.checkpointing.protocol import load_checkpoint, read_full_state, save_checkpoint
 from engine.checkpointing.storage import (
     LATEST_FILE,
     CheckpointError,

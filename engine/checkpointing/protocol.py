@@ -42,21 +42,16 @@ See docs/checkpointing.md.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
-import platform
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import torch
 import torch.distributed as dist
 from torch import nn
 
-import engine
 from engine import parallel_state
 from engine.checkpointing.format import (
     MODEL_STATE,
@@ -69,6 +64,15 @@ from engine.checkpointing.format import (
     read_header,
     save_shards,
 )
+from engine.checkpointing.metadata import (
+    METADATA_FILE,
+    check_architecture,
+    config_record,
+    jsonable,
+    layout_record,
+    metadata_record,
+    open_checkpoint,
+)
 from engine.checkpointing.rng import load_pickle, rng_state, save_pickle, set_rng_state
 from engine.checkpointing.storage import (
     LATEST_FILE,
@@ -76,20 +80,14 @@ from engine.checkpointing.storage import (
     iteration_dir,
     keep_last,
     publish,
-    read_latest_iteration,
     remove_stale,
     write_text_atomic,
 )
-from engine.models.config import ModelConfig
-from engine.models.families import family_of
 from engine.optimizer.lr_schedule import OptimizerParamScheduler
 from engine.optimizer.optimizer import MixedPrecisionOptimizer
 from engine.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-METADATA_FILE = "metadata.json"
 
 # Saving -------------------------------------------------------------------------------------
 
@@ -140,7 +138,7 @@ def save_checkpoint(
                 iteration, consumed_samples, model_chunks, optimizer, optimizer_meta,
                 lr_scheduler, config_dict, sorted(f for files, _ in gathered for f in files),
             )  # fmt: skip
-            text = json.dumps(metadata, indent=1, default=_jsonable)
+            text = json.dumps(metadata, indent=1, default=jsonable)
             write_text_atomic(tmp / METADATA_FILE, text)
             publish(tmp, final)
             write_text_atomic(save_dir / LATEST_FILE, str(iteration))
@@ -252,7 +250,7 @@ def _metadata(
     return metadata_record(
         iteration,
         consumed_samples,
-        _layout(),
+        layout_record(),
         _model_config(model_chunks),
         config_dict or {},
         files,
@@ -263,47 +261,6 @@ def _metadata(
         grad_scaler=optimizer_meta.get("grad_scaler"),
         skipped_steps=optimizer_meta.get("skipped_steps", 0),
     )
-
-
-def metadata_record(
-    iteration: int,
-    consumed_samples: int,
-    layout: dict[str, int | None],
-    model: dict[str, Any],
-    config: dict[str, Any],
-    files: list[str],
-    *,
-    use_distributed_optimizer: bool = False,
-    has_optimizer_state: bool = False,
-    lr_scheduler: dict[str, Any] | None = None,
-    optimizer_step: int = 0,
-    grad_scaler: dict[str, Any] | None = None,
-    skipped_steps: int = 0,
-) -> dict[str, Any]:
-    """The contents of ``metadata.json`` (the defaults: a weights-only checkpoint, as
-    conversion writes)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "iteration": iteration,
-        "consumed_samples": consumed_samples,
-        "layout": layout,
-        "use_distributed_optimizer": use_distributed_optimizer,
-        "has_optimizer_state": has_optimizer_state,
-        "model": model,
-        "config": config,
-        "lr_scheduler": lr_scheduler,
-        "optimizer_step": optimizer_step,
-        "grad_scaler": grad_scaler,
-        "skipped_steps": skipped_steps,
-        "files": files,
-        "versions": {
-            "engine": engine.__version__,
-            "torch": torch.__version__,
-            "safetensors": safetensors.__version__,
-            "python": platform.python_version(),
-        },  # fmt: skip
-        "saved_at_unix_s": time.time(),
-    }
 
 
 # Loading ------------------------------------------------------------------------------------
@@ -380,38 +337,6 @@ def load_checkpoint(
     return metadata["iteration"], metadata["consumed_samples"]
 
 
-def open_checkpoint(load_dir: str | Path, iteration: int | None = None) -> tuple[Path, dict]:
-    """The directory and metadata of a complete checkpoint (the latest by default)."""
-    load_dir = Path(load_dir)
-    if iteration is None:
-        iteration = read_latest_iteration(load_dir)
-        if iteration is None:
-            raise CheckpointError(
-                f"no checkpoint in {load_dir}: {load_dir / LATEST_FILE} does not exist; "
-                "check --load (or start without it)"
-            )
-    directory = iteration_dir(load_dir, iteration)
-    path = directory / METADATA_FILE
-    if not path.exists():
-        raise CheckpointError(
-            f"incomplete checkpoint: {path} does not exist (the save of iteration {iteration} "
-            "did not finish); check --load / --ckpt-step"
-        )
-    metadata = json.loads(path.read_text())
-    if metadata.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format {metadata['format_version']}, newer than this "
-            f"engine's {FORMAT_VERSION}: upgrade the engine"
-        )
-    missing = [f for f in metadata["files"] if not (directory / f).exists()]
-    if missing:
-        raise CheckpointError(
-            f"partial checkpoint {directory}: {len(missing)} file(s) listed in {METADATA_FILE} "
-            f"are missing, e.g. {missing[0]}"
-        )
-    return directory, metadata
-
-
 def read_full_state(directory: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """Every full canonical tensor of a checkpoint directory, whatever layout saved it:
     ``{"model": {name: tensor}, "param": …, "exp_avg": …, "exp_avg_sq": …}`` (the optimizer
@@ -432,39 +357,6 @@ def _shard_headers(
     """The indexes of the checkpoint's shard files whose names start with ``prefix``."""
     paths = [directory / f for f in metadata["files"] if f.startswith(prefix)]
     return {path: read_header(path) for path in paths}
-
-
-def check_architecture(
-    metadata: dict[str, Any], model_chunks: Sequence[nn.Module], directory: Path
-) -> None:
-    """Raise `CheckpointError` when the checkpoint's parameters (its recorded configuration's
-    inventory) differ from the model's, naming every architecture field that differs (the
-    family's ``architecture_flags``), or else the tensors."""
-    module = unwrap(model_chunks[0])
-    mine_config = module.config
-    saved_config = ModelConfig.from_dict(metadata["model"])
-    saved = saved_config.inventory().canonical_shapes()
-    mine = mine_config.inventory().canonical_shapes()
-    if saved == mine and saved_config.family == mine_config.family:
-        return
-    saved_fields, mine_fields = dataclasses.asdict(saved_config), _model_config(model_chunks)
-    flags = {"family": "the model family", **family_of(mine_config).architecture_flags}
-    diffs = [
-        f"{field.replace('_', ' ')} {saved_fields[field]} in the checkpoint vs "
-        f"{mine_fields[field]} in the model ({flag})"
-        for field, flag in flags.items()
-        if saved_fields[field] != mine_fields[field]
-    ]
-    if not diffs:
-        diffs = [
-            f"tensor {name}: {saved.get(name, 'absent')} in the checkpoint vs "
-            f"{mine.get(name, 'absent')} in the model"
-            for name in sorted(set(saved) | set(mine))
-            if saved.get(name) != mine.get(name)
-        ][:5]
-    raise CheckpointError(
-        f"checkpoint {directory / METADATA_FILE} does not fit the model: " + "; ".join(diffs)
-    )
 
 
 def _local(placement: Placement, reader: ShardReader, directory: Path) -> torch.Tensor:
@@ -511,7 +403,7 @@ class _CheckedLocalState(LazyLocalState):
 
 
 def _load_rng(metadata: dict[str, Any], directory: Path) -> None:
-    saved, mine = metadata["layout"], _layout()
+    saved, mine = metadata["layout"], layout_record()
     name = f"rng_rank{_global_rank():05d}.pt"
     if name not in metadata["files"]:
         # A converted checkpoint (tools/convert_checkpoint.py) holds weights only.
@@ -540,26 +432,9 @@ def _coordinates() -> tuple[int, int, int]:
     )
 
 
-def _layout() -> dict[str, int | None]:
-    return {
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-        "virtual_pipeline_model_parallel_size": (
-            parallel_state.get_virtual_pipeline_model_parallel_world_size()
-        ),
-        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
-    }
-
-
 def _model_config(model_chunks: Sequence[nn.Module]) -> dict[str, Any]:
     """The model's configuration as the metadata records it (plain JSON values)."""
     return config_record(unwrap(model_chunks[0]).config)
-
-
-def config_record(config: Any) -> dict[str, Any]:
-    """A config dataclass as plain JSON values (dtypes and anything else as strings)."""
-    return json.loads(json.dumps(dataclasses.asdict(config), default=_jsonable))
 
 
 def _is_distributed(optimizer: MixedPrecisionOptimizer) -> bool:
@@ -567,13 +442,6 @@ def _is_distributed(optimizer: MixedPrecisionOptimizer) -> bool:
     from engine.optimizer.distributed_optimizer import DistributedOptimizer
 
     return isinstance(optimizer, DistributedOptimizer)
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON for configs: dataclasses as dicts, dtypes and anything else as strings."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    return str(value)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import torch
 
 from engine.checkpointing.format import MODEL_STATE, ShardReader
 from engine.checkpointing.format import read_header as read_shard_header
-from engine.checkpointing.protocol import open_checkpoint
+from engine.checkpointing.metadata import open_checkpoint
 from engine.checkpointing.safetensors_writer import StreamingSafetensorsWriter
 from engine.conversion.errors import ConversionError
 from engine.conversion.sources import HFCheckpoint, HFSource, check_hf_tensors

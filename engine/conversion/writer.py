@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from engine.checkpointing.format import MODEL_STATE, Placement, local_from_canonical, spec_placement
-from engine.checkpointing.protocol import METADATA_FILE, config_record, metadata_record
+from engine.checkpointing.metadata import METADATA_FILE, config_record, metadata_record
 from engine.checkpointing.safetensors_writer import StreamingSafetensorsWriter
 from engine.checkpointing.storage import LATEST_FILE, iteration_dir, publish, write_text_atomic
 from engine.conversion.errors import ConversionError

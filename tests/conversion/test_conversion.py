@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine import parallel_state
-from engine.checkpointing.protocol import (
+from engine.checkpointing import (
     load_checkpoint,
     open_checkpoint,
     read_full_state,
