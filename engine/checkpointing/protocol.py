@@ -7,7 +7,7 @@ API (every rank calls both, collectively)::
     load_checkpoint(load_dir, model_chunks, optimizer=None, lr_scheduler=None,
                     finetune=False, load_rng=True, iteration=None) -> (iteration, consumed_samples)
 
-``model_chunks`` are this rank's `LlamaModel` chunks, bare or wrapped in
+``model_chunks`` are this rank's model chunks (any family), bare or wrapped in
 `DistributedDataParallel`; ``optimizer`` a `MixedPrecisionOptimizer` or `DistributedOptimizer`
 (None: save / load the weights only); ``lr_scheduler`` an `OptimizerParamScheduler`.
 

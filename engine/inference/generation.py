@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from engine import parallel_state
 from engine.models.kv_cache import KVCache
-from engine.models.llama.model import LlamaModel
 from engine.pipeline_parallel.forward_only import activation_spec, forward_only_pass
 from engine.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -58,7 +58,7 @@ class SamplingParams:
 
 @torch.no_grad()
 def forward_logits(
-    model: LlamaModel,
+    model: nn.Module,
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
     kv_cache: KVCache | None = None,
@@ -133,7 +133,7 @@ def left_pad(
 
 @torch.no_grad()
 def generate(
-    model: LlamaModel,
+    model: nn.Module,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     sampling: SamplingParams | None = None,

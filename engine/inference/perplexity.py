@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from engine import parallel_state
 from engine.data.indexed_dataset import IndexedDataset
 from engine.data.tokenizer import Tokenizer
-from engine.models.llama.model import LlamaModel
 from engine.pipeline_parallel.forward_only import activation_spec, forward_only_pass
 
 
@@ -98,7 +98,7 @@ def read_documents(
 
 @torch.no_grad()
 def evaluate_perplexity(
-    model: LlamaModel,
+    model: nn.Module,
     documents: Sequence[Sequence[int]],
     seq_length: int,
     stride: int,
@@ -146,7 +146,7 @@ def _batches(windows: list[Window], size: int) -> list[list[Window]]:
 
 
 def _window_losses(
-    model: LlamaModel, input_ids: torch.Tensor, labels: torch.Tensor
+    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor | None:
     """Per-token losses ``[b, s]`` on the last stage (None elsewhere), by one forward-only
     pipeline pass (`engine.pipeline_parallel.forward_only`): stages pass hidden states
