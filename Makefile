@@ -17,8 +17,14 @@ install-test:
 quickstart: install
 	bash examples/quickstart.sh
 
+# Static checks, in order: lint, formatting, the package layering (import-linter's contracts,
+# [tool.importlinter] in pyproject.toml) and types (mypy on engine/ and kernels/, [tool.mypy]).
 lint:
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	lint-imports
+	$(PYTHON) -m mypy
 
+# Prerequisites run left to right: install, the static checks, then the tests.
 test: install-test lint
 	$(PYTHON) -m pytest

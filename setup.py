@@ -37,6 +37,8 @@ setup(
             "tensorboard>=2.14",  # torch.utils.tensorboard writes --tensorboard-dir with it
             "safetensors>=0.4",
             "ruff>=0.5",
+            "import-linter>=2.1",  # `lint-imports`: the package layering ([tool.importlinter])
+            "mypy>=1.11",  # types of engine/ and kernels/ ([tool.mypy])
             "triton>=3.0; platform_system == 'Linux'",
             # Data-pipeline tests only: Megatron-Core reads/writes the reference .bin/.idx
             # files; zstandard reads .zst input; tiktoken backs --tokenizer-type TikTokenizer.

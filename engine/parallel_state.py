@@ -147,6 +147,9 @@ def initialize_model_parallel(
     dp_group, _ = my_group(layout["data"])
     pp_group, pp_ranks = my_group(layout["pipeline"])
     mp_group, _ = my_group(layout["model"])
+    # Each layout partitions the world: every rank is in one of its groups.
+    assert tp_group is not None and dp_group is not None
+    assert pp_group is not None and mp_group is not None
     # First and last stage of each pipeline (one rank when PP=1); None on middle stages.
     embedding_group, embedding_ranks = my_group(
         [sorted({ranks[0], ranks[-1]}) for ranks in layout["pipeline"]]

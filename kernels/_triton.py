@@ -27,8 +27,11 @@ else:
 __all__ = ["triton", "tl", "jit", "autotune", "interpreting", "require_triton", "check_device"]
 
 
-def jit(fn: Callable) -> Callable:
-    """``triton.jit`` when Triton is importable, else the plain function (never launched)."""
+def jit(fn: Callable) -> Any:
+    """``triton.jit`` when Triton is importable, else the plain function (never launched).
+
+    Typed Any: a Triton kernel is launched as ``kernel[grid](...)``, which a function is not.
+    """
     return triton.jit(fn) if triton is not None else fn
 
 

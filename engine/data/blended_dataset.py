@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from engine.data.gpt_dataset import SPLIT_NAMES, GPTDatasetConfig, build_gpt_datasets
 from engine.data.index_cache import IndexCache
+from engine.data.samplers import dataset_length
 
 # Megatron's default --mid-level-dataset-surplus: each component gets 0.5% more samples than
 # its share so rounding in the greedy blend never asks for one past its end.
@@ -56,7 +59,7 @@ class BlendedDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        datasets: list[torch.utils.data.Dataset],
+        datasets: Sequence[torch.utils.data.Dataset],
         weights: list[float],
         size: int | None,
         description: list[dict],
@@ -72,7 +75,11 @@ class BlendedDataset(torch.utils.data.Dataset):
         self.datasets = datasets
         self.weights = weights
         self.size = size
-        key = {"class": "BlendedDataset", "datasets": description, "split": split_name}
+        key: dict[str, Any] = {
+            "class": "BlendedDataset",
+            "datasets": description,
+            "split": split_name,
+        }
         key.update(weights=weights, size=size)
         cache = IndexCache(cache_dir, f"BlendedDataset-{split_name}", key)
         names = ["dataset_index", "dataset_sample_index"]
@@ -81,9 +88,10 @@ class BlendedDataset(torch.utils.data.Dataset):
         self.dataset_sample_index = arrays["dataset_sample_index"]
         for d, dataset in enumerate(datasets):
             used = self.dataset_sample_index[self.dataset_index == d]
-            if used.size and int(used.max()) >= len(dataset):
+            if used.size and int(used.max()) >= dataset_length(dataset):
                 raise ValueError(
-                    f"blend needs sample {int(used.max())} of dataset {d}, which has {len(dataset)}"
+                    f"blend needs sample {int(used.max())} of dataset {d}, which has "
+                    f"{dataset_length(dataset)}"
                 )
 
     def _build(self) -> dict[str, np.ndarray]:
@@ -110,7 +118,7 @@ def build_blended_gpt_datasets(
     num_samples: tuple[int | None, int | None, int | None],
     config: GPTDatasetConfig,
     distributed: bool = True,
-) -> list[torch.utils.data.Dataset | None]:
+) -> Sequence[torch.utils.data.Dataset | None]:
     """Train, valid and test datasets for Megatron's `--data-path` (weights optional).
 
     One prefix gives plain GPT datasets; several give blends whose components each supply
@@ -123,21 +131,20 @@ def build_blended_gpt_datasets(
         weights = [1.0] * len(prefixes)
     total = sum(weights)
     weights = [w / total for w in weights]
-    per_dataset = [
-        [
-            None if n is None else int(math.ceil(math.ceil(n * w) * (1 + SURPLUS)))
-            for n in num_samples
-        ]
-        for w in weights
-    ]
+
+    def share(n: int | None, w: float) -> int | None:
+        return None if n is None else int(math.ceil(math.ceil(n * w) * (1 + SURPLUS)))
+
+    train, valid, test = num_samples
+    per_dataset = [(share(train, w), share(valid, w), share(test, w)) for w in weights]
     components = [
-        build_gpt_datasets(prefix, tuple(sizes), config, distributed)
+        build_gpt_datasets(prefix, sizes, config, distributed)
         for prefix, sizes in zip(prefixes, per_dataset, strict=True)
     ]
     blends: list[torch.utils.data.Dataset | None] = []
     for split, (name, size) in enumerate(zip(SPLIT_NAMES, num_samples, strict=True)):
-        parts = [c[split] for c in components]
-        if any(p is None for p in parts):
+        parts = [part for c in components if (part := c[split]) is not None]
+        if len(parts) < len(components):
             blends.append(None)
             continue
         if size is None:

@@ -175,6 +175,7 @@ class GPTDataset(torch.utils.data.Dataset):
         epochs = self.num_epochs
         separate_last = False
         if epochs > 1:
+            assert self.num_samples is not None  # None is one epoch (`_num_epochs`)
             before_last = ((epochs - 1) * self.tokens_per_epoch - extra) // seq
             per_epoch = (self.tokens_per_epoch - extra) // seq
             from_last = self.num_samples - before_last

@@ -77,6 +77,7 @@ class IndexCache:
 
     def save(self, arrays: dict[str, np.ndarray]) -> None:
         """Write every array, then the description, each under a temporary name first."""
+        assert self.cache_dir is not None
         os.makedirs(self.cache_dir, exist_ok=True)
         for name, array in arrays.items():
             final = self.path(f"{name}.npy")
@@ -119,6 +120,7 @@ class IndexCache:
     def _locked_build_or_load(self, names, build) -> tuple[dict[str, np.ndarray], bool]:
         if self.is_complete(names):
             return self.load(names), False
+        assert self.cache_dir is not None  # `build_or_load` builds in memory without one
         os.makedirs(self.cache_dir, exist_ok=True)
         with _exclusive(self.path("lock")):
             if self.is_complete(names):  # another process finished while we waited

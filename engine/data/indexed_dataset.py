@@ -23,6 +23,7 @@ import os
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
@@ -199,6 +200,10 @@ class IndexedDataset:
     def _read(self, byte_offset: int, count: int) -> np.ndarray:
         return np.frombuffer(self._bin, self.dtype, count, byte_offset)
 
+    @overload
+    def __getitem__(self, idx: int | np.integer) -> np.ndarray: ...
+    @overload
+    def __getitem__(self, idx: slice) -> list[np.ndarray]: ...
     def __getitem__(self, idx: int | np.integer | slice) -> np.ndarray | list[np.ndarray]:
         if isinstance(idx, (int, np.integer)):
             n = len(self)
@@ -362,8 +367,8 @@ class IndexedDatasetBuilder:
     def finalize(self, idx_path: str | os.PathLike) -> None:
         """Write the `.idx` and move both files into place (`.bin` first, `.idx` last)."""
         self._spill()
-        for f in (self._file, self._lengths_file, self._documents_file):
-            f.close()
+        for spill_file in (self._file, self._lengths_file, self._documents_file):
+            spill_file.close()
         tmp_idx = f"{os.fspath(idx_path)}.tmp.{os.getpid()}"
         n_seq, n_doc = self._spilled_sequences, self._num_documents + 1
         itemsize = np.dtype(self.dtype).itemsize

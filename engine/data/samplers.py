@@ -13,10 +13,17 @@ the same global order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
+from typing import cast
 
 import numpy as np
 import torch
+
+
+def dataset_length(dataset: torch.utils.data.Dataset) -> int:
+    """``len(dataset)``: torch's `Dataset` type does not declare ``__len__``, but every
+    map-style dataset here defines it (GPT, blended, SFT datasets, `Subset` s of them)."""
+    return len(cast(Sized, dataset))
 
 
 class _DataParallelSampler(torch.utils.data.Sampler):
@@ -171,7 +178,7 @@ def build_data_loader(
     `shuffle=True` uses `RandomSampler` with `seed`, epoch after epoch.
     """
     layout = (
-        len(dataset),
+        dataset_length(dataset),
         consumed_samples,
         micro_batch_size,
         data_parallel_rank,

@@ -114,7 +114,7 @@ class SentencePieceTokenizer(Tokenizer):
         return {"model_path": self.model_path}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["model_path"])
+        type(self).__init__(self, state["model_path"])
 
 
 class HuggingFaceTokenizer(Tokenizer):
@@ -185,7 +185,7 @@ class HuggingFaceTokenizer(Tokenizer):
         return {"path": self.path, "add_special_tokens": self.add_special_tokens}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(**state)
+        type(self).__init__(self, **state)
 
 
 class TikTokenizer(Tokenizer):
@@ -277,7 +277,7 @@ class TikTokenizer(Tokenizer):
         }
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(**state)
+        type(self).__init__(self, **state)
 
 
 def _load_tiktoken_ranks(path: Path, max_entries: int, shift: int) -> dict[bytes, int]:

@@ -133,6 +133,7 @@ class Bucket:
     def start_param_sync(self) -> None:
         """Launch the all-gather of the updated parameter slices (distributed optimizer)."""
         if self.dp_size > 1 and self.param_handle is None:
+            assert self.param_data is not None, "only buckets of a distributed optimizer sync"
             self.param_handle = all_gather_async(
                 self.param_data, self.shard(self.param_data), self.group
             )
@@ -168,7 +169,8 @@ class ParamAndGradBuffer:
         self.param_dtype = params[0].dtype
         self.param_index: dict[nn.Parameter, tuple[int, int]] = {}
         bucket_ranges: list[tuple[int, int, list[nn.Parameter]]] = []
-        offset, bucket_start, bucket_params = 0, 0, []
+        offset, bucket_start = 0, 0
+        bucket_params: list[nn.Parameter] = []
 
         def close_bucket() -> None:
             nonlocal offset, bucket_start, bucket_params
@@ -191,11 +193,13 @@ class ParamAndGradBuffer:
 
         device = params[0].device
         self.grad_data = torch.zeros(self.numel, dtype=grad_dtype, device=device)
-        self.param_data = None
+        self.param_data: torch.Tensor | None = None
         if use_distributed_optimizer:
             self.param_data = torch.zeros(self.numel, dtype=self.param_dtype, device=device)
         for param, (start, end) in self.param_index.items():
-            param.main_grad = self.grad_data[start:end].view(param.shape)
+            # An attribute attached at run time (torch's stubs do not declare it).
+            main_grad = self.grad_data[start:end].view(param.shape)
+            param.main_grad = main_grad  # type: ignore[attr-defined]
             if self.param_data is not None:
                 # The parameter now lives in the buffer, so all-gathers update it in place.
                 self.param_data[start:end].copy_(param.data.view(-1))
@@ -271,12 +275,13 @@ class DistributedDataParallel(nn.Module):
                     self._hook_handles.append(sub.register_forward_pre_hook(self._param_wait_hook))
 
     @property
-    def buffers(self) -> list[ParamAndGradBuffer]:
+    def grad_buffers(self) -> list[ParamAndGradBuffer]:
+        """One per parameter dtype. (Not ``buffers``: that is `nn.Module.buffers()`.)"""
         return list(self.buffers_by_dtype.values())
 
     @property
     def buckets(self) -> list[Bucket]:
-        return [bucket for buffer in self.buffers for bucket in buffer.buckets]
+        return [bucket for buffer in self.grad_buffers for bucket in buffer.buckets]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -284,7 +289,7 @@ class DistributedDataParallel(nn.Module):
     def _grad_hook(self, param: nn.Parameter) -> None:
         """After autograd accumulated ``param.grad``: move it into the float32 buffer."""
         if param.grad is not None:
-            param.main_grad.add_(param.grad)
+            param.main_grad.add_(param.grad)  # type: ignore[attr-defined]
             param.grad = None  # the buffer holds it now; free the model-dtype copy
         if self.config.overlap_grad_reduce and self.is_last_microbatch:
             self.param_to_bucket[param].register_grad_ready(param)
@@ -330,7 +335,7 @@ class DistributedDataParallel(nn.Module):
         """Zero the gradient buffers and reset the buckets (start of an iteration)."""
         for param in self.param_to_bucket:
             param.grad = None
-        for buffer in self.buffers:
+        for buffer in self.grad_buffers:
             buffer.grad_data.zero_()
         for bucket in self.buckets:
             bucket.reset()

@@ -10,6 +10,7 @@ step, in one flat all-reduce, rather than inside every microbatch's backward.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,10 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from engine import parallel_state
 from engine.tensor_parallel.attributes import is_partial_over_tp
 from engine.wrappers import unwrap
+
+
+class _TiedEmbeddingModel(Protocol):
+    def shared_embedding_or_output_weight(self) -> nn.Parameter | None: ...
 
 
 def _all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup) -> None:
@@ -41,7 +46,7 @@ def allreduce_embedding_grads(model_chunks: list[nn.Module]) -> None:
         return
     ends = {id(chunk): chunk for chunk in (model_chunks[0], model_chunks[-1])}.values()
     for chunk in ends:
-        weight = unwrap(chunk).shared_embedding_or_output_weight()
+        weight = cast(_TiedEmbeddingModel, unwrap(chunk)).shared_embedding_or_output_weight()
         if weight is None:
             continue
         # A data-parallel wrapper may accumulate into a main_grad buffer instead of .grad.
@@ -54,13 +59,14 @@ def finish_data_parallel_grad_sync(model_chunks: list[nn.Module]) -> None:
     in flight (overlapped with backward), and the sums below must neither race with it nor
     miss it."""
     for chunk in model_chunks:
-        if hasattr(chunk, "finish_grad_sync"):
-            chunk.finish_grad_sync()
+        finish_grad_sync = getattr(chunk, "finish_grad_sync", None)
+        if finish_grad_sync is not None:
+            finish_grad_sync()
 
 
 def _grad_of(param: nn.Parameter) -> torch.Tensor | None:
     """The gradient to reduce: the DP wrapper's float32 ``main_grad`` if any, else ``.grad``."""
-    return param.main_grad if hasattr(param, "main_grad") else param.grad
+    return getattr(param, "main_grad", param.grad)
 
 
 def finalize_model_grads(model_chunks: Iterable[nn.Module]) -> None:
@@ -73,10 +79,10 @@ def finalize_model_grads(model_chunks: Iterable[nn.Module]) -> None:
     if dist.get_world_size(group) == 1:
         return
     grads = [
-        _grad_of(p)
+        grad
         for chunk in model_chunks
         for p in chunk.parameters()
-        if is_partial_over_tp(p) and _grad_of(p) is not None
+        if is_partial_over_tp(p) and (grad := _grad_of(p)) is not None
     ]
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for grad in grads:

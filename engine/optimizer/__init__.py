@@ -3,8 +3,9 @@ clipping by the global norm, and learning-rate / weight-decay schedules."""
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Sequence
 
+from engine.distributed.ddp import DistributedDataParallel
 from engine.optimizer.clip_grads import clip_grads_by_total_norm, get_grad_norm_fp32
 from engine.optimizer.config import OptimizerConfig
 from engine.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
@@ -13,7 +14,7 @@ from engine.optimizer.optimizer import MixedPrecisionOptimizer, StepResult
 
 
 def build_optimizer(
-    config: OptimizerConfig, model_chunks: list[nn.Module]
+    config: OptimizerConfig, model_chunks: Sequence[DistributedDataParallel]
 ) -> MixedPrecisionOptimizer:
     """The optimizer for ``model_chunks`` (wrapped in DistributedDataParallel): distributed
     (ZeRO-1) when the chunks were wrapped with ``use_distributed_optimizer``."""

@@ -32,7 +32,9 @@ def counts_in_grad_norm(param: nn.Parameter) -> bool:
 
 
 def all_reduce_over(
-    tensor: torch.Tensor, groups: list[dist.ProcessGroup], op: dist.ReduceOp = dist.ReduceOp.SUM
+    tensor: torch.Tensor,
+    groups: list[dist.ProcessGroup],
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
 ) -> torch.Tensor:
     """All-reduce ``tensor`` in place over each group in turn (orthogonal groups compose)."""
     for group in groups:

@@ -55,7 +55,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
                     "the distributed optimizer needs its model chunks wrapped with "
                     "DistributedDataParallelConfig(use_distributed_optimizer=True)"
                 )
-            for buffer in chunk.buffers:
+            for buffer in chunk.grad_buffers:
                 for bucket in buffer.buckets:
                     mine = self._slice_bucket(buffer, bucket, names)
                     self._bucket_shards.append((buffer, bucket, mine))
@@ -67,6 +67,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         buffer: ParamAndGradBuffer, bucket: Bucket, names: dict[nn.Parameter, str]
     ) -> list[ParamShard]:
         """The pieces of ``bucket``'s parameters that fall in this rank's slice."""
+        assert buffer.param_data is not None, "a buffer built with use_distributed_optimizer"
         lo = bucket.offset + bucket.dp_rank * bucket.shard_numel
         hi = lo + bucket.shard_numel
         shards = []

@@ -106,11 +106,13 @@ class OptimizerParamScheduler:
         elif self.decay_style == "cosine":
             coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
         else:  # WSD
-            anneal_start = self.decay_steps - self.wsd_decay_steps
+            wsd_decay_steps = self.wsd_decay_steps
+            assert wsd_decay_steps is not None, "WSD is only built with wsd_decay_steps"
+            anneal_start = self.decay_steps - wsd_decay_steps
             if n <= anneal_start:
                 coeff = 1.0
             else:
-                q = (n - anneal_start) / self.wsd_decay_steps
+                q = (n - anneal_start) / wsd_decay_steps
                 coeff = {
                     "exponential": lambda: 2.0 * 0.5**q - 1.0,
                     "linear": lambda: 1.0 - q,
@@ -171,6 +173,7 @@ def build_lr_scheduler(
         decay = config.lr_decay_iters or train_iters
         warmup, wsd = config.lr_warmup_iters, config.lr_wsd_decay_iters
     else:
+        assert train_samples is not None  # exactly one of the two, checked above
         decay = config.lr_decay_samples or train_samples
         warmup, wsd = config.lr_warmup_samples, config.lr_wsd_decay_samples
     if config.lr_warmup_fraction is not None:

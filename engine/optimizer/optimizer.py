@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine import parallel_state
+from engine.distributed.ddp import DistributedDataParallel
 from engine.optimizer.clip_grads import (
     all_reduce_over,
     clip_grads_by_total_norm,
@@ -63,6 +65,13 @@ class ParamShard:
         """The main parameter is the model's own storage (float32 model): nothing to copy."""
         return self.main_param.data_ptr() == self.model_data.data_ptr()
 
+    @property
+    def main_param_grad(self) -> torch.Tensor:
+        """The float32 gradient AdamW steps with (set from ``main_grad`` before each step)."""
+        grad = self.main_param.grad
+        assert grad is not None, f"{self.name}: main gradient read before it was prepared"
+        return grad
+
 
 def make_shard(
     name: str, param: nn.Parameter, start: int, end: int, model_data: torch.Tensor,
@@ -88,7 +97,7 @@ def uses_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.dim() > 1 and not name.endswith("bias")
 
 
-def tied_embedding_copies(model_chunks: list[nn.Module]) -> set[nn.Parameter]:
+def tied_embedding_copies(model_chunks: Sequence[nn.Module]) -> set[nn.Parameter]:
     """The last pipeline stage's copies of a tied embedding (the first stage holds the
     original): excluded from the gradient norm so the embedding counts once."""
     copies = set()
@@ -107,22 +116,27 @@ def make_adamw(
 ) -> torch.optim.Optimizer:
     """AdamW with the fastest implementation available: apex's FusedAdam when apex is
     installed (CUDA only), else PyTorch's fused kernel, else its multi-tensor (foreach) one."""
-    kwargs = dict(
-        lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-        weight_decay=config.weight_decay,
-    )  # fmt: skip
+    lr, betas, eps = config.lr, (config.adam_beta1, config.adam_beta2), config.adam_eps
+    weight_decay = config.weight_decay
     devices = {p.device.type for group in param_groups for p in group["params"]}
     if devices == {"cuda"}:
         try:
             from apex.optimizers import FusedAdam  # optional accelerator, never required
 
-            return FusedAdam(param_groups, adam_w_mode=True, **kwargs)
+            return FusedAdam(
+                param_groups, adam_w_mode=True, lr=lr, betas=betas, eps=eps,
+                weight_decay=weight_decay,
+            )  # fmt: skip
         except ImportError:
             pass
     try:
-        return torch.optim.AdamW(param_groups, fused=True, **kwargs)
+        return torch.optim.AdamW(
+            param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True
+        )
     except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
-        return torch.optim.AdamW(param_groups, foreach=True, **kwargs)
+        return torch.optim.AdamW(
+            param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True
+        )
 
 
 def make_grad_scaler(config: OptimizerConfig) -> ConstantGradScaler | DynamicGradScaler | None:
@@ -146,7 +160,7 @@ class MixedPrecisionOptimizer:
             `engine.distributed.DistributedDataParallel` (which provides ``main_grad``).
     """
 
-    def __init__(self, config: OptimizerConfig, model_chunks: list[nn.Module]):
+    def __init__(self, config: OptimizerConfig, model_chunks: Sequence[DistributedDataParallel]):
         if config.bf16 and config.fp16:
             raise ValueError("--bf16 and --fp16 are exclusive: choose one")
         self.config = config
@@ -185,10 +199,12 @@ class MixedPrecisionOptimizer:
 
     def _build_shards(self) -> list[ParamShard]:
         """One shard per whole parameter."""
-        return [
-            make_shard(name, p, 0, p.numel(), p.data.view(-1), p.main_grad.view(-1))
-            for name, p in self.named_parameters()
-        ]
+        shards = []
+        for name, p in self.named_parameters():
+            # The view into its gradient buffer that DistributedDataParallel attaches.
+            main_grad: torch.Tensor = p.main_grad  # type: ignore[attr-defined]
+            shards.append(make_shard(name, p, 0, p.numel(), p.data.view(-1), main_grad.view(-1)))
+        return shards
 
     def _reduction_groups(self) -> list[dist.ProcessGroup]:
         """Groups over which the shards' norms and inf checks are summed: TP x PP here."""
@@ -220,7 +236,7 @@ class MixedPrecisionOptimizer:
     def grads_for_norm(self) -> list[torch.Tensor]:
         """The main gradients this rank counts in the global norm."""
         return [
-            s.main_param.grad
+            s.main_param_grad
             for s in self.shards
             if counts_in_grad_norm(s.model_param) and s.model_param not in self._tied_copies
         ]
@@ -236,7 +252,7 @@ class MixedPrecisionOptimizer:
             shard.main_param.grad = grad if grad.dtype == torch.float32 else grad.float()
         if self.grad_scaler is None:
             return False
-        grads = [s.main_param.grad for s in self.shards]
+        grads = [s.main_param_grad for s in self.shards]
         if grads:
             torch._foreach_mul_(grads, 1.0 / self.grad_scaler.scale)
             local = torch.stack(torch._foreach_norm(grads, 2.0)).sum()
@@ -262,7 +278,7 @@ class MixedPrecisionOptimizer:
             return self._skip(grad_norm, f"non-finite gradient norm ({grad_norm})")
         if self.config.clip_grad > 0:
             clip_grads_by_total_norm(
-                [s.main_param.grad for s in self.shards], self.config.clip_grad, grad_norm
+                [s.main_param_grad for s in self.shards], self.config.clip_grad, grad_norm
             )
         self.optimizer.step()
         for shard in self.shards:

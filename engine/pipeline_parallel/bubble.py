@@ -98,6 +98,6 @@ def run_sleep_schedule(
             micro_batch,
             recorder=recorder if step == warmup_steps else None,
         )
-    recorders: list[dict | None] = [None] * dist.get_world_size(group)
+    recorders: list[dict] = [{}] * dist.get_world_size(group)  # every entry is replaced
     dist.all_gather_object(recorders, recorder.to_dict(), group=group)
     return [ScheduleRecorder.from_dict(r) for r in recorders]

@@ -129,14 +129,21 @@ def _checked(tensor: torch.Tensor, spec: P2PSpec) -> torch.Tensor:
 # Named wrappers, as the schedules read them ---------------------------------------------------
 
 
+def received(tensor: torch.Tensor | None) -> torch.Tensor:
+    """What `communicate` received for a ``recv_prev`` / ``recv_next`` it was asked for (so
+    never None)."""
+    assert tensor is not None
+    return tensor
+
+
 def recv_forward(spec: P2PSpec) -> torch.Tensor:
     """Receive this microbatch's input activation from the previous stage."""
-    return communicate(None, None, True, False, spec)[0]
+    return received(communicate(None, None, True, False, spec)[0])
 
 
 def recv_backward(spec: P2PSpec) -> torch.Tensor:
     """Receive the gradient of this stage's output from the next stage."""
-    return communicate(None, None, False, True, spec)[1]
+    return received(communicate(None, None, False, True, spec)[1])
 
 
 def send_forward(output: torch.Tensor, spec: P2PSpec) -> None:
@@ -151,9 +158,9 @@ def send_backward(input_grad: torch.Tensor, spec: P2PSpec) -> None:
 
 def send_forward_recv_backward(output: torch.Tensor, spec: P2PSpec) -> torch.Tensor:
     """Send an output forward and receive the gradient of an (earlier) output, in one batch."""
-    return communicate(output, None, False, True, spec)[1]
+    return received(communicate(output, None, False, True, spec)[1])
 
 
 def send_backward_recv_forward(input_grad: torch.Tensor, spec: P2PSpec) -> torch.Tensor:
     """Send an input gradient backward and receive the next microbatch's input, in one batch."""
-    return communicate(None, input_grad, True, False, spec)[0]
+    return received(communicate(None, input_grad, True, False, spec)[0])

@@ -35,7 +35,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -98,6 +98,23 @@ def custom_backward(output: torch.Tensor, grad_output: torch.Tensor) -> None:
 # What every schedule does per microbatch ------------------------------------------------------
 
 
+class _ChunkConfig(Protocol):
+    """What the schedules read of a model chunk's ``config`` (a model config)."""
+
+    sequence_parallel: bool
+    hidden_size: int
+    params_dtype: torch.dtype
+
+
+def _input_grad(input_grad: torch.Tensor | None) -> torch.Tensor:
+    """The gradient of a received activation, to send back to the stage it came from."""
+    if input_grad is None:
+        raise RuntimeError(
+            "a pipeline stage's input got no gradient: the stage's output must depend on it"
+        )
+    return input_grad
+
+
 def _per_chunk(value: Any, num_chunks: int, what: str) -> list[Any]:
     if isinstance(value, list):
         if len(value) != num_chunks:
@@ -137,7 +154,7 @@ class _Step:
         self.losses: list[Any] = []
         self._no_sync: ExitStack | None = None
 
-        config = unwrap(model[0]).config
+        config = cast(_ChunkConfig, unwrap(model[0]).config)
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if config.sequence_parallel and seq_length % tp != 0:
             raise ValueError(
@@ -347,9 +364,9 @@ def forward_backward_pipelining_without_interleaving(
         if is_first:
             input_tensor = None
         elif last_iteration:
-            p2p.send_backward(input_grad, spec)
+            p2p.send_backward(_input_grad(input_grad), spec)
         else:
-            input_tensor = p2p.send_backward_recv_forward(input_grad, spec)
+            input_tensor = p2p.send_backward_recv_forward(_input_grad(input_grad), spec)
 
     # Cool-down: the backwards of the warm-up microbatches.
     if not forward_only:
@@ -358,7 +375,7 @@ def forward_backward_pipelining_without_interleaving(
             output_grad = None if is_last else p2p.recv_backward(spec)
             input_grad = step.backward(0, num_steady + i, old_input, old_output, output_grad)
             if not is_first:
-                p2p.send_backward(input_grad, spec)
+                p2p.send_backward(_input_grad(input_grad), spec)
     step.finish(finalize_model_grads_func)
     return step.losses
 
@@ -473,11 +490,11 @@ def forward_backward_pipelining_with_interleaving(
             recv_next = not last_rank
             input_tensor, output_grad = p2p.communicate(output, None, recv_prev, recv_next, spec)
             if recv_next:
-                output_grads[v - 1].append(output_grad)
+                output_grads[v - 1].append(p2p.received(output_grad))
         else:
             input_tensor, _ = p2p.communicate(output, None, recv_prev, False, spec)
         if recv_prev:
-            inputs[next_chunk].append(input_tensor)
+            inputs[next_chunk].append(p2p.received(input_tensor))
         free(output)
 
     for i in range(num_steady):
@@ -502,9 +519,9 @@ def forward_backward_pipelining_with_interleaving(
         input_tensor, output_grad = p2p.communicate(output, input_grad, recv_prev, recv_next, spec)
         free(output)
         if recv_prev:
-            inputs[next_chunk].append(input_tensor)
+            inputs[next_chunk].append(p2p.received(input_tensor))
         if recv_next:
-            output_grads[next_grad_chunk].append(output_grad)
+            output_grads[next_grad_chunk].append(p2p.received(output_grad))
 
     if not forward_only:
         if all_warmup and not last_rank:
@@ -515,7 +532,7 @@ def forward_backward_pipelining_with_interleaving(
             recv_next = not (last_rank and next_grad_chunk == v - 1) and k != total - 1
             _, output_grad = p2p.communicate(None, input_grad, False, recv_next, spec)
             if recv_next:
-                output_grads[next_grad_chunk].append(output_grad)
+                output_grads[next_grad_chunk].append(p2p.received(output_grad))
     parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     step.finish(finalize_model_grads_func)
     return step.losses

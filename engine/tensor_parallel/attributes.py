@@ -21,9 +21,10 @@ def mark_tensor_parallel(
     param: nn.Parameter, partition_dim: int, partition_sizes: Sequence[int]
 ) -> nn.Parameter:
     """Flag ``param`` as a TP shard along ``partition_dim`` of blocks of ``partition_sizes``."""
-    param.tensor_model_parallel = True
-    param.partition_dim = partition_dim
-    param.partition_sizes = tuple(partition_sizes)
+    # Attributes attached to the tensor at run time: torch's stubs do not declare them.
+    param.tensor_model_parallel = True  # type: ignore[attr-defined]
+    param.partition_dim = partition_dim  # type: ignore[attr-defined]
+    param.partition_sizes = tuple(partition_sizes)  # type: ignore[attr-defined]
     return param
 
 
@@ -34,7 +35,7 @@ def is_tensor_parallel(param: nn.Parameter) -> bool:
 
 def mark_partial_over_tp(param: nn.Parameter, partial: bool = True) -> nn.Parameter:
     """Flag a replicated parameter whose gradient each TP rank holds only a part of."""
-    param.partial_grad_over_tp = partial
+    param.partial_grad_over_tp = partial  # type: ignore[attr-defined]
     return param
 
 

@@ -23,7 +23,7 @@ import ast
 import dataclasses
 import functools
 import inspect
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import yaml
@@ -172,7 +172,7 @@ class _Parser(argparse.ArgumentParser):
 
     source: str | None = None
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         super().error(f"{self.source}: {message}" if self.source else message)
 
 
@@ -180,15 +180,18 @@ class _Parser(argparse.ArgumentParser):
 def _field_docs(cls: type) -> dict[str, str]:
     """The attribute docstrings of a dataclass (the string under each field), by field name."""
     tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    class_def = tree.body[0]
+    assert isinstance(class_def, ast.ClassDef), cls
+    body = class_def.body
     docs = {}
     for node, following in zip(body, body[1:], strict=False):
         if (
             isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
             and isinstance(following, ast.Expr)
             and isinstance(following.value, ast.Constant)
         ):
-            docs[node.target.id] = " ".join(str(following.value.value).split())  # type: ignore[attr-defined]
+            docs[node.target.id] = " ".join(str(following.value.value).split())
     return docs
 
 

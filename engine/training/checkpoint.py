@@ -21,6 +21,7 @@ def save(run: TrainingRun) -> str:
     """Save ``run`` at its current iteration into ``--save`` (collective); return the
     checkpoint's directory."""
     config = run.job.checkpoint
+    assert config.save is not None, "the loop saves only with --save"
     path = checkpointing.save_checkpoint(
         config.save,
         run.iteration,

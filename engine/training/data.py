@@ -20,7 +20,7 @@ import torch
 from engine.data.blended_dataset import build_blended_gpt_datasets
 from engine.data.config import DataConfig
 from engine.data.gpt_dataset import GPTDatasetConfig, parse_split
-from engine.data.samplers import build_data_loader
+from engine.data.samplers import build_data_loader, dataset_length
 from engine.data.sft_dataset import SFTDataset
 from engine.data.tokenizer import Tokenizer, build_tokenizer
 from engine.training.config import JobConfig
@@ -93,7 +93,7 @@ def _sft_datasets(job: JobConfig, tokenizer: Tokenizer | None) -> Datasets:
         pad = 0 if tokenizer is None or tokenizer.pad is None else tokenizer.pad
         full = SFTDataset.from_indexed(path, seq, seed, pad)
     weights = parse_split(job.data.split)
-    bounds = [0]
+    bounds: list[float] = [0]
     for weight in weights:
         bounds.append(bounds[-1] + weight)
     edges = [int(round(b * len(full))) for b in bounds]
@@ -118,7 +118,7 @@ class _ModelInputs(torch.utils.data.Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return dataset_length(self.dataset)
 
     def __getitem__(self, idx: int) -> Batch:
         sample = self.dataset[idx]

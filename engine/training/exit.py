@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,7 +28,8 @@ class SignalHandler:
     def __init__(self, signum: int = signal.SIGTERM):
         self.signum = signum
         self.received = False
-        self._previous = None
+        # What signal.signal returned: the handler to restore (a function, SIG_DFL or SIG_IGN).
+        self._previous: Callable[[int, FrameType | None], Any] | int | None = None
 
     def __enter__(self) -> SignalHandler:
         try:
@@ -84,6 +87,7 @@ class ExitConditions:
         if local == 2:
             return "SIGTERM received"
         if local == 1:
+            assert self.exit_duration_s is not None  # every rank has the same configuration
             return f"--exit-duration-in-mins ({self.exit_duration_s / 60:g}) reached"
         if self.exit_interval and iteration % self.exit_interval == 0:
             return f"--exit-interval ({self.exit_interval}) reached"

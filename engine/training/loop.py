@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from engine import parallel_state
+from engine.data.samplers import dataset_length
 from engine.device import init_distributed
 from engine.training import checkpoint as ckpt
 from engine.training.config import JobConfig
@@ -71,7 +72,7 @@ def eval_batches(run: TrainingRun, dataset: torch.utils.data.Dataset | None) -> 
     split is smaller (packed SFT splits are not sized to the run); 0 means no evaluation."""
     if dataset is None:
         return 0
-    return min(run.job.training.eval_iters, len(dataset) // run.global_batch)
+    return min(run.job.training.eval_iters, dataset_length(dataset) // run.global_batch)
 
 
 def evaluate(run: TrainingRun, dataset: torch.utils.data.Dataset) -> dict[str, float]:
@@ -166,11 +167,14 @@ def _loop(
     job, t = run.job, run.job.training
     peak = t.peak_tflops if t.peak_tflops is not None else detect_peak_tflops(run.device)
     meter = IntervalMeter(run.model_config, t.seq_length, run.world_size, peak)
-    train_iterators = run.iterators(run.datasets.train, run.consumed_samples)
+    datasets = run.datasets
+    assert datasets is not None, "built before the loop"
+    train_iterators = run.iterators(datasets.train, run.consumed_samples)
     tokens_per_iteration = run.global_batch * t.seq_length
     # A loaded checkpoint is already saved: a run with nothing left to do writes no copy.
     saved_at = run.iteration if run.iteration > 0 else None
-    can_evaluate = eval_batches(run, run.datasets.valid) > 0
+    # The validation split, if there is one and it holds a global batch.
+    valid = datasets.valid if eval_batches(run, datasets.valid) > 0 else None
     _print(
         run,
         f"training {run.train_iters} iterations from iteration {run.iteration}: global batch "
@@ -196,8 +200,8 @@ def _loop(
 
         if run.iteration % t.log_interval == 0:
             _log(run, meter, writer, run.iteration)
-        if can_evaluate and run.iteration % t.eval_interval == 0:
-            result.evaluations[run.iteration] = evaluate(run, run.datasets.valid)
+        if valid is not None and run.iteration % t.eval_interval == 0:
+            result.evaluations[run.iteration] = evaluate(run, valid)
             _log_evaluation(run, writer, "validation", result.evaluations[run.iteration])
         reason = exits.reason(run.iteration)
         if reason is None and not math.isfinite(loss) and t.exit_on_nan:
@@ -210,11 +214,11 @@ def _loop(
             _print(run, f"exiting at iteration {run.iteration}: {reason}")
             break
     if result.exit_reason is None:
-        if can_evaluate and run.iteration not in result.evaluations:
-            result.evaluations[run.iteration] = evaluate(run, run.datasets.valid)
+        if valid is not None and run.iteration not in result.evaluations:
+            result.evaluations[run.iteration] = evaluate(run, valid)
             _log_evaluation(run, writer, "validation", result.evaluations[run.iteration])
-        if eval_batches(run, run.datasets.test) > 0:
-            result.test = evaluate(run, run.datasets.test)
+        if datasets.test is not None and eval_batches(run, datasets.test) > 0:
+            result.test = evaluate(run, datasets.test)
             _log_evaluation(run, writer, "test", result.test)
         if job.checkpoint.save and saved_at != run.iteration:
             result.checkpoint = ckpt.save(run)

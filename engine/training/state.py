@@ -83,7 +83,8 @@ class TrainingRun:
     def iterators(self, dataset: torch.utils.data.Dataset, consumed: int) -> list[Iterator]:
         """One batch iterator per model chunk (interleaving runs every chunk on the same
         microbatches), starting after ``consumed`` samples."""
-        shuffle = self.job.data.sft and dataset is self.datasets.train
+        train = None if self.datasets is None else self.datasets.train
+        shuffle = self.job.data.sft and dataset is train
         return [
             batch_iterator(
                 dataset,

@@ -95,7 +95,7 @@ def fake_training(
     replicated parameters stay replicated)."""
     for step in range(steps):
         optimizer.zero_grad()
-        buffers = [buffer for chunk in chunks for buffer in chunk.buffers]
+        buffers = [buffer for chunk in chunks for buffer in chunk.grad_buffers]
         for i, buffer in enumerate(buffers):
             generator = torch.Generator().manual_seed(1000 * step + i)
             buffer.grad_data.copy_(torch.randn(buffer.grad_data.shape, generator=generator))

@@ -290,7 +290,7 @@ def one_step_collectives(ddp: DistributedDataParallelConfig) -> dict:
             finalize_model_grads([model])
             optimizer.step()
             model.finish_param_sync()
-        (buffer,) = model.buffers
+        (buffer,) = model.grad_buffers
         return {
             "log": log,
             "launched_after_backward": launched,
