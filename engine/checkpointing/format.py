@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from engine.checkpointing.storage import fsync_file
+from engine.models.chunk import inventory_of
 from engine.models.inventory import ParameterSpec
 from engine.models.weights import global_name
 from engine.tensor_parallel.sharding import shard_tensor, unshard_tensor
@@ -76,14 +77,14 @@ class Placement:
 def is_tied_copy(module: nn.Module, name: str) -> bool:
     """The last stage's copy of a tied embedding: never saved (the embedding is the original)
     and loaded from it."""
-    return module.inventory.spec(global_name(module, name)).tied_to is not None
+    return inventory_of(module).spec(global_name(module, name)).tied_to is not None
 
 
 def placement_of(
     module: nn.Module, name: str, param: nn.Parameter, tp_rank: int, tp_size: int
 ) -> Placement:
     """The placement of ``module``'s parameter ``name`` (one model chunk), from its inventory."""
-    spec = module.inventory.spec(global_name(module, name))
+    spec = inventory_of(module).spec(global_name(module, name))
     placement = spec_placement(spec, tp_rank, tp_size)
     if placement.local_shape != list(param.shape):
         raise ValueError(
@@ -289,11 +290,9 @@ class ShardReader:
         placement = entries[0].placement
         if len(entries) == 1 and placement.start == 0 and placement.end == placement.numel:
             return self._read_tensor(entries[0]).view(placement.local_shape)
-        flat = None  # coverage was checked by `problem`
-        for entry in entries:
-            tensor = self._read_tensor(entry).reshape(-1)
-            if flat is None:
-                flat = tensor.new_zeros(placement.numel)
+        tensors = [self._read_tensor(entry).reshape(-1) for entry in entries]
+        flat = tensors[0].new_zeros(placement.numel)  # coverage was checked by `problem`
+        for entry, tensor in zip(entries, tensors, strict=True):
             flat[entry.placement.start : entry.placement.end] = tensor
         return flat.view(placement.local_shape)
 

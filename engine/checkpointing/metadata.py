@@ -25,6 +25,7 @@ from engine.checkpointing.storage import (
     iteration_dir,
     read_latest_iteration,
 )
+from engine.models.chunk import config_of
 from engine.models.config import ModelConfig
 from engine.models.families import family_of
 from engine.wrappers import unwrap
@@ -136,7 +137,7 @@ def check_architecture(
     """Raise `CheckpointError` when the checkpoint's parameters (its recorded configuration's
     inventory) differ from the model's, naming every architecture field that differs (the
     family's ``architecture_flags``), or else the tensors."""
-    mine_config = unwrap(model_chunks[0]).config
+    mine_config = config_of(unwrap(model_chunks[0]))
     saved_config = ModelConfig.from_dict(metadata["model"])
     saved = saved_config.inventory().canonical_shapes()
     mine = mine_config.inventory().canonical_shapes()

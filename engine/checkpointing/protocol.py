@@ -83,6 +83,8 @@ from engine.checkpointing.storage import (
     remove_stale,
     write_text_atomic,
 )
+from engine.distributed.ddp import DistributedDataParallel
+from engine.models.chunk import config_of
 from engine.optimizer.lr_schedule import OptimizerParamScheduler
 from engine.optimizer.optimizer import MixedPrecisionOptimizer
 from engine.wrappers import unwrap
@@ -122,7 +124,7 @@ def save_checkpoint(
             remove_stale(save_dir)
             tmp.mkdir()
     for chunk in model_chunks:  # distributed optimizer: parameters still being all-gathered
-        if hasattr(chunk, "finish_param_sync"):
+        if isinstance(chunk, DistributedDataParallel):
             chunk.finish_param_sync()
     written: list[str] = []
     optimizer_meta: dict[str, Any] = {}
@@ -153,7 +155,8 @@ def _write_rank_files(
     """Write this rank's files; return their names and the optimizer's step, loss scaler and
     skipped steps (empty when this rank saves no optimizer state)."""
     tp, pp, dp = _coordinates()
-    written, optimizer_meta = [], {}
+    written: list[str] = []
+    optimizer_meta: dict[str, Any] = {}
     if dp == 0:  # weights are replicated over DP
         name = f"model_tp{tp:02d}_pp{pp:02d}.safetensors"
         save_shards(tmp / name, _model_tensors(model_chunks, tp))
@@ -311,11 +314,12 @@ def load_checkpoint(
     # loading (a rank failing alone would leave the others waiting in the optimizer's gather).
     with _on_every_rank(f"loading {directory}"):
         problems = {
-            reader.problem(name)
+            problem
             for reader in readers.values()
             for placement, _ in placements
             for name, _ in placement.parts
-        } - {None}
+            if (problem := reader.problem(name)) is not None
+        }
         if problems:
             raise CheckpointError(f"checkpoint {directory}: " + "; ".join(sorted(problems)))
     with _on_every_rank(f"loading weights from {directory}"), torch.no_grad():
@@ -434,7 +438,7 @@ def _coordinates() -> tuple[int, int, int]:
 
 def _model_config(model_chunks: Sequence[nn.Module]) -> dict[str, Any]:
     """The model's configuration as the metadata records it (plain JSON values)."""
-    return config_record(unwrap(model_chunks[0]).config)
+    return config_record(config_of(unwrap(model_chunks[0])))
 
 
 def _is_distributed(optimizer: MixedPrecisionOptimizer) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ def load_pickle(path: Path) -> Any:
 
 def rng_state() -> dict[str, Any]:
     """Every random stream of this rank, as tensors and plain values (``weights_only``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    name, keys, pos, has_gauss, cached = cast(tuple, np.random.get_state(legacy=True))
     return {
         "torch": get_rng_states(),
         "python": random.getstate(),

@@ -64,7 +64,7 @@ class StreamingSafetensorsWriter:
                 f"{name} {tensor.dtype} {tuple(tensor.shape)}"
             )
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+        self._file.write(flat.view(torch.uint8).numpy().data)
         self._next += 1
 
     def close(self) -> None:

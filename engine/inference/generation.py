@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine import parallel_state
+from engine.models.chunk import config_of
 from engine.models.kv_cache import KVCache
 from engine.pipeline_parallel.forward_only import activation_spec, forward_only_pass
 from engine.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -81,13 +82,13 @@ def forward_logits(
         lambda hidden: model(
             input_ids, position_ids=position_ids, decoder_input=hidden, kv_cache=kv_cache
         ),
-        activation_spec(model, (s, b, model.config.hidden_size)),
+        activation_spec(model, (s, b, config_of(model).hidden_size)),
     )
     if output is None:
         return None
     # The vocabulary padding rows are dropped, so no padded entry can ever be sampled.
     logits = gather_from_tensor_model_parallel_region(output)
-    return logits[..., : model.config.vocab_size].float()
+    return logits[..., : config_of(model).vocab_size].float()
 
 
 def sample(
@@ -150,7 +151,7 @@ def generate(
     Returns:
         The new tokens of each prompt (without the prompt).
     """
-    if model.config.sequence_parallel:
+    if config_of(model).sequence_parallel:
         raise ValueError(
             "decoding runs one token at a time: build the model without --sequence-parallel"
         )
@@ -161,10 +162,10 @@ def generate(
     device = next(model.parameters()).device
     prompt_len = max(len(p) for p in prompts)
     total_len = prompt_len + max_new_tokens
-    if total_len > model.config.max_position_embeddings:
+    if total_len > config_of(model).max_position_embeddings:
         raise ValueError(
             f"prompt ({prompt_len}) + --max-new-tokens ({max_new_tokens}) exceeds "
-            f"max_position_embeddings ({model.config.max_position_embeddings})"
+            f"max_position_embeddings ({config_of(model).max_position_embeddings})"
         )
     tokens, valid, positions = left_pad(prompts, total_len, pad_id, device)
     cache = KVCache(model, len(prompts), total_len, device)

@@ -29,6 +29,7 @@ from torch import nn
 from engine import parallel_state
 from engine.data.indexed_dataset import IndexedDataset
 from engine.data.tokenizer import Tokenizer
+from engine.models.chunk import config_of
 from engine.pipeline_parallel.forward_only import activation_spec, forward_only_pass
 
 
@@ -155,5 +156,5 @@ def _window_losses(
     b, s = input_ids.shape
     return forward_only_pass(
         lambda hidden: model(input_ids, labels=labels if last else None, decoder_input=hidden),
-        activation_spec(model, (s, b, model.config.hidden_size)),
+        activation_spec(model, (s, b, config_of(model).hidden_size)),
     )

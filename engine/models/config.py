@@ -80,6 +80,11 @@ class ModelConfig:
             self.num_query_groups = self.num_attention_heads
 
     @property
+    def kv_heads(self) -> int:
+        """K/V heads: ``num_query_groups`` (every query head under MHA)."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
@@ -184,7 +189,7 @@ def layout_errors(
     if parallel.invalid_sizes():
         return errors  # nothing below can be computed with a size below 1
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
-    heads, groups = model.num_attention_heads, model.num_query_groups
+    heads, groups = model.num_attention_heads, model.kv_heads
     if model.hidden_size % heads != 0:
         errors.append(
             f"--hidden-size ({model.hidden_size}) must be divisible by "

@@ -29,7 +29,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 Stage = Literal["first", "layer", "last"]
 """Where a parameter lives: the first pipeline stage (the embedding), every decoder layer, or
@@ -87,15 +87,16 @@ class ParameterSpec:
     def for_layer(self, layer_number: int) -> ParameterSpec:
         """The spec with ``{n}`` replaced by a global layer number."""
         n = str(layer_number)
-        parts = tuple(replace(p, **_names_for(p, n)) for p in self.parts)
-        return replace(self, name=self.name.replace("{n}", n), parts=parts)
+        parts = tuple(
+            CanonicalTensor(_at(p.name, n), p.shape, _at(p.hf, n), _at(p.meta, n))
+            for p in self.parts
+        )
+        return replace(self, name=_at(self.name, n), parts=parts)
 
 
-def _names_for(tensor: CanonicalTensor, n: str) -> dict[str, str | None]:
-    return {
-        field: None if value is None else value.replace("{n}", n)
-        for field, value in (("name", tensor.name), ("hf", tensor.hf), ("meta", tensor.meta))
-    }
+def _at(name: str | None, layer: str) -> Any:
+    """``name`` with ``{n}`` replaced by the layer number (None stays None)."""
+    return None if name is None else name.replace("{n}", layer)
 
 
 @dataclass(frozen=True)

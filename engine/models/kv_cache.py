@@ -3,8 +3,24 @@ step at a time (`engine.inference.generation` drives it; attention calls `KVCach
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol, cast
+
 import torch
 from torch import nn
+
+
+class _CachedAttention(Protocol):
+    local_kv_heads: int
+    """K/V heads this rank computes."""
+    head_dim: int
+
+
+class _CachedLayer(Protocol):
+    """What the cache reads of each of the model's ``layers``."""
+
+    layer_number: int
+    attention: _CachedAttention
 
 
 class KVCache:
@@ -12,7 +28,7 @@ class KVCache:
 
     ``keys[n]`` / ``values[n]`` (global layer number n): ``[max_len, b, kv_heads_local, d]``,
     sequence-first like the model's activations, where ``kv_heads_local`` is
-    ``num_query_groups / tp`` (sharded K/V) or 1 (replicated K/V: the head this rank uses).
+    ``kv_heads / tp`` (sharded K/V) or 1 (replicated K/V: the head this rank uses).
     ``valid [b, max_len]`` marks real (not padding) tokens. A step calls `prepare`, runs the
     model (each layer's attention calls `update`), then `advance`.
     """
@@ -25,7 +41,7 @@ class KVCache:
         self.max_len, self.offset, self.step_len = max_len, 0, 0
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        for layer in model.layers:
+        for layer in cast(Sequence[_CachedLayer], model.layers):
             attention = layer.attention
             shape = (max_len, batch_size, attention.local_kv_heads, attention.head_dim)
             self.keys[layer.layer_number] = torch.zeros(shape, dtype=param.dtype, device=device)

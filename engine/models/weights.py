@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine import parallel_state
+from engine.models.chunk import inventory_of, layer_numbers
 from engine.models.inventory import ParameterSpec
 from engine.tensor_parallel.sharding import gather_tensor, shard_tensor
 
@@ -25,7 +26,7 @@ def global_name(model: nn.Module, name: str) -> str:
     if not name.startswith("layers."):
         return name
     _, local, rest = name.split(".", 2)
-    return f"layers.{model.layers[int(local)].layer_number}.{rest}"
+    return f"layers.{layer_numbers(model)[int(local)]}.{rest}"
 
 
 def named_specs(model: nn.Module) -> list[tuple[str, nn.Parameter, ParameterSpec]]:
@@ -34,7 +35,7 @@ def named_specs(model: nn.Module) -> list[tuple[str, nn.Parameter, ParameterSpec
     tp = parallel_state.get_tensor_model_parallel_world_size()
     out = []
     for name, param in model.named_parameters():
-        spec = model.inventory.spec(global_name(model, name))
+        spec = inventory_of(model).spec(global_name(model, name))
         if tuple(param.shape) != spec.local_shape(tp):
             raise ValueError(
                 f"parameter {spec.name} has shape {tuple(param.shape)}; its inventory declares "

@@ -92,7 +92,7 @@ def activation_bytes_per_layer(
     sp = tp if model.sequence_parallel else 1
     if model.recompute_granularity == "full":
         return s * b * h // sp * bytes_per_value
-    groups = model.num_query_groups
+    groups = model.kv_heads
     if groups >= tp:
         # Q, K, the fused QKV output and the attention output.
         attention = 3 * s * b * h // tp + 3 * s * b * (groups // tp) * d
@@ -347,5 +347,5 @@ def format_plan(job: JobConfig, world_size: int) -> str:
         lines.append(f"{where}; give --device-memory-gb to check the fit")
     else:
         verdict = "fits" if p.fits else "does NOT fit"
-        lines.append(f"{where} {verdict} in {p.device_memory_bytes / GB:g} GB")
+        lines.append(f"{where} {verdict} in {(p.device_memory_bytes or 0) / GB:g} GB")
     return "\n".join(lines)

@@ -214,7 +214,7 @@ def _add(group: argparse._ArgumentGroup, flag: str, dest: str, kwargs: dict, hel
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every flag (each defaults to "not given")."""
     parser = _Parser(
-        description="Train a LLaMA-family model with tensor, pipeline and data parallelism.",
+        description="Train a model with tensor, pipeline and data parallelism.",
         allow_abbrev=False,  # an abbreviation in a YAML key or script would hide a typo
     )
     parser.add_argument(

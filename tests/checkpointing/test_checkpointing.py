@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from engine import parallel_state
-from engine.checkpointing.protocol import (
+from engine.checkpointing import (
     LATEST_FILE,
     CheckpointError,
     load_checkpoint,

@@ -33,7 +33,7 @@ def llama_inventory(config: ModelConfig, tp_size: int) -> Inventory:
     partial on each rank (each computes only the heads its queries use).
     """
     h, d, ffn = config.hidden_size, config.head_dim, config.ffn_hidden_size
-    q, kv = config.num_attention_heads * d, config.num_query_groups * d
+    q, kv = config.num_attention_heads * d, config.kv_heads * d
     vocab = config.vocab_size
     padded = pad_vocab_size(vocab, tp_size, config.make_vocab_size_divisible_by)
     hf, meta = "model.layers.{n}.", "layers.{n}."
@@ -80,7 +80,7 @@ def llama_inventory(config: ModelConfig, tp_size: int) -> Inventory:
 
     qkv = ("layers.{n}.attention.q.weight", "layers.{n}.attention.k.weight",
            "layers.{n}.attention.v.weight")  # fmt: skip
-    if config.num_query_groups >= tp_size:
+    if config.kv_heads >= tp_size:
         attention = [column("layers.{n}.attention.qkv.weight", *qkv)]
     else:
         replicated_kv = ParameterSpec(

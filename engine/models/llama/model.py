@@ -18,6 +18,7 @@ Activations are sequence-first ``[s, b, h]`` inside the decoder, as in Megatron.
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +114,7 @@ class ReplicatedKeyValue(nn.Module):
 
     def __init__(self, config: ModelConfig, init_method: InitMethod):
         super().__init__()
-        kv, d, tp = config.num_query_groups, config.head_dim, _tp_size()
+        kv, d, tp = config.kv_heads, config.head_dim, _tp_size()
         self.sequence_parallel = config.sequence_parallel
         self.head_dim, self.kv_heads = d, kv
         self.head = parallel_state.get_tensor_model_parallel_rank() // (tp // kv)
@@ -144,7 +145,7 @@ class Attention(nn.Module):
         inventory = inventory or config.inventory(_tp_size())
         self.layer_number = layer_number
         tp, d = _tp_size(), config.head_dim
-        heads, groups = config.num_attention_heads, config.num_query_groups
+        heads, groups = config.num_attention_heads, config.kv_heads
         self.local_heads, self.head_dim = heads // tp, d
         self.kv_sharded = groups >= tp
         self.local_kv_heads = groups // tp if self.kv_sharded else 1
@@ -156,7 +157,9 @@ class Attention(nn.Module):
         q_init = (heads * d, _seeded_init(config, f"{prefix}.q"))
         k_init = (groups * d, _seeded_init(config, f"{prefix}.k"))
         v_init = (groups * d, _seeded_init(config, f"{prefix}.v"))
-        common = dict(sequence_parallel=config.sequence_parallel, dtype=config.params_dtype)
+        common: dict[str, Any] = dict(
+            sequence_parallel=config.sequence_parallel, dtype=config.params_dtype
+        )
         if self.kv_sharded:
             self.qkv = ColumnParallelLinear(
                 config.hidden_size, [heads * d, groups * d, groups * d],
@@ -233,7 +236,9 @@ class MLP(nn.Module):
         inventory = inventory or config.inventory(_tp_size())
         h, ffn = config.hidden_size, config.ffn_hidden_size
         prefix = f"layers.{layer_number}.mlp"
-        common = dict(sequence_parallel=config.sequence_parallel, dtype=config.params_dtype)
+        common: dict[str, Any] = dict(
+            sequence_parallel=config.sequence_parallel, dtype=config.params_dtype
+        )
         self.gate_up = ColumnParallelLinear(
             h, [ffn, ffn],
             init_method=_blocks_init(
@@ -317,7 +322,7 @@ class LlamaModel(nn.Module):
         # The family's declaration of every parameter: optional ones (biases) are built when
         # it lists them, and checkpoints, conversion and the cost model read the same list.
         self.inventory = family_of(config).inventory(config, self.tp)
-        embedding_kwargs = dict(
+        embedding_kwargs: dict[str, Any] = dict(
             make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
             sequence_parallel=config.sequence_parallel,
             init_method=_seeded_init(config, "embedding"),
@@ -372,6 +377,8 @@ class LlamaModel(nn.Module):
         if decoder_input is None:
             decoder_input = self.input_tensor
         if self.pre_process:
+            if input_ids is None:
+                raise ValueError("this pipeline stage holds the embedding: pass input_ids")
             x = self._embed(input_ids)
         elif decoder_input is None:
             raise ValueError("this pipeline stage has no embedding: pass decoder_input")
