@@ -32,6 +32,7 @@ from engine.checkpointing.safetensors_writer import StreamingSafetensorsWriter
 from engine.conversion.errors import ConversionError
 from engine.conversion.sources import HFCheckpoint, HFSource, check_hf_tensors
 from engine.conversion.writer import write_engine_checkpoint
+from engine.data.tokenizer import tokenizer_flags_of_directory
 from engine.models.config import ModelConfig
 from engine.models.families import FAMILIES, ModelFamily, family_for_hf, family_of
 from engine.parallel_state import ParallelConfig
@@ -82,7 +83,14 @@ def hf_to_engine(
     tokens = {k: source.hf_config[k] for k in _TOKEN_IDS if source.hf_config.get(k) is not None}
     info = {"format": checkpoint_type, "path": str(Path(load_dir).resolve()), **tokens}
     return write_engine_checkpoint(
-        save_dir, config, canonical, tp_size, pp_size, dtype, info, _hf_tokenizer(load_dir)
+        save_dir,
+        config,
+        canonical,
+        tp_size,
+        pp_size,
+        dtype,
+        info,
+        tokenizer_flags_of_directory(load_dir),
     )
 
 
@@ -101,20 +109,6 @@ def _open_source(load_dir: str | Path, checkpoint_type: str) -> tuple[HFSource, 
         return source, family_for_hf(source.hf_config.get("model_type"))
     except ValueError as error:
         raise ConversionError(f"unsupported HF model: {error}") from None
-
-
-def _hf_tokenizer(directory: str | Path) -> dict[str, str]:
-    """The tokenizer flags of the HF directory's own tokenizer (recorded in the checkpoint's
-    ``config.data``, where tools/evaluate.py finds its default), if it has one."""
-    directory = Path(directory).resolve()
-    if (directory / "tokenizer.model").is_file():
-        return {
-            "tokenizer_type": "Llama2Tokenizer",
-            "tokenizer_model": str(directory / "tokenizer.model"),
-        }
-    if (directory / "tokenizer.json").is_file():
-        return {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(directory)}
-    return {}
 
 
 def _engine_reader(load_dir: str | Path, iteration: int | None) -> tuple[Path, dict, ShardReader]:

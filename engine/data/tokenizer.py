@@ -348,3 +348,18 @@ def _token_text(entry: str | dict | None) -> str | None:
     if isinstance(entry, dict):
         return entry.get("content")
     return entry
+
+
+def tokenizer_flags_of_directory(directory: str | Path) -> dict[str, str]:
+    """``--tokenizer-type`` / ``--tokenizer-model`` of a model directory's own tokenizer (a
+    SentencePiece ``tokenizer.model`` or a HF ``tokenizer.json``), if it has one: conversion
+    records them in the checkpoint, where the tools find their default."""
+    directory = Path(directory).resolve()
+    if (directory / "tokenizer.model").is_file():
+        return {
+            "tokenizer_type": "Llama2Tokenizer",
+            "tokenizer_model": str(directory / "tokenizer.model"),
+        }
+    if (directory / "tokenizer.json").is_file():
+        return {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(directory)}
+    return {}

@@ -17,7 +17,7 @@ from engine.models.backends import BACKEND_CHOICES
 from engine.models.families import family_of
 from engine.models.inventory import Inventory
 from engine.parallel_state import ParallelConfig
-from engine.pipeline_parallel.layout import layers_per_rank, virtual_stage_layers
+from engine.pipeline_parallel.layout import virtual_stage_layers
 
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 """``--recompute-granularity``: whole decoder layers, or core attention only."""
@@ -124,10 +124,7 @@ class ModelConfig:
 
     def layers_per_rank(self, pipeline_model_parallel_size: int) -> list[int]:
         """Decoder layers of each pipeline rank (all its virtual chunks)."""
-        return layers_per_rank(
-            self.num_layers, pipeline_model_parallel_size,
-            self.decoder_first_pipeline_num_layers, self.decoder_last_pipeline_num_layers,
-        )  # fmt: skip
+        return [len(layers) for layers in self.virtual_stage_layers(pipeline_model_parallel_size)]
 
     def inventory(self, tp_size: int = 1) -> Inventory:
         """Every parameter of the model over ``tp_size`` TP ranks, as its family declares."""
