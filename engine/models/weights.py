@@ -11,6 +11,8 @@ conversion reads and writes it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -27,6 +29,22 @@ def global_name(model: nn.Module, name: str) -> str:
         return name
     _, local, rest = name.split(".", 2)
     return f"layers.{layer_numbers(model)[int(local)]}.{rest}"
+
+
+def check_built_as_declared(
+    model: nn.Module, layer_numbers: Sequence[int], first: bool, last: bool
+) -> None:
+    """Raise ValueError unless the chunk's parameters are exactly those its inventory declares
+    for its stage (a parameter declared but not built, or built but not declared, would
+    otherwise be silently left out of checkpoints and conversion)."""
+    declared = {s.name for s in inventory_of(model).stage_specs(layer_numbers, first, last)}
+    built = {global_name(model, name) for name, _ in model.named_parameters()}
+    if declared != built:
+        raise ValueError(
+            f"{type(model).__name__} does not build what its inventory declares: declared, not "
+            f"built: {sorted(declared - built)[:5]}; built, not declared: "
+            f"{sorted(built - declared)[:5]}"
+        )
 
 
 def named_specs(model: nn.Module) -> list[tuple[str, nn.Parameter, ParameterSpec]]:

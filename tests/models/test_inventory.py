@@ -91,6 +91,36 @@ def test_the_model_builds_what_its_inventory_declares(pool):
                                   strict=True)] == [2 * h, 2 * h]  # fmt: skip
 
 
+def build_declaring(extra: str) -> str:
+    """The error of building a model whose inventory declares a parameter it cannot build."""
+    base = llama_inventory(CONFIG, 1)
+    spec = dataclasses.replace(base.specs[1], name=extra)
+    register_family(
+        dataclasses.replace(
+            get_family("llama"),
+            name="llama-undeclared",
+            inventory=lambda config, tp: dataclasses.replace(base, specs=(*base.specs, spec)),
+        )
+    )
+    parallel_state.initialize_model_parallel()
+    try:
+        LlamaModel(dataclasses.replace(CONFIG, family="llama-undeclared"))
+    except ValueError as error:
+        return str(error)
+    finally:
+        parallel_state.destroy_model_parallel()
+    return "built"
+
+
+def test_a_model_that_does_not_build_its_inventory_is_refused(pool):
+    # A bias of a parallel layer: declaring it is enough, the layer builds it.
+    assert pool.run(build_declaring, "layers.{n}.mlp.down.bias")[0] == "built"
+    # A parameter no module makes: refused when the model is built, naming it.
+    message = pool.run(build_declaring, "layers.{n}.attention.extra.weight")[0]
+    assert "does not build what its inventory declares" in message
+    assert "declared, not built: ['layers.0.attention.extra.weight'" in message
+
+
 def save_at_tp2_pp2(directory: str) -> dict[str, torch.Tensor]:
     """Build the family at TP=2 x PP=2 with known weights, save, return this stage's view."""
     parallel_state.initialize_model_parallel(2, 2)

@@ -31,6 +31,7 @@ from engine.models.families import family_of
 from engine.models.inventory import Inventory
 from engine.models.kv_cache import KVCache
 from engine.models.stage import chunk_layer_numbers
+from engine.models.weights import check_built_as_declared
 from engine.parallel_state import ParallelConfig
 from engine.tensor_parallel import (
     ColumnParallelLinear,
@@ -350,6 +351,7 @@ class LlamaModel(nn.Module):
             )  # fmt: skip
             if config.tie_word_embeddings and self.pre_process:
                 del self.output_layer.weight  # use the embedding's weight itself
+        check_built_as_declared(self, layer_numbers, self.pre_process, self.post_process)
 
     def forward(
         self,
