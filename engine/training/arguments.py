@@ -157,7 +157,7 @@ _SPECIAL_FLAGS: list[tuple[str, dict[str, Any], str]] = [
      "(Megatron's default 1 when absent)."),
     ("--untie-embeddings-and-output-weights", {"type": bool},
      "Separate input embedding and output head. Without a preset Megatron's default applies "
-     "(tied unless this is given); the LLaMA presets are already untied."),
+     "(tied unless this is given); the built-in presets are already untied."),
     ("--num-layers-per-virtual-pipeline-stage", {"type": int},
      "Layers per virtual pipeline chunk; sets the virtual pipeline size (interleaved 1F1B)."),
     ("--num-virtual-stages-per-pipeline-rank", {"type": int},

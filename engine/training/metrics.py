@@ -8,7 +8,7 @@ The console line starts exactly as DESIGN.md fixes it (scripts and tests parse i
 followed by step time, TFLOP/s and MFU per device, the loss scale, skipped steps, memory and
 an ETA. Model FLOPs per token are `engine.models.flops.flops_per_token`'s ``6·N_matmul + 12·L·h·s``
 (forward + backward of every matmul weight, plus attention scores and values; the input
-embedding is a lookup, not a matmul): 42.9 GFLOP/token for LLaMA-2-7B at s = 2048.
+embedding is a lookup, not a matmul): 42.9 GFLOP/token for the 7B preset at s = 2048.
 """
 
 from __future__ import annotations
