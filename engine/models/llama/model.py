@@ -27,7 +27,6 @@ from torch import nn
 from engine import parallel_state
 from engine.models.backends import ATTENTION_BACKENDS, NORM_BACKENDS, resolve_backend
 from engine.models.config import ModelConfig
-from engine.models.families import family_of
 from engine.models.inventory import Inventory
 from engine.models.kv_cache import KVCache
 from engine.models.stage import chunk_layer_numbers
@@ -322,7 +321,7 @@ class LlamaModel(nn.Module):
         self.tp = _tp_size()
         # The family's declaration of every parameter: optional ones (biases) are built when
         # it lists them, and checkpoints, conversion and the cost model read the same list.
-        self.inventory = family_of(config).inventory(config, self.tp)
+        self.inventory = config.inventory(self.tp)
         embedding_kwargs: dict[str, Any] = dict(
             make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
             sequence_parallel=config.sequence_parallel,
