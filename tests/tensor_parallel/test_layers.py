@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import parallel_state
+from engine.distributed.finalize_grads import finalize_model_grads
 from engine.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -103,8 +104,10 @@ def column_then_row_linear(sequence_parallel: bool) -> bool:
     _close(_full(column.weight, column.weight.grad), ref_column.weight.grad)
     _close(_full(column.bias, column.bias.grad), ref_column.bias.grad)
     _close(_full(row.weight, row.weight.grad), ref_row.weight.grad)
-    if sequence_parallel:  # each rank saw a slice of the sequence: sum the bias gradient
-        torch.distributed.all_reduce(row.bias.grad, group=row.group)
+    # Under sequence parallelism each rank saw a slice of the sequence, so its row bias
+    # gradient is partial: the layer marks it, and the step's gradient finalisation sums it
+    # (before that mark, nothing summed it and TP ranks drifted apart).
+    finalize_model_grads([torch.nn.ModuleList([column, row])])
     _close(row.bias.grad, ref_row.bias.grad)
     return True
 
