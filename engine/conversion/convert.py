@@ -73,11 +73,12 @@ def hf_to_engine(
     _check_layout(config, tp_size, pp_size, load_dir)
     inventory = config.inventory()
     check_hf_tensors(source, inventory)
-    to_hf = inventory.renamer("name", "hf")
+    to_hf, tensors = inventory.renamer("name", "hf"), inventory.canonical_by_name()
     dtype = dtype or source.dtype(to_hf(inventory.canonical_tensors()[0].name))
 
     def canonical(name: str) -> torch.Tensor:
-        return source.get(to_hf(name))
+        tensor = source.get(to_hf(name))
+        return tensor.t().contiguous() if tensors[name].hf_transposed else tensor
 
     # The special token ids are the tokenizer's, not the architecture's: kept for the export.
     tokens = {k: source.hf_config[k] for k in _TOKEN_IDS if source.hf_config.get(k) is not None}
@@ -164,7 +165,7 @@ def engine_to_hf(
         raise ConversionError(f"model family {family.name!r} has no HuggingFace adapter")
     inventory = config.inventory()
     shapes = inventory.canonical_shapes()  # vocabulary padding is not in the canonical view
-    to_hf = inventory.renamer("name", "hf")
+    to_hf, tensors = inventory.renamer("name", "hf"), inventory.canonical_by_name()
     shards: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
@@ -177,10 +178,11 @@ def engine_to_hf(
     weight_map = {}
     for i, names in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        specs = [(to_hf(n), dtype, shapes[n]) for n in names]
+        specs = [(to_hf(n), dtype, tensors[n].hf_shape) for n in names]
         writer = StreamingSafetensorsWriter(save_dir / file, specs, {"format": "pt"})
         for name in names:
-            writer.write(to_hf(name), reader.canonical(name).to(dtype))
+            tensor = reader.canonical(name).to(dtype)
+            writer.write(to_hf(name), tensor.t() if tensors[name].hf_transposed else tensor)
             weight_map[to_hf(name)] = file
         writer.close()
     total = sum(math.prod(s) * dtype.itemsize for s in shapes.values())

@@ -93,7 +93,7 @@ class HFCheckpoint:
 
 def check_hf_tensors(source: HFSource, inventory: Inventory) -> None:
     """Every tensor the inventory names present with its shape, and nothing unknown."""
-    expected = inventory.canonical_shapes()
+    expected = {t.name: t.hf_shape for t in inventory.canonical_tensors()}
     tied = {part.name for spec in inventory.specs if spec.tied_to for part in spec.parts}
     to_canonical, to_hf = inventory.renamer("hf", "name"), inventory.renamer("name", "hf")
     problems, seen = [], set()

@@ -46,9 +46,16 @@ class CanonicalTensor:
     """Its name in a HuggingFace ``transformers`` state dict (None: not representable)."""
     meta: str | None = None
     """Its name in Meta's original ``consolidated.*.pth`` (None: not in that format)."""
+    hf_transposed: bool = False
+    """HF stores the transpose (``Conv1D`` layers, as GPT-2's, keep ``[in, out]``)."""
 
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        """The shape of the HF tensor."""
+        return self.shape[::-1] if self.hf_transposed else self.shape
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ class ParameterSpec:
         """The spec with ``{n}`` replaced by a global layer number."""
         n = str(layer_number)
         parts = tuple(
-            CanonicalTensor(_at(p.name, n), p.shape, _at(p.hf, n), _at(p.meta, n))
+            replace(p, name=_at(p.name, n), hf=_at(p.hf, n), meta=_at(p.meta, n))
             for p in self.parts
         )
         return replace(self, name=_at(self.name, n), parts=parts)
@@ -155,6 +162,10 @@ class Inventory:
 
     def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
         return {t.name: t.shape for t in self.canonical_tensors()}
+
+    def canonical_by_name(self) -> dict[str, CanonicalTensor]:
+        """Every canonical tensor (tied copies too, under their own names), by name."""
+        return {part.name: part for spec in self.all_specs(True) for part in spec.parts}
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
         """Parameters of the unsharded, unpadded model (the tied head counted once)."""
