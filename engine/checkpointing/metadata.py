@@ -139,12 +139,18 @@ def check_architecture(
     family's ``architecture_flags``), or else the tensors."""
     mine_config = config_of(unwrap(model_chunks[0]))
     saved_config = ModelConfig.from_dict(metadata["model"])
+    if saved_config.family != mine_config.family:  # another model altogether: say which
+        raise CheckpointError(
+            f"checkpoint {directory / METADATA_FILE} holds model {saved_config.family!r} "
+            f"({saved_config.num_layers} layers, hidden {saved_config.hidden_size}); this run "
+            f"builds {mine_config.family!r}"
+        )
     saved = saved_config.inventory().canonical_shapes()
     mine = mine_config.inventory().canonical_shapes()
-    if saved == mine and saved_config.family == mine_config.family:
+    if saved == mine:
         return
     saved_fields, mine_fields = dataclasses.asdict(saved_config), config_record(mine_config)
-    flags = {"family": "the model family", **family_of(mine_config).architecture_flags}
+    flags = family_of(mine_config).architecture_flags
     diffs = [
         f"{field.replace('_', ' ')} {saved_fields[field]} in the checkpoint vs "
         f"{mine_fields[field]} in the model ({flag})"

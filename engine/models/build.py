@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from engine import parallel_state
+from engine.models.chunk import check_model_chunk
 from engine.models.config import ModelConfig
 from engine.models.families import family_of
 from engine.models.stage import chunk_layer_numbers
@@ -25,6 +26,7 @@ def build_model_chunks(config: ModelConfig) -> list[nn.Module]:
         if v is not None:
             parallel_state.set_virtual_pipeline_model_parallel_rank(chunk)
         chunks.append(build(config, layer_numbers=chunk_layer_numbers(config)))
+        check_model_chunk(chunks[-1])
     if v is not None:
         parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     return chunks

@@ -9,6 +9,7 @@ asks `family_of(config)`. A family registers itself when its package is imported
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ class ModelFamily:
     hf: HFAdapter | None = None
     meta_reader: Callable[[Path], Any] | None = None
     """Opens Meta's original checkpoint directory as a HF-named source (if the family has one)."""
+    unused_config_fields: tuple[str, ...] = ()
+    """`ModelConfig` fields this family ignores: setting their flags is an error, not a no-op."""
 
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -65,8 +68,41 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; registered: {sorted(FAMILIES)}")
+        raise ValueError(
+            f"unknown model family {name!r} (registered: {', '.join(sorted(FAMILIES))}); a "
+            "family of your own is registered with --model-provider package.module:attribute"
+        )
     return FAMILIES[name]
+
+
+MODEL_PROVIDER_HELP = (
+    "package.module:attribute naming a ModelFamily (engine.models.families), or a callable "
+    "returning one, to build instead of the built-in families; the module must be importable"
+)
+
+
+def load_model_provider(spec: str) -> ModelFamily:
+    """``--model-provider package.module:attribute``: import the module, take the attribute
+    (a `ModelFamily`, or a callable that returns one) and register the family. ValueError
+    naming the flag and what was wrong."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"--model-provider {spec!r}: expected package.module:attribute")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"--model-provider {spec!r}: cannot import {module_name}: {error}"
+        ) from None
+    provider = getattr(module, attribute, None)
+    if provider is None:
+        raise ValueError(f"--model-provider {spec!r}: {module_name} has no {attribute!r}")
+    family = provider if isinstance(provider, ModelFamily) else provider()
+    if not isinstance(family, ModelFamily):
+        raise ValueError(
+            f"--model-provider {spec!r} gave a {type(family).__name__}, not a ModelFamily"
+        )
+    return register_family(family)
 
 
 def family_of(config: ModelConfig) -> ModelFamily:

@@ -33,6 +33,7 @@ from engine.data.config import DataConfig
 from engine.distributed.config import DistributedDataParallelConfig
 from engine.models.backends import BACKEND_CHOICES
 from engine.models.config import PRESETS, RECOMPUTE_GRANULARITIES, ModelConfig
+from engine.models.families import MODEL_PROVIDER_HELP, ModelFamily, load_model_provider
 from engine.optimizer.config import OptimizerConfig
 from engine.parallel_state import ParallelConfig
 from engine.training.config import JobConfig, TrainingConfig
@@ -162,6 +163,7 @@ _SPECIAL_FLAGS: list[tuple[str, dict[str, Any], str]] = [
      "Layers per virtual pipeline chunk; sets the virtual pipeline size (interleaved 1F1B)."),
     ("--num-virtual-stages-per-pipeline-rank", {"type": int},
      "Virtual pipeline chunks per pipeline rank (the same setting counted directly)."),
+    ("--model-provider", {}, MODEL_PROVIDER_HELP),
 ]  # fmt: skip
 
 _SECTION_OF = {f"{section}.{field}": section for _, section, field, _ in _FLAGS}
@@ -317,6 +319,10 @@ def _build_job(given: dict[str, Any]) -> JobConfig:
         model_fields["tie_word_embeddings"] = False
     if "seed" in training:
         model_fields["init_seed"] = training["seed"]
+    if given.get("model_provider"):
+        family = load_model_provider(given["model_provider"])
+        model_fields["family"] = family.name
+        _check_used(family, fields["model"])
     model = _build_model(given.get("model_preset"), model_fields, training, fields["data"])
     # Megatron has no default sequence length; the model's full context is the natural one.
     training.setdefault("seq_length", model.max_position_embeddings)
@@ -332,6 +338,14 @@ def _build_job(given: dict[str, Any]) -> JobConfig:
         data=DataConfig(**fields["data"]),
         checkpoint=CheckpointConfig(**fields["checkpoint"]),
     )
+
+
+def _check_used(family: ModelFamily, model_fields: dict[str, Any]) -> None:
+    """A flag for a field the model family ignores is an error, not a silent no-op."""
+    flags = {field: flag for flag, section, field, _ in _FLAGS if section == "model"}
+    unused = [flags[f] for f in family.unused_config_fields if f in model_fields and f in flags]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: not used by model family {family.name!r}")
 
 
 def _build_model(

@@ -12,7 +12,7 @@ Every data-parallel rank iterates its own slice of each global batch, starting a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +44,11 @@ def build_job_tokenizer(data: DataConfig) -> Tokenizer | None:
     if data.tokenizer_type is None:
         return None
     return build_tokenizer(data.tokenizer_type, data.tokenizer_model)
+
+
+DatasetsProvider = Callable[[JobConfig, int, int, Tokenizer | None], Datasets]
+"""``fn(job, global_batch_size, train_iters, tokenizer) -> Datasets`` (`build_datasets`'s
+signature), for `engine.training.pretrain`'s ``datasets_provider``."""
 
 
 def build_datasets(

@@ -35,9 +35,11 @@ import torch.distributed as dist
 from engine import parallel_state
 from engine.data.samplers import dataset_length
 from engine.device import init_distributed
+from engine.models.families import ModelFamily, register_family
+from engine.pipeline_parallel.schedules import ForwardStepFunc
 from engine.training import checkpoint as ckpt
 from engine.training.config import JobConfig
-from engine.training.data import build_datasets
+from engine.training.data import DatasetsProvider, build_datasets
 from engine.training.exit import ExitConditions, SignalHandler
 from engine.training.metrics import IntervalMeter, TensorBoardWriter, detect_peak_tflops, memory_gb
 from engine.training.state import TrainingRun
@@ -135,11 +137,29 @@ def _log_evaluation(
         )
 
 
-def _train(job: JobConfig, finetuning: bool) -> TrainResult:
+@dataclass
+class Providers:
+    """What a caller may supply instead of the defaults (Megatron-Core's ``pretrain``
+    arguments): the model family, the forward step and the datasets."""
+
+    model_provider: ModelFamily | None = None
+    """The family to build (registered, and named in ``job.model.family``); None: the one
+    ``job.model.family`` names (LLaMA by default, or ``--model-provider``'s)."""
+    forward_step_func: ForwardStepFunc | None = None
+    """``fn(data_iterator, model) -> (output, loss_func)``; None: `engine.training.step`'s."""
+    datasets_provider: DatasetsProvider | None = None
+    """``fn(job, global_batch_size, train_iters, tokenizer) -> Datasets``; None: the GPT /
+    blended / SFT datasets of ``--data-path`` (`engine.training.data.build_datasets`)."""
+
+
+def _train(job: JobConfig, finetuning: bool, providers: Providers) -> TrainResult:
     """Set up, load, train, evaluate and save; see the module docstring."""
     device = init_distributed()
     job.validate(dist.get_world_size())
-    run = TrainingRun(job, device)
+    if providers.model_provider is not None:
+        family = register_family(providers.model_provider)
+        job = dataclasses.replace(job, model=dataclasses.replace(job.model, family=family.name))
+    run = TrainingRun(job, device, providers.forward_step_func)
     t = job.training
     writer = None
     try:
@@ -148,7 +168,8 @@ def _train(job: JobConfig, finetuning: bool) -> TrainResult:
         loaded = ckpt.load(run, finetuning)
         if loaded is not None:
             _print(run, f"loaded {loaded} at iteration {run.iteration}")
-        run.datasets = build_datasets(job, run.global_batch, run.train_iters, run.tokenizer)
+        datasets_provider = providers.datasets_provider or build_datasets
+        run.datasets = datasets_provider(job, run.global_batch, run.train_iters, run.tokenizer)
         result = TrainResult(run.iteration, run.consumed_samples)
         with SignalHandler() as handler:
             exits = ExitConditions(t.exit_interval, t.exit_duration_in_mins, handler)
@@ -229,17 +250,29 @@ def _loop(
 # Entry points ---------------------------------------------------------------------------------
 
 
-def pretrain(job: JobConfig) -> TrainResult:
-    """Pretrain on ``--data-path`` (GPT / blended datasets) as ``job`` says.
+def pretrain(
+    job: JobConfig,
+    model_provider: ModelFamily | None = None,
+    forward_step_func: ForwardStepFunc | None = None,
+    datasets_provider: DatasetsProvider | None = None,
+) -> TrainResult:
+    """Pretrain on ``--data-path`` (GPT / blended datasets) as ``job`` says, or on what the
+    providers give (see `Providers`: a model family of your own, its forward step, datasets).
 
     Starts the default process group if needed (torchrun's environment, or a group of one),
     builds the TP/PP/DP groups, trains, and tears the groups down again (the default group
     stays up for the caller). ``--load`` resumes exactly where a checkpoint stopped.
     """
-    return _train(job, finetuning=False)
+    providers = Providers(model_provider, forward_step_func, datasets_provider)
+    return _train(job, finetuning=False, providers=providers)
 
 
-def finetune(job: JobConfig) -> TrainResult:
+def finetune(
+    job: JobConfig,
+    model_provider: ModelFamily | None = None,
+    forward_step_func: ForwardStepFunc | None = None,
+    datasets_provider: DatasetsProvider | None = None,
+) -> TrainResult:
     """Supervised fine-tuning (``--sft`` data: chat JSONL or its preprocessed prefix) from the
     weights of ``--load``.
 
@@ -247,4 +280,5 @@ def finetune(job: JobConfig) -> TrainResult:
     run has saved to ``--save``, a restart resumes from its own latest checkpoint exactly.
     """
     job = dataclasses.replace(job, data=dataclasses.replace(job.data, sft=True))
-    return _train(job, finetuning=True)
+    providers = Providers(model_provider, forward_step_func, datasets_provider)
+    return _train(job, finetuning=True, providers=providers)

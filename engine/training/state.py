@@ -15,7 +15,7 @@ from engine.distributed import DistributedDataParallel, finalize_model_grads
 from engine.models.build import build_model_chunks
 from engine.models.config import ModelConfig
 from engine.optimizer import build_lr_scheduler, build_optimizer
-from engine.pipeline_parallel.schedules import get_forward_backward_func
+from engine.pipeline_parallel.schedules import ForwardStepFunc, get_forward_backward_func
 from engine.tensor_parallel.random import model_parallel_seed
 from engine.training.config import JobConfig
 from engine.training.data import Datasets, batch_iterator, build_job_tokenizer, iterations_for
@@ -38,7 +38,12 @@ class TrainingRun:
     """The state of one training run on this rank: process groups, model chunks in DDP,
     optimizer, LR schedule, counters (built here, driven by `_loop`)."""
 
-    def __init__(self, job: JobConfig, device: torch.device):
+    def __init__(
+        self,
+        job: JobConfig,
+        device: torch.device,
+        forward_step_func: ForwardStepFunc | None = None,
+    ):
         world = dist.get_world_size()
         self.job, self.device, self.world_size = job, device, world
         self.rank = dist.get_rank()
@@ -75,6 +80,7 @@ class TrainingRun:
         self.nan_iterations = 0
         self.datasets: Datasets | None = None
         self.forward_backward = get_forward_backward_func()
+        self.forward_step_func = forward_step_func or forward_step
 
     @property
     def dp_rank(self) -> int:
@@ -103,7 +109,7 @@ class TrainingRun:
     def run_schedule(self, iterators: list[Iterator], forward_only: bool) -> float:
         """Forward (and backward) one global batch; return its global mean loss on every rank."""
         logged = self.forward_backward(
-            forward_step_func=forward_step,
+            forward_step_func=self.forward_step_func,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.chunks,
             num_microbatches=self.num_microbatches,

@@ -180,5 +180,8 @@ def test_a_checkpoint_without_the_parameter_does_not_fit(pool, tmp_path):
     record = json.loads(metadata.read_text())
     record["model"]["family"] = "llama"  # as if saved by the family without the bias
     metadata.write_text(json.dumps(record))
-    with pytest.raises(Exception, match=r"family llama in the checkpoint vs llama-out-bias"):
+    with pytest.raises(
+        Exception,
+        match=r"holds model 'llama' \(4 layers, hidden 64\); this run builds 'llama-out-bias'",
+    ):
         pool.run(load_at, str(tmp_path / "ckpt"), 2)
