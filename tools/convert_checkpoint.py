@@ -21,19 +21,21 @@ import torch
 
 from engine.checkpointing.storage import CheckpointError
 from engine.conversion.convert import ConversionError, engine_to_hf, hf_to_engine, reshard
+from engine.models.families import add_model_provider_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help in (
-        ("hf-to-engine", "HF LLaMA directory -> engine checkpoint at the target layout"),
-        ("engine-to-hf", "engine checkpoint (any layout) -> HF LLaMA directory"),
+        ("hf-to-engine", "HF model directory -> engine checkpoint at the target layout"),
+        ("engine-to-hf", "engine checkpoint (any layout) -> HF model directory"),
         ("reshard", "engine checkpoint -> engine checkpoint at the target layout"),
     ):
         sub = commands.add_parser(name, help=help)
         sub.add_argument("--load-dir", required=True, help="the source directory")
         sub.add_argument("--save-dir", required=True, help="where to write the result")
+        add_model_provider_flag(sub)  # a family of your own (its inventory and HF adapter)
         sub.add_argument(
             "--dtype", choices=["float32", "bfloat16", "float16"], default=None,
             help="dtype of the written weights (default: as stored in the source)",

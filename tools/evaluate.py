@@ -22,6 +22,7 @@ from engine import parallel_state
 from engine.device import init_distributed
 from engine.inference.loading import load_model, load_tokenizer
 from engine.inference.perplexity import evaluate_perplexity, read_documents
+from engine.models.families import add_model_provider_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--micro-batch-size", type=int, default=1, help="windows per forward")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    add_model_provider_flag(parser)  # a checkpoint of a family of your own
     return parser
 
 

@@ -27,6 +27,7 @@ from engine.data.tokenizer import Tokenizer
 from engine.device import init_distributed
 from engine.inference.generation import SamplingParams, generate
 from engine.inference.loading import load_model, load_tokenizer
+from engine.models.families import add_model_provider_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer-model", default=None, help="default: the checkpoint's run's")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    add_model_provider_flag(parser)  # a checkpoint of a family of your own
     return parser
 
 

@@ -9,6 +9,7 @@ asks `family_of(config)`. A family registers itself when its package is imported
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -97,12 +98,28 @@ def load_model_provider(spec: str) -> ModelFamily:
     provider = getattr(module, attribute, None)
     if provider is None:
         raise ValueError(f"--model-provider {spec!r}: {module_name} has no {attribute!r}")
-    family = provider if isinstance(provider, ModelFamily) else provider()
+    family = provider() if callable(provider) else provider
     if not isinstance(family, ModelFamily):
         raise ValueError(
             f"--model-provider {spec!r} gave a {type(family).__name__}, not a ModelFamily"
         )
     return register_family(family)
+
+
+def add_model_provider_flag(parser: argparse.ArgumentParser) -> None:
+    """``--model-provider`` for a tool: the family is imported and registered while the
+    command line is parsed, and a bad value is the parser's usage error."""
+
+    def provider(spec: str) -> ModelFamily:
+        try:
+            return load_model_provider(spec)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parser.add_argument(
+        "--model-provider", type=provider, default=None, metavar="MODULE:ATTRIBUTE",
+        help=MODEL_PROVIDER_HELP,
+    )  # fmt: skip
 
 
 def family_of(config: ModelConfig) -> ModelFamily:
