@@ -54,6 +54,9 @@ class ModelFamily:
     hf: HFAdapter | None = None
     meta_reader: Callable[[Path], Any] | None = None
     """Opens Meta's original checkpoint directory as a HF-named source (if the family has one)."""
+    flops_per_token: Callable[[ModelConfig, int], int] | None = None
+    """``(config, seq_length) -> forward + backward FLOPs per token`` for MFU; None: the
+    decoder formula of `engine.models.flops`."""
     unused_config_fields: tuple[str, ...] = ()
     """`ModelConfig` fields this family ignores: setting their flags is an error, not a no-op."""
 

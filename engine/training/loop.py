@@ -144,7 +144,7 @@ class Providers:
 
     model_provider: ModelFamily | None = None
     """The family to build (registered, and named in ``job.model.family``); None: the one
-    ``job.model.family`` names (LLaMA by default, or ``--model-provider``'s)."""
+    ``job.model.family`` names (the built-in one by default, or ``--model-provider``'s)."""
     forward_step_func: ForwardStepFunc | None = None
     """``fn(data_iterator, model) -> (output, loss_func)``; None: `engine.training.step`'s."""
     datasets_provider: DatasetsProvider | None = None

@@ -106,3 +106,20 @@ def test_examples_pretrain_trains_a_provided_family_at_pp2(corpus, tmp_path):  #
     assert "iteration 3/3" in run.stdout
     metadata = json.loads((tmp_path / "ckpt" / "iter_0000003" / "metadata.json").read_text())
     assert metadata["model"]["family"] == "llama-out-bias"
+
+
+def test_the_log_line_takes_flops_per_token_from_the_family():
+    import dataclasses
+
+    from engine.models import ModelConfig, register_family
+    from engine.training.metrics import IntervalMeter
+
+    register_family(
+        dataclasses.replace(OUT_BIAS, name="counted", flops_per_token=lambda c, s: 10**9)
+    )
+    config = ModelConfig.from_preset("tiny", family="counted")
+    meter = IntervalMeter(config, 2048, world_size=8, peak_tflops=989)
+    meter.add(loss=2.0, grad_norm=1.0, tokens=8 * 4096, seconds=1.0)
+    entry = meter.summary(1, 10, lr=1e-4, loss_scale=1.0, skipped_steps=0, nan_iterations=0,
+                          memory=("mem", 1.0))  # fmt: skip
+    assert entry.tflops_per_device == pytest.approx(4096 * 1e9 / 1e12)
