@@ -107,9 +107,12 @@ def _open_source(load_dir: str | Path, checkpoint_type: str) -> tuple[HFSource, 
             raise ConversionError(str(error)) from None
     source = HFCheckpoint(load_dir)
     try:
-        return source, family_for_hf(source.hf_config.get("model_type"))
+        family = family_for_hf(source.hf_config.get("model_type"))
     except ValueError as error:
         raise ConversionError(f"unsupported HF model: {error}") from None
+    assert family.hf is not None  # family_for_hf only finds families with an HF adapter
+    source.rename(family.hf.source_name)
+    return source, family
 
 
 def _engine_reader(load_dir: str | Path, iteration: int | None) -> tuple[Path, dict, ShardReader]:

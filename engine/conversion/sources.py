@@ -5,6 +5,7 @@ exactly the tensors its model's inventory names."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +40,7 @@ class HFCheckpoint:
             raise ConversionError(f"{config_path} does not exist: --load-dir must be a HF model")
         self.hf_config = json.loads(config_path.read_text())
         self._where: dict[str, Path] = {}
+        self._stored: dict[str, str] = {}  # HF name -> the name in the file (see `rename`)
         self._open: dict[Path, Any] = {}
         files = sorted(self.directory.glob("*.safetensors"))
         self._binary = not files
@@ -53,30 +55,39 @@ class HFCheckpoint:
         else:
             for path in files:
                 self._where.update(dict.fromkeys(self._handle(path).keys(), path))
-        self._where = {
-            n: p for n, p in self._where.items() if not n.endswith("rotary_emb.inv_freq")
-        }
+        self._stored = {name: name for name in self._where}
+
+    def rename(self, source_name: Callable[[str], str | None]) -> None:
+        """Present the file's tensors under ``source_name(name)`` (the family's HF adapter:
+        e.g. a missing ``transformer.`` prefix added), dropping those it maps to None
+        (buffers that are not weights)."""
+        where, stored = {}, {}
+        for name, path in self._where.items():
+            new = source_name(name)
+            if new is not None:
+                where[new], stored[new] = path, self._stored[name]
+        self._where, self._stored = where, stored
 
     def names(self) -> list[str]:
         return list(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        handle = self._handle(self._where[name])
+        handle, key = self._handle(self._where[name]), self._stored[name]
         if self._binary:
-            return tuple(handle[name].shape)
-        return tuple(handle.get_slice(name).get_shape())
+            return tuple(handle[key].shape)
+        return tuple(handle.get_slice(key).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype, from the header (no tensor is read)."""
-        handle = self._handle(self._where[name])
+        handle, key = self._handle(self._where[name]), self._stored[name]
         if self._binary:
-            return handle[name].dtype
-        code = handle.get_slice(name).get_dtype()
+            return handle[key].dtype
+        code = handle.get_slice(key).get_dtype()
         return next(t for t, c in SAFETENSORS_DTYPES.items() if c == code)
 
     def get(self, name: str) -> torch.Tensor:
-        handle = self._handle(self._where[name])
-        return handle[name] if self._binary else handle.get_tensor(name)
+        handle, key = self._handle(self._where[name]), self._stored[name]
+        return handle[key] if self._binary else handle.get_tensor(key)
 
     def _handle(self, path: Path) -> Any:
         if path not in self._open:

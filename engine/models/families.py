@@ -37,6 +37,10 @@ class HFAdapter:
     naming every field the family cannot represent."""
     config_to_hf: Callable[[ModelConfig, torch.dtype], dict[str, Any]]
     """``(config, dtype) -> config.json dict`` of the same architecture."""
+    source_name: Callable[[str], str | None] = lambda name: name
+    """A tensor's name in a HF file -> its name in the inventory (`CanonicalTensor.hf`), or
+    None for a tensor that is not a weight (a rotary or mask buffer): files saved by other
+    classes of the same model (without a prefix, say) read as the inventory names them."""
 
 
 @dataclass(frozen=True)

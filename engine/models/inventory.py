@@ -165,7 +165,8 @@ class Inventory:
 
     def canonical_by_name(self) -> dict[str, CanonicalTensor]:
         """Every canonical tensor (tied copies too, under their own names), by name."""
-        return {part.name: part for spec in self.all_specs(True) for part in spec.parts}
+        tied = [spec for spec in self.specs if spec.tied_to is not None]
+        return {part.name: part for spec in self.all_specs() + tied for part in spec.parts}
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
         """Parameters of the unsharded, unpadded model (the tied head counted once)."""

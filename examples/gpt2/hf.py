@@ -111,4 +111,13 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     return out
 
 
-HF_ADAPTER = HFAdapter(("gpt2",), config_from_hf, config_to_hf)
+def source_name(name: str) -> str | None:
+    """The Hub's original GPT-2 files (and any saved ``GPT2Model``) name the weights without
+    the ``transformer.`` prefix, and older ones keep the causal-mask buffers ``attn.bias`` /
+    ``attn.masked_bias``, which are not weights."""
+    if name.endswith((".attn.bias", ".attn.masked_bias")):
+        return None
+    return name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
+
+
+HF_ADAPTER = HFAdapter(("gpt2",), config_from_hf, config_to_hf, source_name)

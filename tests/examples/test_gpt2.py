@@ -28,8 +28,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from engine import parallel_state
+from engine.checkpointing import read_full_state
 from engine.checkpointing.config import CheckpointConfig
 from engine.checkpointing.format import local_from_canonical, spec_placement
 from engine.conversion import engine_to_hf, hf_to_engine
@@ -274,6 +276,28 @@ def test_hf_to_engine_at_tp2_pp2_and_back(pool, tmp_path):
     assert sorted(reloaded.state_dict()) == sorted(original)
     for name, tensor in reloaded.state_dict().items():
         assert torch.equal(tensor, original[name]), name
+
+
+def test_hub_style_files_without_the_prefix_and_with_mask_buffers_convert(tmp_path):
+    """The original GPT-2 checkpoints: no ``transformer.`` prefix, ``attn.bias`` buffers."""
+    hf = random_hf_model()
+    hf.config.save_pretrained(tmp_path / "hub")
+    state = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items()}
+    state.pop("lm_head.weight")  # tied: the Hub files hold the embedding only
+    n = hf.config.n_positions
+    for layer in range(hf.config.n_layer):
+        state[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+    save_file(state, str(tmp_path / "hub" / "model.safetensors"), metadata={"format": "pt"})
+    assert convert_main([
+        "hf-to-engine", "--model-provider", "examples.gpt2:GPT2", "--load-dir",
+        str(tmp_path / "hub"), "--save-dir", str(tmp_path / "engine"),
+    ]) == 0  # fmt: skip
+    saved = read_full_state(tmp_path / "engine" / "iter_0000000")["model"]
+    original = hf.state_dict()
+    assert torch.equal(saved["embedding.weight"], original["transformer.wte.weight"])
+    assert torch.equal(
+        saved["layers.1.attention.qkv.weight"], original["transformer.h.1.attn.c_attn.weight"].t()
+    )
 
 
 # Training -------------------------------------------------------------------------------------

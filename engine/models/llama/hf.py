@@ -105,4 +105,9 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     return out
 
 
-HF_ADAPTER = HFAdapter(("llama",), model_config_from_hf, hf_config_dict)
+def source_name(name: str) -> str | None:
+    """Rotary ``inv_freq`` buffers (older checkpoints save them) are not weights."""
+    return None if name.endswith("rotary_emb.inv_freq") else name
+
+
+HF_ADAPTER = HFAdapter(("llama",), model_config_from_hf, hf_config_dict, source_name)
