@@ -376,6 +376,30 @@ def test_training_matches_one_rank(pool8, corpus, reference_losses, tp, pp, sequ
     )  # fmt: skip
 
 
+def train_from(job: JobConfig) -> dict[int, float]:
+    """The losses of every iteration this run executes (a resumed run starts after its load)."""
+    from engine.training import pretrain
+
+    return pretrain(job, model_provider=GPT2).losses
+
+
+def test_resume_and_reshard_as_for_llama(pool8, solo, corpus, reference_losses, tmp_path):
+    """Stopped at 2 at TP=2 x PP=2 x DP=2 (distributed optimizer): resumed at the same layout
+    iterations 3-4 repeat the uninterrupted run bit for bit; resharded to one rank they match
+    the single-process run within float32 tolerance."""
+    job = gpt2_job(corpus, 2, 2)
+    stop = dataclasses.replace(job, training=dataclasses.replace(job.training, exit_interval=2),
+                               checkpoint=CheckpointConfig(save=str(tmp_path)))  # fmt: skip
+    uninterrupted = pool8.run(train_from, job)[0]
+    pool8.run(train_from, stop)
+    load = CheckpointConfig(load=str(tmp_path))
+    resumed = pool8.run(train_from, dataclasses.replace(job, checkpoint=load))[0]
+    assert resumed == {i: uninterrupted[i] for i in (3, 4)}
+    one_rank = solo.run(train_from, dataclasses.replace(gpt2_job(corpus, 1, 1), checkpoint=load))
+    for i in (3, 4):
+        assert one_rank[0][i] == pytest.approx(reference_losses[i - 1], rel=1e-5), i
+
+
 # Inference ------------------------------------------------------------------------------------
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 61], [7, 250, 31], [12, 12, 40, 200, 9]]
