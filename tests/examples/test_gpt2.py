@@ -22,7 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pydoc_data.topics
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -54,6 +57,7 @@ from engine.training.arguments import parse_args
 from engine.training.config import JobConfig, TrainingConfig
 from examples.gpt2 import GPT2, GPT2Model
 from examples.gpt2.hf import canonical_from_hf, config_from_hf
+from tests.paths import REPO
 from tests.rank_pool import RankPool, module_pool
 from tools.convert_checkpoint import main as convert_main
 
@@ -465,3 +469,29 @@ def test_perplexity_matches_transformers_at_tp2(pool):
     documents = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (70, 33, 9)]
     for ours, theirs in pool.run(perplexity_vs_hf, documents):
         assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+def test_tools_evaluate_a_converted_gpt2_checkpoint(tmp_path):
+    """What a user types: convert, then tools/evaluate.py --model-provider on the result."""
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path / "hf")
+    assert convert_main([
+        "hf-to-engine", "--model-provider", "examples.gpt2:GPT2", "--load-dir",
+        str(tmp_path / "hf"), "--save-dir", str(tmp_path / "engine"),
+    ]) == 0  # fmt: skip
+    generator = torch.Generator().manual_seed(3)
+    documents = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (70, 33)]
+    builder = IndexedDatasetBuilder(str(tmp_path / "docs.bin"), np.uint16)
+    for document in documents:
+        builder.add_document(np.array(document, dtype=np.int64))
+    builder.finalize(str(tmp_path / "docs.idx"))
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "evaluate.py"), "--model-provider",
+         "examples.gpt2:GPT2", "--load", str(tmp_path / "engine"), "--data-path",
+         str(tmp_path / "docs"), "--seq-length", "32", "--stride", "20"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours = float(run.stdout.split("perplexity ")[1].split()[0])
+    assert ours == pytest.approx(hf_perplexity(hf, documents, 32, 20), rel=1e-5)
