@@ -14,10 +14,14 @@ caller wants back for this microbatch; the schedule returns the ``logged`` value
 microbatch in order, on the last pipeline stage (an empty list elsewhere). The loss is
 divided by ``num_microbatches`` before backward, so gradients are those of the mean loss.
 
-Point-to-point messages have the fixed shape ``[s/tp if sequence parallel else s, b, h]``
-and the chunk's ``config.pipeline_dtype`` (if set, else ``config.params_dtype``). Once a
-stage's output has been sent downstream only its autograd graph is needed, so its data is
-freed (`deallocate_output_tensor`) and the backward is started with `custom_backward`:
+Point-to-point messages are fixed for the run. By default one tensor
+``[s/tp if sequence parallel else s, b, h]`` in the chunk's ``config.pipeline_dtype`` (if set,
+else ``config.params_dtype``); a chunk with a ``pipeline_message(seq_length,
+micro_batch_size)`` method declares its own, a list of ``(shape, dtype)`` (see
+`engine.pipeline_parallel.p2p`): the stage's output is then a tuple of tensors in that order,
+and ``set_input_tensor`` receives such a tuple (a message of one tensor stays a plain tensor).
+Once a stage's output has been sent downstream only its autograd graph is needed, so its data
+is freed (`deallocate_output_tensor`) and the backward is started with `custom_backward`:
 activation memory then follows the schedule's bound (1F1B: at most ``p - r`` microbatches in
 flight on rank r).
 
@@ -43,11 +47,14 @@ from torch.autograd.variable import Variable
 
 from engine import parallel_state
 from engine.pipeline_parallel import p2p
-from engine.pipeline_parallel.p2p import P2PSpec
+from engine.pipeline_parallel.p2p import Activations, Gradients, P2PSpec
 from engine.pipeline_parallel.timeline import ScheduleRecorder
 from engine.wrappers import unwrap
 
-ForwardStepFunc = Callable[[Any, nn.Module], tuple[torch.Tensor, Callable[[torch.Tensor], Any]]]
+ForwardStepFunc = Callable[[Any, nn.Module], tuple[Any, Callable[[Any], Any]]]
+"""``(data_iterator, model_chunk) -> (output, loss_func)``: ``output`` is the stage's message
+(a tensor, or a tuple of them for a declared message) off the last stage, and what
+``loss_func`` reads on it."""
 OneOrPerChunk = Callable | list[Callable] | None
 
 
@@ -78,15 +85,41 @@ def deallocate_output_tensor(output: torch.Tensor) -> None:
     output.data = torch.empty((1,), device=output.device, dtype=output.dtype)
 
 
-def custom_backward(output: torch.Tensor, grad_output: torch.Tensor) -> None:
+def deallocate_message(output: Activations) -> None:
+    """`deallocate_output_tensor` for every tensor of a sent message that has an autograd
+    graph. The others (integer tensors, constants, a received input passed on as it is) are
+    left alone: the stage may not own them (a batch's ids), and they hold no graph."""
+    if isinstance(output, torch.Tensor):
+        deallocate_output_tensor(output)
+        return
+    for tensor in output:
+        if tensor.grad_fn is not None:
+            deallocate_output_tensor(tensor)
+
+
+def custom_backward(output: Activations, grad_output: Gradients) -> None:
     """Backward from ``output`` with ``grad_output`` without checking their shapes match.
 
     `torch.autograd.backward` compares the two shapes, and ``output`` has been shrunk to one
     element by `deallocate_output_tensor`; the autograd engine itself only needs the graph.
+    For a message of several tensors the backward runs from all of them at once, each with
+    its gradient; tensors without one (integer tensors) or without a graph are left out.
     """
+    if isinstance(output, torch.Tensor):
+        outputs: tuple[torch.Tensor, ...] = (output,)
+        grads: tuple[torch.Tensor | None, ...] = (cast(torch.Tensor, grad_output),)
+    else:
+        pairs = [
+            (tensor, grad)
+            for tensor, grad in zip(output, p2p.as_tuple(grad_output), strict=True)
+            if grad is not None and tensor.requires_grad
+        ]
+        if not pairs:
+            return
+        outputs, grads = tuple(t for t, _ in pairs), tuple(g for _, g in pairs)
     Variable._execution_engine.run_backward(
-        tensors=(output,),
-        grad_tensors=(grad_output,),
+        tensors=outputs,
+        grad_tensors=grads,
         keep_graph=False,
         create_graph=False,
         inputs=(),
@@ -106,8 +139,9 @@ class _ChunkConfig(Protocol):
     params_dtype: torch.dtype
 
 
-def _input_grad(input_grad: torch.Tensor | None) -> torch.Tensor:
-    """The gradient of a received activation, to send back to the stage it came from."""
+def _input_grad(input_grad: Gradients | None) -> Gradients:
+    """The gradient of a received activation message, to send back to the stage it came
+    from."""
     if input_grad is None:
         raise RuntimeError(
             "a pipeline stage's input got no gradient: the stage's output must depend on it"
@@ -154,19 +188,7 @@ class _Step:
         self.losses: list[Any] = []
         self._no_sync: ExitStack | None = None
 
-        config = cast(_ChunkConfig, unwrap(model[0]).config)
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if config.sequence_parallel and seq_length % tp != 0:
-            raise ValueError(
-                f"--seq-length ({seq_length}) must be divisible by --tensor-model-parallel-size "
-                f"({tp}) with --sequence-parallel"
-            )
-        seq = seq_length // tp if config.sequence_parallel else seq_length
-        device = next(model[0].parameters()).device
-        # Activations travel in Megatron's ``pipeline_dtype`` when the config has one (mixed
-        # precision computes in bfloat16 over float32 parameters), else the parameters' dtype.
-        dtype = getattr(config, "pipeline_dtype", None) or config.params_dtype
-        self.spec = P2PSpec((seq, micro_batch_size, config.hidden_size), dtype, device, recorder)
+        self.spec = _message_spec(model, seq_length, micro_batch_size, recorder)
         if not forward_only:
             self.disable_grad_sync()
 
@@ -182,11 +204,12 @@ class _Step:
             self._no_sync = None
 
     def forward(
-        self, chunk: int, microbatch: int, input_tensor: torch.Tensor | None, is_last: bool
-    ) -> torch.Tensor:
+        self, chunk: int, microbatch: int, input_tensor: Activations | None, is_last: bool
+    ) -> Activations:
         """Run one microbatch through one chunk; on the last stage return its scaled loss.
 
-        ``input_tensor`` ``[s(/tp), b, h]`` comes from the previous stage (None on the first).
+        ``input_tensor`` comes from the previous stage (None on the first): ``[s(/tp), b, h]``,
+        or the tuple of a declared message; it is handed to ``set_input_tensor`` as it is.
         """
         if parallel_state.get_virtual_pipeline_model_parallel_world_size() is not None:
             parallel_state.set_virtual_pipeline_model_parallel_rank(chunk)
@@ -211,13 +234,16 @@ class _Step:
         self,
         chunk: int,
         microbatch: int,
-        input_tensor: torch.Tensor | None,
-        output: torch.Tensor,
-        output_grad: torch.Tensor | None,
-    ) -> torch.Tensor | None:
+        input_tensor: Activations | None,
+        output: Activations,
+        output_grad: Gradients | None,
+    ) -> Gradients | None:
         """Back-propagate one microbatch through one chunk; return the gradient of its input.
 
-        ``output_grad`` is None on the last stage, where ``output`` is the scalar loss.
+        ``output_grad`` is None on the last stage, where ``output`` is the scalar loss. For a
+        message of several tensors the backward runs from every output tensor with its
+        gradient, and the input's gradient is a tuple: None for an integer tensor, zeros for a
+        floating-point tensor the output does not depend on (None when no tensor got one).
         """
         last_for_chunk = microbatch == self.num_microbatches - 1
         if last_for_chunk:
@@ -226,9 +252,10 @@ class _Step:
             self.enable_grad_sync()
         with self.recorder.span("backward", microbatch, chunk):
             if output_grad is None:
+                loss = cast(torch.Tensor, output)
                 if self.grad_scale_func is not None:
-                    output = self.grad_scale_func(output)
-                torch.autograd.backward(output)
+                    loss = self.grad_scale_func(loss)
+                torch.autograd.backward(loss)
             else:
                 custom_backward(output, output_grad)
         self.recorder.activation_freed()
@@ -236,12 +263,57 @@ class _Step:
             self.disable_grad_sync()
             if self.grad_sync_funcs[chunk] is not None:
                 self.grad_sync_funcs[chunk](self.model[chunk].parameters())
-        return None if input_tensor is None else input_tensor.grad
+        return _gradient_of(input_tensor)
 
     def finish(self, finalize_model_grads_func: Callable[[list[nn.Module]], None] | None) -> None:
         self.enable_grad_sync()
         if not self.forward_only and finalize_model_grads_func is not None:
             finalize_model_grads_func(self.model)
+
+
+def _gradient_of(input_tensor: Activations | None) -> Gradients | None:
+    """The gradient a backward left on a received message (see `_Step.backward`)."""
+    if input_tensor is None or isinstance(input_tensor, torch.Tensor):
+        return None if input_tensor is None else input_tensor.grad
+    floating = [t for t in input_tensor if t.is_floating_point()]
+    if all(t.grad is None for t in floating):
+        return None
+    return tuple(
+        None if not t.is_floating_point() else t.grad if t.grad is not None else torch.zeros_like(t)
+        for t in input_tensor
+    )
+
+
+def _message_spec(
+    model: list[nn.Module],
+    seq_length: int,
+    micro_batch_size: int,
+    recorder: ScheduleRecorder | None,
+) -> P2PSpec:
+    """The run's messages: what the chunks declare (`p2p.declared_message`; every chunk the
+    same), else one tensor ``[s(/tp), b, h]`` from the first chunk's config."""
+    device = next(model[0].parameters()).device
+    declared = [p2p.declared_message(chunk, seq_length, micro_batch_size) for chunk in model]
+    if any(message != declared[0] for message in declared):
+        shown = ["none (default)" if m is None else p2p.describe(m) for m in declared]
+        raise ValueError(
+            "every stage of a pipeline run sends the same message, but this rank's model "
+            f"chunks declare (pipeline_message) {', '.join(shown)}"
+        )
+    if declared[0] is not None:
+        return P2PSpec.declared(declared[0], device, recorder)
+    config = cast(_ChunkConfig, unwrap(model[0]).config)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if config.sequence_parallel and seq_length % tp != 0:
+        raise ValueError(
+            f"--seq-length ({seq_length}) must be divisible by --tensor-model-parallel-size "
+            f"({tp}) with --sequence-parallel"
+        )
+    seq = seq_length // tp if config.sequence_parallel else seq_length
+    # Activations travel in Megatron's ``pipeline_dtype`` when the config has one (mixed
+    # precision computes in bfloat16 over float32 parameters), else the parameters' dtype.
+    dtype = getattr(config, "pipeline_dtype", None) or config.params_dtype
+    return P2PSpec((seq, micro_batch_size, config.hidden_size), dtype, device, recorder)
 
 
 def _check_single_chunk(model: list[nn.Module] | nn.Module, schedule: str) -> list[nn.Module]:
@@ -326,18 +398,18 @@ def forward_backward_pipelining_without_interleaving(
     spec = step.spec
     num_warmup = min(p - rank - 1, num_microbatches)
     num_steady = num_microbatches - num_warmup
-    saved: deque[tuple[torch.Tensor | None, torch.Tensor]] = deque()
+    saved: deque[tuple[Activations | None, Activations]] = deque()
 
-    def recv_forward() -> torch.Tensor | None:
+    def recv_forward() -> Activations | None:
         return None if is_first else p2p.recv_forward(spec)
 
-    def keep(input_tensor: torch.Tensor | None, output: torch.Tensor) -> None:
+    def keep(input_tensor: Activations | None, output: Activations) -> None:
         # Kept for backward until the gradient of ``output`` comes back. A sent output's data
         # is dead weight: only its graph is needed.
         if not forward_only:
             saved.append((input_tensor, output))
             if not is_last:
-                deallocate_output_tensor(output)
+                deallocate_message(output)
 
     # Warm-up: forwards only, filling the pipeline.
     for microbatch in range(num_warmup):
@@ -443,11 +515,11 @@ def forward_backward_pipelining_with_interleaving(
 
     # Received activations waiting for their forward, and gradients waiting for their
     # backward, per chunk; (input, output) pairs waiting for their backward, per chunk.
-    inputs: list[deque[torch.Tensor]] = [deque() for _ in range(v)]
-    output_grads: list[deque[torch.Tensor]] = [deque() for _ in range(v)]
-    saved: list[deque[tuple[torch.Tensor | None, torch.Tensor]]] = [deque() for _ in range(v)]
+    inputs: list[deque[Activations]] = [deque() for _ in range(v)]
+    output_grads: list[deque[Gradients]] = [deque() for _ in range(v)]
+    saved: list[deque[tuple[Activations | None, Activations]]] = [deque() for _ in range(v)]
 
-    def forward_k(k: int) -> torch.Tensor | None:
+    def forward_k(k: int) -> Activations | None:
         """Forward virtual microbatch k; return the output to send (None off the last stage)."""
         chunk = chunk_of(k, forward=True)
         input_tensor = None if is_first_stage(chunk) else inputs[chunk].popleft()
@@ -456,17 +528,17 @@ def forward_backward_pipelining_with_interleaving(
             saved[chunk].append((input_tensor, output))
         return None if is_last_stage(chunk) else output
 
-    def backward_k(k: int) -> torch.Tensor | None:
+    def backward_k(k: int) -> Gradients | None:
         """Backward virtual microbatch k; return its input gradient (None on the first stage)."""
         chunk = chunk_of(k, forward=False)
         input_tensor, output = saved[chunk].popleft()
         output_grad = None if is_last_stage(chunk) else output_grads[chunk].popleft()
         input_grad = step.backward(chunk, microbatch_of(k), input_tensor, output, output_grad)
-        return None if is_first_stage(chunk) else input_grad
+        return None if is_first_stage(chunk) else _input_grad(input_grad)
 
-    def free(output: torch.Tensor | None) -> None:
+    def free(output: Activations | None) -> None:
         if output is not None and not forward_only:
-            deallocate_output_tensor(output)
+            deallocate_message(output)
 
     # Warm-up length: enough forwards that every rank's first backward finds its gradient.
     # With m == p there is no steady state: all forwards, then all backwards.
