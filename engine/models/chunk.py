@@ -25,8 +25,10 @@ class ModelChunk(Protocol):
 
     config: ModelConfig
     """Its configuration; the engine reads ``hidden_size``, ``sequence_parallel``,
-    ``params_dtype`` (pipeline messages ``[s(/tp), b, h]``), ``vocab_size`` and
-    ``max_position_embeddings`` (decoding), ``family`` (checkpoints)."""
+    ``params_dtype`` (pipeline messages ``[s(/tp), b, h]``, unless the chunk declares its own
+    with an optional ``pipeline_message(seq_length, micro_batch_size)`` returning the
+    ``(shape, dtype)`` of every tensor it sends: see `engine.pipeline_parallel.p2p`),
+    ``vocab_size`` and ``max_position_embeddings`` (decoding), ``family`` (checkpoints)."""
     inventory: Inventory
     """Every parameter it may hold, declared once (`engine.models.inventory`)."""
     pre_process: bool
