@@ -495,3 +495,45 @@ def test_tools_evaluate_a_converted_gpt2_checkpoint(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     ours = float(run.stdout.split("perplexity ")[1].split()[0])
     assert ours == pytest.approx(hf_perplexity(hf, documents, 32, 20), rel=1e-5)
+
+
+def load_as(checkpoint: str, family: str) -> str:
+    """The error of loading ``checkpoint`` into a one-rank model of ``family``."""
+    from engine.checkpointing import CheckpointError, load_checkpoint
+    from engine.models.build import build_model_chunks
+
+    config = ModelConfig.from_preset("tiny", family=family, tie_word_embeddings=True)
+    parallel_state.initialize_model_parallel()
+    try:
+        load_checkpoint(checkpoint, build_model_chunks(config), load_rng=False)
+    except CheckpointError as error:
+        return str(error)
+    finally:
+        parallel_state.destroy_model_parallel()
+    return "loaded"
+
+
+def test_a_checkpoint_of_the_other_family_says_what_it_holds(pool, tmp_path):
+    random_hf_model().save_pretrained(tmp_path / "hf")
+    assert convert_main([
+        "hf-to-engine", "--model-provider", "examples.gpt2:GPT2", "--load-dir",
+        str(tmp_path / "hf"), "--save-dir", str(tmp_path / "gpt2"),
+    ]) == 0  # fmt: skip
+    message = pool.run(load_as, str(tmp_path / "gpt2"), "llama")[0]
+    assert "holds model 'gpt2' (2 layers, hidden 64); this run builds 'llama'" in message
+    llama = pool.run(_save_tiny_llama, str(tmp_path / "llama"))[0]
+    message = pool.run(load_as, llama, "gpt2")[0]
+    assert "holds model 'llama' (2 layers, hidden 64); this run builds 'gpt2'" in message
+
+
+def _save_tiny_llama(directory: str) -> str:
+    from engine.checkpointing import save_checkpoint
+    from engine.models.build import build_model_chunks
+
+    parallel_state.initialize_model_parallel()
+    try:
+        chunks = build_model_chunks(ModelConfig.from_preset("tiny"))
+        save_checkpoint(directory, 1, chunks, None, None, 0)
+    finally:
+        parallel_state.destroy_model_parallel()
+    return directory
