@@ -174,6 +174,38 @@ PRESETS: dict[str, ModelConfig] = {
 }  # fmt: skip
 
 
+# Field -> (flag, lowest allowed value, whether the lowest value itself is allowed).
+_LOWER_BOUNDS: dict[str, tuple[str, float, bool]] = {
+    "num_layers": ("--num-layers", 1, True),
+    "hidden_size": ("--hidden-size", 1, True),
+    "num_attention_heads": ("--num-attention-heads", 1, True),
+    "num_query_groups": ("--num-query-groups", 1, True),
+    "ffn_hidden_size": ("--ffn-hidden-size", 1, True),
+    "vocab_size": ("--vocab-size", 1, True),
+    "max_position_embeddings": ("--max-position-embeddings", 1, True),
+    "make_vocab_size_divisible_by": ("--make-vocab-size-divisible-by", 1, True),
+    "rotary_base": ("--rotary-base", 0, False),
+    "norm_epsilon": ("--norm-epsilon", 0, False),
+    "init_method_std": ("--init-method-std", 0, True),
+}
+
+
+def range_errors(model: ModelConfig) -> list[str]:
+    """Fields outside the values a model can have (sizes below 1, a non-positive epsilon,
+    a dropout probability outside [0, 1)), each naming its flag, the value and the range."""
+    errors = []
+    for field, (flag, low, inclusive) in _LOWER_BOUNDS.items():
+        value = getattr(model, field)
+        if value is not None and (value < low if inclusive else value <= low):
+            bound = f"at least {low}" if inclusive else f"greater than {low}"
+            errors.append(f"{flag} must be {bound}, got {value}")
+    if not 0 <= model.attention_dropout < 1:
+        errors.append(
+            f"--attention-dropout must be in [0, 1) (a probability), got {model.attention_dropout}"
+        )
+    return errors
+
+
 def layout_errors(
     model: ModelConfig,
     parallel: ParallelConfig,
@@ -182,9 +214,10 @@ def layout_errors(
 ) -> list[str]:
     """Why ``model`` cannot be laid out as ``parallel`` says (empty: it can), each message
     naming the flags and values."""
-    errors = parallel.errors(world_size)
-    if parallel.invalid_sizes():
-        return errors  # nothing below can be computed with a size below 1
+    range_problems = range_errors(model)
+    errors = range_problems + parallel.errors(world_size)
+    if parallel.invalid_sizes() or range_problems:
+        return errors  # nothing below can be computed with a size out of range
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     heads, groups = model.num_attention_heads, model.kv_heads
     if model.hidden_size % heads != 0:

@@ -105,6 +105,50 @@ class OptimizerConfig:
             self.lr_wsd_decay_iters or self.lr_wsd_decay_samples
         ):
             errors.append("--lr-decay-style WSD needs --lr-wsd-decay-iters (or -samples)")
+        errors += self._range_errors()
         if self.clip_grad < 0:
             errors.append(f"--clip-grad must be >= 0 (0 disables clipping), got {self.clip_grad}")
+        return errors
+
+    def _range_errors(self) -> list[str]:
+        """Adam's coefficients, weight decay and the loss scaler's settings in their ranges."""
+        errors = [
+            f"{flag} must be in [0, 1), got {value}"
+            for flag, value in (
+                ("--adam-beta1", self.adam_beta1),
+                ("--adam-beta2", self.adam_beta2),
+            )
+            if not 0 <= value < 1
+        ]
+        if self.adam_eps <= 0:
+            errors.append(f"--adam-eps must be positive, got {self.adam_eps}")
+        decays = {
+            "--weight-decay": self.weight_decay,
+            "--start-weight-decay": self.start_weight_decay,
+            "--end-weight-decay": self.end_weight_decay,
+        }
+        errors += [
+            f"{flag} must be >= 0, got {value}"
+            for flag, value in decays.items()
+            if value is not None and value < 0
+        ]
+        if self.loss_scale is not None and self.loss_scale <= 0:
+            errors.append(f"--loss-scale must be positive, got {self.loss_scale}")
+        elif self.fp16 and self.loss_scale is not None and self.loss_scale < 1:
+            errors.append(
+                f"--loss-scale {self.loss_scale} with --fp16 scales the gradients down toward "
+                "fp16 underflow (they would become 0): use at least 1, or leave --loss-scale out "
+                "for dynamic scaling"
+            )
+        if self.min_loss_scale <= 0 or self.initial_loss_scale < self.min_loss_scale:
+            errors.append(
+                f"need 0 < --min-loss-scale ({self.min_loss_scale}) <= --initial-loss-scale "
+                f"({self.initial_loss_scale})"
+            )
+        for flag, count in (
+            ("--loss-scale-window", self.loss_scale_window),
+            ("--hysteresis", self.hysteresis),
+        ):
+            if count < 1:
+                errors.append(f"{flag} must be at least 1, got {count}")
         return errors

@@ -30,6 +30,7 @@ import yaml
 
 from engine.checkpointing.config import CheckpointConfig
 from engine.data.config import DataConfig
+from engine.data.tokenizer import build_tokenizer
 from engine.distributed.config import DistributedDataParallelConfig
 from engine.models.backends import BACKEND_CHOICES
 from engine.models.config import PRESETS, RECOMPUTE_GRANULARITIES, ModelConfig
@@ -355,20 +356,19 @@ def _build_model(
     data: dict[str, Any],
 ) -> ModelConfig:
     """The preset with the explicit fields over it, or a model from the flags alone."""
+    if "vocab_size" in model_fields and data.get("tokenizer_model"):
+        vocab = _tokenizer_vocab(data)
+        if model_fields["vocab_size"] < vocab:  # the trainer takes the tokenizer's anyway
+            raise ValueError(
+                f"--vocab-size ({model_fields['vocab_size']}) is smaller than the vocabulary of "
+                f"--tokenizer-model {data['tokenizer_model']} ({vocab}): its ids would not fit "
+                "the embedding; leave --vocab-size out to use the tokenizer's"
+            )
     if preset is not None:
         return ModelConfig.from_preset(preset, **model_fields)
     if "vocab_size" not in model_fields and data.get("tokenizer_model"):
         # As in Megatron, the vocabulary is the tokenizer's when no size is given.
-        from engine.data.tokenizer import build_tokenizer
-
-        try:
-            tokenizer = build_tokenizer(data.get("tokenizer_type", ""), data["tokenizer_model"])
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"--tokenizer-model {data['tokenizer_model']}: cannot read its vocabulary size "
-                f"({error}); give --vocab-size"
-            ) from None
-        model_fields["vocab_size"] = tokenizer.vocab_size
+        model_fields["vocab_size"] = _tokenizer_vocab(data)
     missing = [
         f"--{name.replace('_', '-')}"
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")
@@ -387,6 +387,18 @@ def _build_model(
     if "seq_length" in training:
         model_fields.setdefault("max_position_embeddings", training["seq_length"])
     return ModelConfig(**model_fields)
+
+
+def _tokenizer_vocab(data: dict[str, Any]) -> int:
+    """The vocabulary size of the tokenizer the data flags name."""
+    try:
+        tokenizer = build_tokenizer(data.get("tokenizer_type", ""), data["tokenizer_model"])
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--tokenizer-model {data['tokenizer_model']}: cannot read its vocabulary size "
+            f"({error}); give --vocab-size"
+        ) from None
+    return tokenizer.vocab_size
 
 
 def _virtual_size(

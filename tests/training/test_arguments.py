@@ -281,3 +281,40 @@ def test_gradient_accumulation_is_derived():
     assert job.global_batch_size(16) == 8 and job.num_microbatches(16) == 1
     with pytest.raises(ValueError, match=r"world size \(6\) must be divisible"):
         job.data_parallel_size(6)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ("--num-attention-heads 0", "--num-attention-heads must be at least 1, got 0"),
+        ("--num-query-groups 0", "--num-query-groups must be at least 1, got 0"),
+        ("--make-vocab-size-divisible-by 0", "--make-vocab-size-divisible-by must be at least 1"),
+        ("--hidden-size -64", "--hidden-size must be at least 1, got -64"),
+        ("--hidden-size 0", "--hidden-size must be at least 1, got 0"),
+        ("--ffn-hidden-size 0", "--ffn-hidden-size must be at least 1, got 0"),
+        ("--vocab-size 0", "--vocab-size must be at least 1, got 0"),
+        ("--norm-epsilon 0", "--norm-epsilon must be greater than 0, got 0.0"),
+        ("--rotary-base -1", "--rotary-base must be greater than 0, got -1.0"),
+        ("--attention-dropout 2", "--attention-dropout must be in [0, 1) (a probability), got 2.0"),
+        ("--adam-beta1 2", "--adam-beta1 must be in [0, 1), got 2.0"),
+        ("--adam-eps 0", "--adam-eps must be positive, got 0.0"),
+        ("--weight-decay -1", "--weight-decay must be >= 0, got -1.0"),
+        ("--fp16 --loss-scale 0", "--loss-scale must be positive, got 0.0"),
+        ("--fp16 --loss-scale 1e-30", "--loss-scale 1e-30 with --fp16 scales the gradients down"),
+        ("--min-loss-scale 0", "need 0 < --min-loss-scale (0.0) <= --initial-loss-scale"),
+        ("--hysteresis 0", "--hysteresis must be at least 1, got 0"),
+    ],
+)
+def test_values_out_of_range_are_usage_errors_naming_the_flag(capsys, flags, message):
+    """Each of these used to crash with a traceback (heads 0: a division by zero) or to be
+    accepted silently (and fail, or underflow, later)."""
+    assert message in _usage_error(capsys, [*TINY, *flags.split()], world_size=1)
+
+
+@pytest.mark.skipif(not TOKENIZER.exists(), reason=f"{TOKENIZER} (../shared) is absent")
+def test_a_vocab_size_smaller_than_the_tokenizers_is_an_error(capsys):
+    tokenizer = ["--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", str(TOKENIZER)]
+    err = _usage_error(capsys, [*TINY, *tokenizer, "--vocab-size", "1000"])
+    assert "--vocab-size (1000) is smaller than the vocabulary of --tokenizer-model" in err
+    assert "(32000)" in err
+    assert parse_args([*TINY, *tokenizer, "--vocab-size", "32000"]).model.vocab_size == 32000
