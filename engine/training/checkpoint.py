@@ -11,10 +11,13 @@ bit for bit (RNG streams only under the same layout, since they are per rank); w
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from engine import checkpointing
 from engine.training.state import TrainingRun
+
+logger = logging.getLogger(__name__)
 
 
 def save(run: TrainingRun) -> str:
@@ -36,7 +39,8 @@ def save(run: TrainingRun) -> str:
 
 
 def load(run: TrainingRun, finetuning: bool) -> str | None:
-    """Restore ``run`` from ``--load``; return what was loaded (None: nothing to load).
+    """Restore ``run`` from ``--load``; return what was loaded (None: nothing to load, also
+    when ``--load`` holds no checkpoint yet: a warning, then training from scratch).
 
     A fine-tuning run that has already saved to ``--save`` resumes from there, fully; its
     first start takes only the weights of ``--load``.
@@ -49,6 +53,12 @@ def load(run: TrainingRun, finetuning: bool) -> str | None:
         else:
             weights_only = True
     if directory is None:
+        return None
+    if not weights_only and checkpointing.read_latest_iteration(directory) is None:
+        # As Megatron-LM: one command line (--load = --save) serves the first start and every
+        # restart. Weights-only loads (fine-tuning) need their checkpoint: those still fail.
+        if run.rank == 0:
+            logger.warning("no checkpoint in --load %s yet: training from scratch", directory)
         return None
     iteration, consumed = checkpointing.load_checkpoint(
         directory,

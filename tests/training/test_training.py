@@ -375,3 +375,16 @@ def test_tensorboard_dir_without_tensorboard_is_a_clear_error(monkeypatch, tmp_p
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     with pytest.raises(ImportError, match="needs the tensorboard package: pip install"):
         TensorBoardWriter(str(tmp_path))
+
+
+def test_load_of_an_empty_directory_starts_from_scratch_then_resumes(pool, corpus, baseline,
+                                                                      tmp_path):  # fmt: skip
+    """--load = --save on the first start (nothing there yet: a warning, from scratch, the
+    same losses), then the same command line again resumes at the end (nothing left to do)."""
+    directory = str(tmp_path / "run")
+    job = make_job(corpus, 2, 2, checkpoint={"load": directory, "save": directory})
+    first = pool.run(train, job)
+    assert first[0].losses == baseline[0].losses
+    assert first[0].checkpoint == str(tmp_path / "run" / f"iter_{ITERS:07d}")
+    again = pool.run(train, job)
+    assert again[0].iteration == ITERS and again[0].losses == {}
