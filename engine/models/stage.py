@@ -1,6 +1,11 @@
-"""Which layers this rank's current model chunk holds, from the parallel state."""
+"""Which layers this rank's current model chunk holds, from the parallel state, and the
+pipeline plumbing every model chunk shares (`PipelineStage`)."""
 
 from __future__ import annotations
+
+from typing import Any, cast
+
+from torch import nn
 
 from engine import parallel_state
 from engine.models.config import ModelConfig
@@ -19,3 +24,55 @@ def chunk_layer_numbers(config: ModelConfig, virtual_rank: int | None = None) ->
         virtual_rank = parallel_state.get_virtual_pipeline_model_parallel_rank() or 0
     stages = config.virtual_stage_layers(p, v)
     return stages[virtual_rank * p + parallel_state.get_pipeline_model_parallel_rank()]
+
+
+class PipelineStage(nn.Module):
+    """The pipeline plumbing every model chunk shares, whatever its layers (subclass it and
+    build the layers in ``__init__`` after calling it): which stage it is (``pre_process``:
+    it holds ``embedding``; ``post_process``: it holds ``output_layer``), which layers it
+    holds (``layer_numbers``), its parameter inventory at this TP size, the input the schedule
+    hands a later stage, and the tied weight shared between the first and last stage.
+
+    Args:
+        config: the architecture.
+        pre_process / post_process: default: the first / last pipeline stage.
+        layer_numbers: global indices of the layers to build (default: this rank's chunk).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        pre_process: bool | None = None,
+        post_process: bool | None = None,
+        layer_numbers: list[int] | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.pre_process = (
+            parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process
+        )
+        self.post_process = (
+            parallel_state.is_pipeline_last_stage() if post_process is None else post_process
+        )
+        self.layer_numbers = (
+            chunk_layer_numbers(config) if layer_numbers is None else list(layer_numbers)
+        )
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.inventory = config.inventory(self.tp)
+        # Stages after the first get their input from the schedule (Megatron's
+        # set_input_tensor), so a forward-step function calls every stage the same way.
+        self.input_tensor: Any = None
+
+    def set_input_tensor(self, input_tensor: Any) -> None:
+        """The previous stage's output (``[s(/tp), b, h]``, or the declared message) for the
+        next forward."""
+        self.input_tensor = input_tensor
+
+    def shared_embedding_or_output_weight(self) -> nn.Parameter | None:
+        """The weight a tied embedding shares between the first and last stage, if any here."""
+        if not self.config.tie_word_embeddings:
+            return None
+        module = cast(Any, self)
+        if self.pre_process:
+            return module.embedding.weight
+        return module.output_layer.weight if self.post_process else None

@@ -11,7 +11,6 @@ sequence-first ``[s, b, h]`` inside the decoder; the interface is `LlamaModel`'s
 
 from __future__ import annotations
 
-import zlib
 from typing import Any, cast
 
 import torch
@@ -21,16 +20,15 @@ from torch import nn
 from engine import parallel_state
 from engine.models.backends import ATTENTION_BACKENDS, resolve_backend
 from engine.models.config import ModelConfig
+from engine.models.init import output_std, seeded_init
 from engine.models.kv_cache import KVCache
-from engine.models.stage import chunk_layer_numbers
+from engine.models.stage import PipelineStage
 from engine.models.weights import check_built_as_declared
 from engine.parallel_state import ParallelConfig
 from engine.tensor_parallel import (
     ColumnParallelLinear,
-    InitMethod,
     RowParallelLinear,
     VocabParallelEmbedding,
-    normal_init,
     pad_vocab_size,
     vocab_padded_init,
     vocab_parallel_cross_entropy,
@@ -40,26 +38,19 @@ from engine.tensor_parallel.layers import initialise_shard
 from engine.tensor_parallel.random import MODEL_PARALLEL_RNG_NAME, checkpoint, get_rng_tracker
 
 
-def _seeded_init(config: ModelConfig, name: str, output: bool = False) -> InitMethod:
-    """Normal init seeded by the canonical name (not the layout); the projections into the
-    residual stream get std / sqrt(2L), as GPT-2's ``c_proj``."""
-    std = config.init_method_std / ((2.0 * config.num_layers) ** 0.5 if output else 1.0)
-    return normal_init(std, zlib.crc32(f"{config.init_seed}:{name}".encode()))
-
-
 def _tp() -> int:
     return parallel_state.get_tensor_model_parallel_world_size()
 
 
 def _column(config: ModelConfig, name: str, sizes: list[int]) -> ColumnParallelLinear:
     """A column-parallel projection with bias from ``h`` (``sizes``: its fused blocks)."""
-    init = _seeded_init(config, name)
+    init = seeded_init(config, name)
     return ColumnParallelLinear(config.hidden_size, sizes, init_method=init, **_kwargs(config))
 
 
 def _row(config: ModelConfig, name: str, inputs: int) -> RowParallelLinear:
     """A row-parallel projection with bias into the residual stream."""
-    init = _seeded_init(config, name, output=True)
+    init = seeded_init(config, name, output_std(config))
     return RowParallelLinear(inputs, config.hidden_size, init_method=init, **_kwargs(config))
 
 
@@ -148,7 +139,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_norm(x))
 
 
-class GPT2Model(nn.Module):
+class GPT2Model(PipelineStage):
     """One GPT-2 chunk: this rank's pipeline stage, sharded over TP (arguments and
     ``forward`` as `engine.models.llama.model.LlamaModel`'s)."""
 
@@ -159,7 +150,6 @@ class GPT2Model(nn.Module):
         post_process: bool | None = None,
         layer_numbers: list[int] | None = None,
     ):
-        super().__init__()
         ps = parallel_state
         config.validate(ParallelConfig(
             _tp(), ps.get_pipeline_model_parallel_world_size(),
@@ -167,24 +157,20 @@ class GPT2Model(nn.Module):
         ))  # fmt: skip
         if config.kv_heads != config.num_attention_heads:
             raise ValueError("GPT-2 has multi-head attention: leave num_query_groups unset")
-        self.config, self.tp = config, _tp()
-        self.pre_process = ps.is_pipeline_first_stage() if pre_process is None else pre_process
-        self.post_process = ps.is_pipeline_last_stage() if post_process is None else post_process
-        layer_numbers = chunk_layer_numbers(config) if layer_numbers is None else layer_numbers
-        self.input_tensor: torch.Tensor | None = None
-        self.inventory = config.inventory(self.tp)
+        super().__init__(config, pre_process, post_process, layer_numbers)
+        layer_numbers = self.layer_numbers
         h, dtype = config.hidden_size, config.params_dtype
         if self.pre_process:
             self.embedding = VocabParallelEmbedding(
                 config.vocab_size, h, sequence_parallel=config.sequence_parallel,
                 make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
-                init_method=_seeded_init(config, "embedding"), dtype=dtype,
+                init_method=seeded_init(config, "embedding"), dtype=dtype,
             )  # fmt: skip
             # Replicated; under sequence parallelism each rank adds its slice's positions only.
             positions = config.max_position_embeddings
             self.position_embedding = nn.Embedding(positions, h, dtype=dtype)
             weight = cast(nn.Parameter, self.position_embedding.weight)
-            init = _seeded_init(config, "position_embedding")
+            init = seeded_init(config, "position_embedding")
             initialise_shard(weight, (positions, h), init, 0, [positions], 0, 1)
             mark_partial_over_tp(weight, config.sequence_parallel)
         self.layers = nn.ModuleList(DecoderLayer(config, n) for n in layer_numbers)
@@ -194,7 +180,7 @@ class GPT2Model(nn.Module):
             seed_name = "embedding" if config.tie_word_embeddings else "output_layer"
             self.output_layer = ColumnParallelLinear(
                 h, padded, sequence_parallel=config.sequence_parallel, dtype=dtype,
-                init_method=vocab_padded_init(_seeded_init(config, seed_name), config.vocab_size),
+                init_method=vocab_padded_init(seeded_init(config, seed_name), config.vocab_size),
             )  # fmt: skip
             if config.tie_word_embeddings and self.pre_process:
                 del self.output_layer.weight  # the head uses the embedding's weight itself
@@ -251,15 +237,3 @@ class GPT2Model(nn.Module):
         start = parallel_state.get_tensor_model_parallel_rank() * chunk
         positions = position_ids.t()[start : start + chunk]  # this rank's slice of the sequence
         return self.embedding(input_ids.t()) + self.position_embedding(positions)
-
-    def set_input_tensor(self, input_tensor: torch.Tensor | None) -> None:
-        """The previous stage's hidden states ``[s(/tp), b, h]`` for the next forward."""
-        self.input_tensor = input_tensor
-
-    def shared_embedding_or_output_weight(self) -> nn.Parameter | None:
-        """The weight the tied head shares between the first and last stage, if any here."""
-        if not self.config.tie_word_embeddings:
-            return None
-        if self.pre_process:
-            return self.embedding.weight
-        return self.output_layer.weight if self.post_process else None

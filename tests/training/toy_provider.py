@@ -19,7 +19,6 @@ Each layer ``n``::
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 from engine import parallel_state
 from engine.models.config import ModelConfig
 from engine.models.families import ModelFamily
+from engine.models.init import seeded_init
 from engine.models.inventory import CanonicalTensor, Inventory, ParameterSpec, Stage
 from engine.models.stage import chunk_layer_numbers
 from engine.models.weights import check_built_as_declared
@@ -37,7 +37,6 @@ from engine.tensor_parallel import (
     InitMethod,
     RowParallelLinear,
     VocabParallelEmbedding,
-    normal_init,
     pad_vocab_size,
     vocab_padded_init,
     vocab_parallel_cross_entropy,
@@ -84,9 +83,8 @@ def toy_inventory(config: ModelConfig, tp_size: int) -> Inventory:
 
 
 def _init(config: ModelConfig, name: str, std: float | None = None) -> InitMethod:
-    """Normal init from a generator seeded by the canonical name (not the layout)."""
-    seed = zlib.crc32(f"{config.init_seed}:{NAME}:{name}".encode())
-    return normal_init(config.init_method_std if std is None else std, seed)
+    """The engine's layout-free init, seeded by the family and the canonical name."""
+    return seeded_init(config, f"{NAME}:{name}", std)
 
 
 class Replicated(nn.Module):

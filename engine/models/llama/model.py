@@ -17,7 +17,6 @@ Activations are sequence-first ``[s, b, h]`` inside the decoder, as in Megatron.
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 import torch
@@ -27,9 +26,10 @@ from torch import nn
 from engine import parallel_state
 from engine.models.backends import ATTENTION_BACKENDS, NORM_BACKENDS, resolve_backend
 from engine.models.config import ModelConfig
+from engine.models.init import blocks_init, output_std, seeded_init
 from engine.models.inventory import Inventory
 from engine.models.kv_cache import KVCache
-from engine.models.stage import chunk_layer_numbers
+from engine.models.stage import PipelineStage
 from engine.models.weights import check_built_as_declared
 from engine.parallel_state import ParallelConfig
 from engine.tensor_parallel import (
@@ -39,7 +39,6 @@ from engine.tensor_parallel import (
     VocabParallelEmbedding,
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
-    normal_init,
     pad_vocab_size,
     vocab_padded_init,
     vocab_parallel_cross_entropy,
@@ -47,24 +46,6 @@ from engine.tensor_parallel import (
 from engine.tensor_parallel.attributes import mark_partial_over_tp
 from engine.tensor_parallel.layers import initialise_shard
 from engine.tensor_parallel.random import MODEL_PARALLEL_RNG_NAME, checkpoint, get_rng_tracker
-
-
-def _seeded_init(config: ModelConfig, name: str, std: float | None = None) -> InitMethod:
-    """A normal init drawn from a generator seeded by the parameter's name, not the layout."""
-    seed = zlib.crc32(f"{config.init_seed}:{name}".encode())
-    return normal_init(config.init_method_std if std is None else std, seed)
-
-
-def _blocks_init(*inits: tuple[int, InitMethod]) -> InitMethod:
-    """Init a fused weight block by block (rows), each with its own method."""
-
-    def init(full: torch.Tensor) -> None:
-        row = 0
-        for rows, method in inits:
-            method(full[row : row + rows])
-            row += rows
-
-    return init
 
 
 class RotaryEmbedding(nn.Module):
@@ -154,16 +135,16 @@ class Attention(nn.Module):
         self.attention_fn = ATTENTION_BACKENDS[resolve_backend(config.attention_backend)]
 
         prefix = f"layers.{layer_number}.attention"
-        q_init = (heads * d, _seeded_init(config, f"{prefix}.q"))
-        k_init = (groups * d, _seeded_init(config, f"{prefix}.k"))
-        v_init = (groups * d, _seeded_init(config, f"{prefix}.v"))
+        q_init = (heads * d, seeded_init(config, f"{prefix}.q"))
+        k_init = (groups * d, seeded_init(config, f"{prefix}.k"))
+        v_init = (groups * d, seeded_init(config, f"{prefix}.v"))
         common: dict[str, Any] = dict(
             sequence_parallel=config.sequence_parallel, dtype=config.params_dtype
         )
         if self.kv_sharded:
             self.qkv = ColumnParallelLinear(
                 config.hidden_size, [heads * d, groups * d, groups * d],
-                init_method=_blocks_init(q_init, k_init, v_init),
+                init_method=blocks_init(q_init, k_init, v_init),
                 bias=inventory.declares(f"{prefix}.qkv.bias"), **common,
             )  # fmt: skip
         else:
@@ -171,10 +152,10 @@ class Attention(nn.Module):
                 config.hidden_size, heads * d, init_method=q_init[1],
                 bias=inventory.declares(f"{prefix}.q.bias"), **common,
             )  # fmt: skip
-            self.kv = ReplicatedKeyValue(config, _blocks_init(k_init, v_init))
+            self.kv = ReplicatedKeyValue(config, blocks_init(k_init, v_init))
         self.out = RowParallelLinear(
             heads * d, config.hidden_size,
-            init_method=_seeded_init(config, f"{prefix}.out", _output_std(config)),
+            init_method=seeded_init(config, f"{prefix}.out", output_std(config)),
             bias=inventory.declares(f"{prefix}.out.bias"), **common,
         )  # fmt: skip
 
@@ -241,14 +222,14 @@ class MLP(nn.Module):
         )
         self.gate_up = ColumnParallelLinear(
             h, [ffn, ffn],
-            init_method=_blocks_init(
-                (ffn, _seeded_init(config, f"{prefix}.gate")),
-                (ffn, _seeded_init(config, f"{prefix}.up")),
+            init_method=blocks_init(
+                (ffn, seeded_init(config, f"{prefix}.gate")),
+                (ffn, seeded_init(config, f"{prefix}.up")),
             ),
             bias=inventory.declares(f"{prefix}.gate_up.bias"), **common,
         )  # fmt: skip
         self.down = RowParallelLinear(
-            ffn, h, init_method=_seeded_init(config, f"{prefix}.down", _output_std(config)),
+            ffn, h, init_method=seeded_init(config, f"{prefix}.down", output_std(config)),
             bias=inventory.declares(f"{prefix}.down.bias"), **common,
         )  # fmt: skip
 
@@ -276,7 +257,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_norm(x))
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(PipelineStage):
     """A LLaMA decoder holding only this rank's share: its pipeline stage, sharded over TP.
 
     Args:
@@ -296,7 +277,6 @@ class LlamaModel(nn.Module):
         post_process: bool | None = None,
         layer_numbers: list[int] | None = None,
     ):
-        super().__init__()
         config.validate(
             ParallelConfig(
                 tensor_model_parallel_size=_tp_size(),
@@ -306,26 +286,12 @@ class LlamaModel(nn.Module):
                 ),
             ),
         )
-        self.config = config
-        self.pre_process = (
-            parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process
-        )
-        self.post_process = (
-            parallel_state.is_pipeline_last_stage() if post_process is None else post_process
-        )
-        if layer_numbers is None:
-            layer_numbers = chunk_layer_numbers(config)
-        # Pipeline stages after the first get their input from the schedule (Megatron's
-        # set_input_tensor), so a forward-step function calls every stage the same way.
-        self.input_tensor: torch.Tensor | None = None
-        self.tp = _tp_size()
-        # The family's declaration of every parameter: optional ones (biases) are built when
-        # it lists them, and checkpoints, conversion and the cost model read the same list.
-        self.inventory = config.inventory(self.tp)
+        super().__init__(config, pre_process, post_process, layer_numbers)
+        layer_numbers = self.layer_numbers
         embedding_kwargs: dict[str, Any] = dict(
             make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
             sequence_parallel=config.sequence_parallel,
-            init_method=_seeded_init(config, "embedding"),
+            init_method=seeded_init(config, "embedding"),
             dtype=config.params_dtype,
         )
         if self.pre_process:
@@ -345,7 +311,7 @@ class LlamaModel(nn.Module):
                 config.hidden_size, padded,
                 sequence_parallel=config.sequence_parallel, dtype=config.params_dtype,
                 init_method=vocab_padded_init(
-                    _seeded_init(config, head_seed_name), config.vocab_size
+                    seeded_init(config, head_seed_name), config.vocab_size
                 ),
             )  # fmt: skip
             if config.tie_word_embeddings and self.pre_process:
@@ -408,18 +374,6 @@ class LlamaModel(nn.Module):
         loss = vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size)
         return loss.t()
 
-    def set_input_tensor(self, input_tensor: torch.Tensor | None) -> None:
-        """The previous stage's hidden states ``[s(/tp), b, h]`` for the next forward."""
-        self.input_tensor = input_tensor
-
-    def shared_embedding_or_output_weight(self) -> nn.Parameter | None:
-        """The weight a tied embedding shares between the first and last stage, if any here."""
-        if not self.config.tie_word_embeddings:
-            return None
-        if self.pre_process:
-            return self.embedding.weight
-        return self.output_layer.weight if self.post_process else None
-
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[b, s]`` ids -> ``[s(/tp), b, h]``."""
         if self.config.sequence_parallel:
@@ -434,8 +388,3 @@ class LlamaModel(nn.Module):
 
 def _tp_size() -> int:
     return parallel_state.get_tensor_model_parallel_world_size()
-
-
-def _output_std(config: ModelConfig) -> float:
-    # Megatron's scaled init for the projections that write into the residual stream.
-    return config.init_method_std / (2.0 * config.num_layers) ** 0.5
