@@ -5,10 +5,18 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import torch
 from torch import nn
 
 from engine import parallel_state
 from engine.models.config import ModelConfig
+from engine.tensor_parallel import (
+    ColumnParallelLinear,
+    InitMethod,
+    pad_vocab_size,
+    vocab_padded_init,
+    vocab_parallel_cross_entropy,
+)
 
 
 def chunk_layer_numbers(config: ModelConfig, virtual_rank: int | None = None) -> list[int]:
@@ -67,6 +75,33 @@ class PipelineStage(nn.Module):
         """The previous stage's output (``[s(/tp), b, h]``, or the declared message) for the
         next forward."""
         self.input_tensor = input_tensor
+
+    def build_output_layer(self, init_method: InitMethod) -> None:
+        """The vocabulary-parallel output head ``output_layer`` (``[V_padded/tp, h]``, padding
+        rows zero) of the last stage. A tied head on the first stage uses the embedding's
+        weight itself; off it the head keeps its own copy (``init_method`` should then be
+        the embedding's, and the pipeline keeps the two in sync)."""
+        config = self.config
+        padded = pad_vocab_size(config.vocab_size, self.tp, config.make_vocab_size_divisible_by)
+        self.padded_vocab_size = padded
+        self.output_layer = ColumnParallelLinear(
+            config.hidden_size, padded, sequence_parallel=config.sequence_parallel,
+            dtype=config.params_dtype,
+            init_method=vocab_padded_init(init_method, config.vocab_size),
+        )  # fmt: skip
+        if config.tie_word_embeddings and self.pre_process:
+            del self.output_layer.weight  # use the embedding's weight itself
+
+    def head(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The final hidden states ``[s(/tp), b, h]`` through the output head: per-token loss
+        ``[b, s]`` (float32) with ``labels [b, s]``, else logits ``[b, s, V_padded/tp]``."""
+        tied = self.config.tie_word_embeddings and self.pre_process
+        weight = cast(Any, self).embedding.weight if tied else None
+        logits = self.output_layer(x, weight=weight)
+        if labels is None:
+            return logits.transpose(0, 1)
+        # Cross entropy on [s, b] avoids transposing the (large) logits.
+        return vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size).t()
 
     def shared_embedding_or_output_weight(self) -> nn.Parameter | None:
         """The weight a tied embedding shares between the first and last stage, if any here."""

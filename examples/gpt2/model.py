@@ -29,9 +29,6 @@ from engine.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    pad_vocab_size,
-    vocab_padded_init,
-    vocab_parallel_cross_entropy,
 )
 from engine.tensor_parallel.attributes import mark_partial_over_tp
 from engine.tensor_parallel.layers import initialise_shard
@@ -176,14 +173,8 @@ class GPT2Model(PipelineStage):
         self.layers = nn.ModuleList(DecoderLayer(config, n) for n in layer_numbers)
         if self.post_process:
             self.final_norm = _layer_norm(config)
-            padded = pad_vocab_size(config.vocab_size, self.tp, config.make_vocab_size_divisible_by)
             seed_name = "embedding" if config.tie_word_embeddings else "output_layer"
-            self.output_layer = ColumnParallelLinear(
-                h, padded, sequence_parallel=config.sequence_parallel, dtype=dtype,
-                init_method=vocab_padded_init(seeded_init(config, seed_name), config.vocab_size),
-            )  # fmt: skip
-            if config.tie_word_embeddings and self.pre_process:
-                del self.output_layer.weight  # the head uses the embedding's weight itself
+            self.build_output_layer(seeded_init(config, seed_name))
         check_built_as_declared(self, layer_numbers, self.pre_process, self.post_process)
 
     def forward(
@@ -212,13 +203,7 @@ class GPT2Model(PipelineStage):
                 x = layer(x, kv_cache)
         if not self.post_process:
             return x
-        tied = self.config.tie_word_embeddings and self.pre_process
-        logits = self.output_layer(
-            self.final_norm(x), weight=self.embedding.weight if tied else None
-        )
-        if labels is None:
-            return logits.transpose(0, 1)
-        return vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size).t()
+        return self.head(self.final_norm(x), labels)
 
     def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         """``[b, s]`` ids -> token + position embeddings ``[s(/tp), b, h]``."""

@@ -39,9 +39,6 @@ from engine.tensor_parallel import (
     VocabParallelEmbedding,
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
-    pad_vocab_size,
-    vocab_padded_init,
-    vocab_parallel_cross_entropy,
 )
 from engine.tensor_parallel.attributes import mark_partial_over_tp
 from engine.tensor_parallel.layers import initialise_shard
@@ -302,20 +299,9 @@ class LlamaModel(PipelineStage):
         self.layers = nn.ModuleList(DecoderLayer(config, n, self.inventory) for n in layer_numbers)
         if self.post_process:
             self.final_norm = RMSNorm(config)
-            padded = pad_vocab_size(config.vocab_size, self.tp, config.make_vocab_size_divisible_by)
-            self.padded_vocab_size = padded
-            # A tied head off the first stage keeps its own copy, initialised like the
-            # embedding (same seed); the pipeline keeps the two in sync.
+            # A tied head off the first stage is initialised like the embedding (same seed).
             head_seed_name = "embedding" if config.tie_word_embeddings else "output"
-            self.output_layer = ColumnParallelLinear(
-                config.hidden_size, padded,
-                sequence_parallel=config.sequence_parallel, dtype=config.params_dtype,
-                init_method=vocab_padded_init(
-                    seeded_init(config, head_seed_name), config.vocab_size
-                ),
-            )  # fmt: skip
-            if config.tie_word_embeddings and self.pre_process:
-                del self.output_layer.weight  # use the embedding's weight itself
+            self.build_output_layer(seeded_init(config, head_seed_name))
         check_built_as_declared(self, layer_numbers, self.pre_process, self.post_process)
 
     def forward(
@@ -365,14 +351,7 @@ class LlamaModel(PipelineStage):
         if not self.post_process:
             return x
 
-        x = self.final_norm(x)
-        tied = self.config.tie_word_embeddings and self.pre_process
-        logits = self.output_layer(x, weight=self.embedding.weight if tied else None)
-        if labels is None:
-            return logits.transpose(0, 1)
-        # Cross entropy on [s, b] avoids transposing the (large) logits.
-        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size)
-        return loss.t()
+        return self.head(self.final_norm(x), labels)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[b, s]`` ids -> ``[s(/tp), b, h]``."""
