@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             f"tensorboard: {job.training.tensorboard_dir or 'none'}",
             flush=True,
         )
+    # Every rank leaves together: a rank tearing its gloo/NCCL transport down while a peer is
+    # still in a collective can abort the peer (seen on gloo under load).
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 
