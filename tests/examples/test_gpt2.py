@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import pydoc_data.topics
 import subprocess
 import sys
 
@@ -59,6 +58,7 @@ from examples.gpt2 import GPT2, GPT2Model
 from examples.gpt2.hf import canonical_from_hf, config_from_hf
 from tests.paths import REPO
 from tests.rank_pool import RankPool, module_pool
+from tests.training.test_training import corpus  # noqa: F401 (the same byte corpus fixture)
 from tools.convert_checkpoint import main as convert_main
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
@@ -316,18 +316,7 @@ def solo():
     ranks.close()
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    """Byte tokens of the interpreter's documentation topics, one document each."""
-    prefix = str(tmp_path_factory.mktemp("data") / "topics")
-    builder = IndexedDatasetBuilder(prefix + ".bin", np.uint16)
-    for text in pydoc_data.topics.topics.values():
-        builder.add_document(np.frombuffer(text.encode()[:4000], np.uint8).astype(np.int64))
-    builder.finalize(prefix + ".idx")
-    return prefix
-
-
-def gpt2_job(corpus: str, tp: int, pp: int, sequence_parallel: bool = False) -> JobConfig:
+def gpt2_job(data_prefix: str, tp: int, pp: int, sequence_parallel: bool = False) -> JobConfig:
     model = ModelConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=256,
         vocab_size=256, max_position_embeddings=64, tie_word_embeddings=True,
@@ -348,7 +337,7 @@ def gpt2_job(corpus: str, tp: int, pp: int, sequence_parallel: bool = False) -> 
             eval_iters=0,
             log_interval=ITERS,
         ),  # fmt: skip
-        data=DataConfig(data_path=[corpus], split="98,1,1", num_workers=0),
+        data=DataConfig(data_path=[data_prefix], split="98,1,1", num_workers=0),
         checkpoint=CheckpointConfig(),
     )
 
@@ -361,7 +350,7 @@ def train(job: JobConfig) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def reference_losses(solo, corpus) -> list[float]:
+def reference_losses(solo, corpus) -> list[float]:  # noqa: F811
     losses = solo.run(train, gpt2_job(corpus, 1, 1))[0]
     assert losses[-1] < losses[0] - 0.5, f"the loss did not fall: {losses}"
     return losses
@@ -371,7 +360,7 @@ def reference_losses(solo, corpus) -> list[float]:
     "tp, pp, sequence_parallel", [(2, 1, True), (1, 2, False), (2, 2, False)],
     ids=["tp2-sp-dp4", "pp2-dp4", "tp2-pp2-dp2"],
 )  # fmt: skip
-def test_training_matches_one_rank(pool8, corpus, reference_losses, tp, pp, sequence_parallel):
+def test_training_matches_one_rank(pool8, corpus, reference_losses, tp, pp, sequence_parallel):  # noqa: E501, F811
     results = pool8.run(train, gpt2_job(corpus, tp, pp, sequence_parallel))
     assert all(losses == results[0] for losses in results)  # every rank knows the global loss
     torch.testing.assert_close(
@@ -387,7 +376,7 @@ def train_from(job: JobConfig) -> dict[int, float]:
     return pretrain(job, model_provider=GPT2).losses
 
 
-def test_resume_and_reshard_as_for_llama(pool8, solo, corpus, reference_losses, tmp_path):
+def test_resume_and_reshard_as_for_llama(pool8, solo, corpus, reference_losses, tmp_path):  # noqa: E501, F811
     """Stopped at 2 at TP=2 x PP=2 x DP=2 (distributed optimizer): resumed at the same layout
     iterations 3-4 repeat the uninterrupted run bit for bit; resharded to one rank they match
     the single-process run within float32 tolerance."""

@@ -87,24 +87,30 @@ def test_pretrain_takes_the_callers_model_forward_step_and_datasets(pool, corpus
     assert {f"layers.{n}.attention.out.bias" for n in range(2)} <= saved.keys()
 
 
-def test_examples_pretrain_trains_a_provided_family_at_pp2(corpus, tmp_path):  # noqa: F811
-    """What a user types: torchrun examples/pretrain.py --model-provider ... (2 ranks, PP=2)."""
+def torchrun_pretrain_at_pp2(provider: str, data_prefix: str, directory) -> dict:
+    """What a user types: ``torchrun examples/pretrain.py --model-provider PROVIDER ...`` on 2
+    ranks at PP=2 for 3 iterations, saving into ``directory / "ckpt"``; returns the
+    checkpoint's metadata."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--standalone", str(REPO / "examples" / "pretrain.py"),
-        "--model-provider", "tests.training.providers:OUT_BIAS", "--model-preset", "tiny",
+        "--model-provider", provider, "--model-preset", "tiny",
         "--vocab-size", "256", "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2",
         "--global-batch-size", "4", "--seq-length", "32", "--train-iters", "3",
         "--eval-iters", "0", "--log-interval", "1", "--lr", "1e-3",
-        "--data-path", corpus, "--split", "90,5,5", "--num-workers", "0",
-        "--save", str(tmp_path / "ckpt"),
+        "--data-path", data_prefix, "--split", "90,5,5", "--num-workers", "0",
+        "--save", str(directory / "ckpt"),
     ]  # fmt: skip
-    run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
+    run = subprocess.run(command, env=env, cwd=directory, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     assert "iteration 3/3" in run.stdout
-    metadata = json.loads((tmp_path / "ckpt" / "iter_0000003" / "metadata.json").read_text())
+    return json.loads((directory / "ckpt" / "iter_0000003" / "metadata.json").read_text())
+
+
+def test_examples_pretrain_trains_a_provided_family_at_pp2(corpus, tmp_path):  # noqa: F811
+    metadata = torchrun_pretrain_at_pp2("tests.training.providers:OUT_BIAS", corpus, tmp_path)
     assert metadata["model"]["family"] == "llama-out-bias"
 
 

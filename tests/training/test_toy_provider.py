@@ -6,11 +6,7 @@ contract, trains at PP=2 under torchrun through ``--model-provider``, and its lo
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,8 +15,8 @@ from engine import parallel_state
 from engine.models.build import build_model_chunks
 from engine.models.chunk import ModelChunk
 from engine.models.families import register_family
-from tests.paths import REPO
 from tests.rank_pool import RankPool, module_pool
+from tests.training.test_model_provider import torchrun_pretrain_at_pp2
 from tests.training.test_training import corpus, make_job  # noqa: F401 (a fixture)
 from tests.training.toy_provider import TOY, context_size
 
@@ -105,21 +101,5 @@ def test_losses_equal_the_single_process_run(pool, reference, corpus, tp, pp, pa
 
 
 def test_examples_pretrain_trains_the_toy_family_at_pp2(corpus, tmp_path):  # noqa: F811
-    """What a user types: torchrun examples/pretrain.py --model-provider ... (2 ranks, PP=2)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--standalone", str(REPO / "examples" / "pretrain.py"),
-        "--model-provider", "tests.training.toy_provider:TOY", "--model-preset", "tiny",
-        "--vocab-size", "256", "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2",
-        "--global-batch-size", "4", "--seq-length", "32", "--train-iters", "3",
-        "--eval-iters", "0", "--log-interval", "1", "--lr", "1e-3",
-        "--data-path", corpus, "--split", "90,5,5", "--num-workers", "0",
-        "--save", str(tmp_path / "ckpt"),
-    ]  # fmt: skip
-    run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    assert "iteration 3/3" in run.stdout
-    metadata = json.loads((tmp_path / "ckpt" / "iter_0000003" / "metadata.json").read_text())
+    metadata = torchrun_pretrain_at_pp2("tests.training.toy_provider:TOY", corpus, tmp_path)
     assert metadata["model"]["family"] == "toy-mixer"
