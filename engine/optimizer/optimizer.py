@@ -224,6 +224,13 @@ class MixedPrecisionOptimizer:
     def loss_scale(self) -> float:
         return 1.0 if self.grad_scaler is None else self.grad_scaler.scale
 
+    @property
+    def can_rescale(self) -> bool:
+        """Whether an fp16 overflow can still be absorbed by backing off the loss scale (a
+        dynamic scale above its minimum)."""
+        scaler = self.grad_scaler
+        return isinstance(scaler, DynamicGradScaler) and scaler.scale > scaler.min_scale
+
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to call backward on: multiplied by the fp16 loss scale."""
         return loss if self.grad_scaler is None else loss * self.grad_scaler.scale

@@ -49,7 +49,8 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
 }
 
-# (flag, section, field, argparse keywords). A ``bool`` type means a store_true switch.
+# (flag, section, field, argparse keywords). A ``bool`` type means a store_true switch;
+# with ``negatable`` (a switch on by default) also its ``--no-`` form.
 _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     # Architecture: given explicitly, they override --model-preset.
     ("--num-layers", "model", "num_layers", {"type": int}),
@@ -121,6 +122,12 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--exit-interval", "training", "exit_interval", {"type": int}),
     ("--exit-duration-in-mins", "training", "exit_duration_in_mins", {"type": float}),
     ("--exit-on-nan", "training", "exit_on_nan", {"type": bool}),
+    ("--check-for-nan-in-loss-and-grad", "training", "check_for_nan_in_loss_and_grad",
+     {"type": bool, "negatable": True}),
+    ("--max-consecutive-skipped-steps", "training", "max_consecutive_skipped_steps",
+     {"type": int}),
+    ("--distributed-timeout-minutes", "training", "distributed_timeout_minutes",
+     {"type": float}),
     ("--seed", "training", "seed", {"type": int}),
     ("--peak-tflops", "training", "peak_tflops", {"type": float}),
     ("--tensorboard-dir", "training", "tensorboard_dir", {}),
@@ -203,7 +210,9 @@ def _add(group: argparse._ArgumentGroup, flag: str, dest: str, kwargs: dict, hel
     kwargs = dict(kwargs)
     value_type = kwargs.pop("type", None)
     if value_type is bool:
-        kwargs["action"] = "store_true"
+        # A switch that is on by default also gets Megatron's --no-... form.
+        negatable = kwargs.pop("negatable", False)
+        kwargs["action"] = argparse.BooleanOptionalAction if negatable else "store_true"
     else:
         if value_type is not None:
             kwargs["type"] = value_type
@@ -259,11 +268,14 @@ def _yaml_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
             parser.error(f"unknown key {key!r} (there is no flag {flag})")
         if value is None:
             continue
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             if not isinstance(value, bool):
                 parser.error(f"{key!r} is a switch, expected true or false, "
                              f"got {value!r}")  # fmt: skip
-            argv += [flag] if value else []
+            if isinstance(action, argparse.BooleanOptionalAction):
+                argv += [flag if value else "--no-" + flag[2:]]
+            else:
+                argv += [flag] if value else []
         elif action.nargs == "+" and isinstance(value, list):
             argv += [flag, *map(str, value)]
         elif isinstance(value, (list, dict)):

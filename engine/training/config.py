@@ -43,6 +43,17 @@ class TrainingConfig:
     """Save and exit after this many minutes of training (``--exit-duration-in-mins``)."""
     exit_on_nan: bool = False
     """Save and exit on a non-finite loss instead of skipping the step (``--exit-on-nan``)."""
+    check_for_nan_in_loss_and_grad: bool = True
+    """Stop the run once more than ``--max-consecutive-skipped-steps`` consecutive steps had a
+    non-finite loss or gradients (``--check-for-nan-in-loss-and-grad``, on by default as in
+    Megatron; ``--no-check-for-nan-in-loss-and-grad`` only skips such steps)."""
+    max_consecutive_skipped_steps: int = 10
+    """Consecutive steps with a non-finite loss or gradients tolerated before the run stops as
+    diverged (``--max-consecutive-skipped-steps``); fp16 overflows while the dynamic loss
+    scale can still back off do not count."""
+    distributed_timeout_minutes: float = 10.0
+    """How long a collective may wait for its peers before the job fails, naming the rank
+    and the operation (``--distributed-timeout-minutes``, Megatron's default 10)."""
     seed: int = 1234
     """Seeds data order, dropout and the parameter init (``--seed``)."""
     peak_tflops: float | None = None
@@ -92,6 +103,7 @@ class TrainingConfig:
             "--exit-duration-in-mins": self.exit_duration_in_mins,
             "--peak-tflops": self.peak_tflops,
             "--device-memory-gb": self.device_memory_gb,
+            "--distributed-timeout-minutes": self.distributed_timeout_minutes,
         }
         errors += [
             f"{flag} must be positive, got {value}"
@@ -100,6 +112,11 @@ class TrainingConfig:
         ]
         if self.eval_iters < 0:
             errors.append(f"--eval-iters must be at least 0, got {self.eval_iters}")
+        if self.max_consecutive_skipped_steps < 0:
+            errors.append(
+                "--max-consecutive-skipped-steps must be at least 0, got "
+                f"{self.max_consecutive_skipped_steps}"
+            )
         return errors
 
 

@@ -40,6 +40,7 @@ from engine.pipeline_parallel.schedules import ForwardStepFunc
 from engine.training import checkpoint as ckpt
 from engine.training.config import JobConfig
 from engine.training.data import DatasetsProvider, build_datasets
+from engine.training.divergence import DivergenceGuard, StepOutcome
 from engine.training.exit import ExitConditions, SignalHandler
 from engine.training.metrics import IntervalMeter, TensorBoardWriter, detect_peak_tflops, memory_gb
 from engine.training.state import TrainingRun
@@ -154,7 +155,7 @@ class Providers:
 
 def _train(job: JobConfig, finetuning: bool, providers: Providers) -> TrainResult:
     """Set up, load, train, evaluate and save; see the module docstring."""
-    device = init_distributed()
+    device = init_distributed(timeout_s=job.training.distributed_timeout_minutes * 60)
     job.validate(dist.get_world_size())
     if providers.model_provider is not None:
         family = register_family(providers.model_provider)
@@ -196,6 +197,10 @@ def _loop(
     saved_at = run.iteration if run.iteration > 0 else None
     # The validation split, if there is one and it holds a global batch.
     valid = datasets.valid if eval_batches(run, datasets.valid) > 0 else None
+    guard = DivergenceGuard(
+        t.check_for_nan_in_loss_and_grad, t.max_consecutive_skipped_steps,
+        fp16=job.optimizer.fp16, warn=run.rank == 0,
+    )  # fmt: skip
     _print(
         run,
         f"training {run.train_iters} iterations from iteration {run.iteration}: global batch "
@@ -206,10 +211,11 @@ def _loop(
         start = time.perf_counter()
         run.optimizer.zero_grad()
         loss = run.run_schedule(train_iterators, forward_only=False)
-        grad_norm = None
+        outcome = StepOutcome(run.iteration + 1, loss, updated=False, grad_norm=None)
         if math.isfinite(loss):
             step = run.optimizer.step()
-            grad_norm = step.grad_norm
+            outcome.updated, outcome.grad_norm = step.updated, step.grad_norm
+            outcome.rescalable_overflow = step.grad_norm is None and run.optimizer.can_rescale
             if step.updated:
                 run.scheduler.step(run.scheduler_increment)
         else:
@@ -217,10 +223,11 @@ def _loop(
         run.iteration += 1
         run.consumed_samples += run.global_batch
         result.losses[run.iteration] = loss
-        meter.add(loss, grad_norm, tokens_per_iteration, time.perf_counter() - start)
+        meter.add(loss, outcome.grad_norm, tokens_per_iteration, time.perf_counter() - start)
 
         if run.iteration % t.log_interval == 0:
             _log(run, meter, writer, run.iteration)
+        guard.observe(outcome, run.optimizer.loss_scale)  # raises once the run has diverged
         if valid is not None and run.iteration % t.eval_interval == 0:
             result.evaluations[run.iteration] = evaluate(run, valid)
             _log_evaluation(run, writer, "validation", result.evaluations[run.iteration])
@@ -228,7 +235,13 @@ def _loop(
         if reason is None and not math.isfinite(loss) and t.exit_on_nan:
             reason = f"non-finite loss ({loss}) with --exit-on-nan"
         every = job.checkpoint.save_interval
-        if job.checkpoint.save and (reason or (every and run.iteration % every == 0)):
+        due = every is not None and run.iteration % every == 0
+        if due and guard.in_streak:
+            # A step skipped for non-finite values may be the start of a divergence: saving it
+            # could push the last checkpoint from before it out of --keep-last-n.
+            _print(run, f"not saving at iteration {run.iteration}: inside a run of skipped steps")
+            due = False
+        if job.checkpoint.save and (reason or due):
             result.checkpoint, saved_at = ckpt.save(run), run.iteration
         if reason is not None:
             result.exit_reason = reason

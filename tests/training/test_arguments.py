@@ -318,3 +318,30 @@ def test_a_vocab_size_smaller_than_the_tokenizers_is_an_error(capsys):
     assert "--vocab-size (1000) is smaller than the vocabulary of --tokenizer-model" in err
     assert "(32000)" in err
     assert parse_args([*TINY, *tokenizer, "--vocab-size", "32000"]).model.vocab_size == 32000
+
+
+def test_the_nan_check_is_on_by_default_and_has_megatrons_off_switch(tmp_path: Path):
+    assert parse_args(TINY).training.check_for_nan_in_loss_and_grad is True
+    off = parse_args(TINY + ["--no-check-for-nan-in-loss-and-grad"])
+    assert off.training.check_for_nan_in_loss_and_grad is False
+    config = tmp_path / "job.yaml"
+    config.write_text("check-for-nan-in-loss-and-grad: false\nmax-consecutive-skipped-steps: 2\n")
+    job = parse_args(TINY + ["--config", str(config)])
+    assert job.training.check_for_nan_in_loss_and_grad is False
+    assert job.training.max_consecutive_skipped_steps == 2
+    job = parse_args(TINY + ["--distributed-timeout-minutes", "0.5"])
+    assert job.training.distributed_timeout_minutes == 0.5
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            "--max-consecutive-skipped-steps -1",
+            "--max-consecutive-skipped-steps must be at least 0",
+        ),
+        ("--distributed-timeout-minutes 0", "--distributed-timeout-minutes must be positive"),
+    ],
+)
+def test_resilience_flags_out_of_range_are_usage_errors(capsys, flags, message):
+    assert message in _usage_error(capsys, TINY + flags.split(), world_size=1)
