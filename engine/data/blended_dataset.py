@@ -10,14 +10,18 @@ sample of every dataset once. The arrays are cached like the GPT indices.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from engine.data.gpt_dataset import SPLIT_NAMES, GPTDatasetConfig, build_gpt_datasets
+from engine.data.gpt_dataset import (
+    SPLIT_NAMES,
+    GPTDatasetConfig,
+    build_gpt_datasets,
+    cache_dir,
+)
 from engine.data.index_cache import IndexCache
 from engine.data.samplers import dataset_length
 
@@ -150,10 +154,8 @@ def build_blended_gpt_datasets(
         if size is None:
             size = sum(len(p) for p in parts)
         description = [p.description for p in parts]
-        cache_dir = config.path_to_cache or os.path.join(
-            os.path.dirname(os.path.abspath(prefixes[0])), "cache", "BlendedDataset_indices"
-        )
+        directory = cache_dir(config, prefixes[0], "BlendedDataset")
         blends.append(
-            BlendedDataset(parts, weights, size, description, cache_dir, name, distributed)
+            BlendedDataset(parts, weights, size, description, directory, name, distributed)
         )
     return blends

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from engine.data.index_cache import IndexCache
-from engine.data.indexed_dataset import IndexedDataset
+from engine.data.indexed_dataset import IndexedDataset, bin_path
 
 SPLIT_NAMES = ("train", "valid", "test")
 _INDEX_NAMES = ["document_index", "sample_index", "shuffle_index"]
@@ -63,6 +63,11 @@ class GPTDatasetConfig:
     """Draw seq_length + 1 tokens so inputs and labels both have seq_length."""
     drop_last_partial_validation_sequence: bool = True
     """Valid split: drop (True) or pad (False) the last partial sample."""
+    vocab_size: int | None = None
+    """Ids the model embeds; when set, a dataset holding an id at or above it is refused as
+    it opens (the largest id of each `.bin` is computed once and cached)."""
+    vocab_source: str = "the model's vocabulary"
+    """Where ``vocab_size`` comes from (the tokenizer, ``--vocab-size``), for that error."""
 
     def __post_init__(self) -> None:
         if self.seq_length < 1:
@@ -150,10 +155,9 @@ class GPTDataset(torch.utils.data.Dataset):
             "add_extra_token_to_sequence": config.add_extra_token_to_sequence,
             "drop_last_partial_sequence": self._drop_last(),
         }
-        cache_dir = config.path_to_cache or os.path.join(
-            os.path.dirname(os.path.abspath(indexed.path_prefix)), "cache", "GPTDataset_indices"
+        cache = IndexCache(
+            cache_dir(config, indexed.path_prefix), f"GPTDataset-{split_name}", self.description
         )
-        cache = IndexCache(cache_dir, f"GPTDataset-{split_name}", self.description)
         arrays, self.built_cache = cache.build_or_load(_INDEX_NAMES, self._build, distributed)
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]
@@ -297,6 +301,37 @@ def ltor_masks_and_position_ids(tokens: torch.Tensor, config: GPTDatasetConfig) 
     return result
 
 
+def cache_dir(config: GPTDatasetConfig, path_prefix: str, kind: str = "GPTDataset") -> str:
+    """Where the index caches of a dataset live: ``--data-cache-path``, or beside the data."""
+    return config.path_to_cache or os.path.join(
+        os.path.dirname(os.path.abspath(path_prefix)), "cache", f"{kind}_indices"
+    )
+
+
+def check_token_ids(indexed: IndexedDataset, config: GPTDatasetConfig, distributed: bool) -> None:
+    """Refuse a dataset with ids the model cannot embed (they would fail deep in the
+    embedding, naming neither the data nor the tokenizer); the largest id is cached."""
+    if config.vocab_size is None:
+        return
+    bpath = bin_path(indexed.path_prefix)
+    stat = os.stat(bpath)
+    description = {
+        "class": "TokenRange", "path_prefix": os.path.abspath(indexed.path_prefix),
+        "bin_bytes": stat.st_size, "bin_mtime_ns": stat.st_mtime_ns,
+    }  # fmt: skip
+    cache = IndexCache(cache_dir(config, indexed.path_prefix), "TokenRange", description)
+    arrays, _ = cache.build_or_load(
+        ["max_token_id"], lambda: {"max_token_id": np.array([indexed.max_token_id()])}, distributed
+    )
+    largest = int(arrays["max_token_id"][0])
+    if largest >= config.vocab_size:
+        raise ValueError(
+            f"{bpath}: holds token id {largest}, but {config.vocab_source} has "
+            f"{config.vocab_size} ids (0..{config.vocab_size - 1}): the data was tokenized with "
+            f"another tokenizer, or the vocabulary is too small"
+        )
+
+
 def build_gpt_datasets(
     path_prefix: str,
     num_samples: tuple[int | None, int | None, int | None],
@@ -305,6 +340,7 @@ def build_gpt_datasets(
 ) -> list[GPTDataset | None]:
     """Train, valid and test datasets of one prefix, split by `config.split`."""
     indexed = IndexedDataset(path_prefix)
+    check_token_ids(indexed, config, distributed)
     ranges = split_ranges(config.split, len(indexed))
     return [
         None

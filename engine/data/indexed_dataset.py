@@ -197,6 +197,15 @@ class IndexedDataset:
         """Total tokens in the `.bin`."""
         return self._bin.nbytes // np.dtype(self.dtype).itemsize
 
+    def max_token_id(self, chunk_tokens: int = 1 << 26) -> int:
+        """The largest token id in the `.bin` (-1 when empty): reads the whole file once, in
+        chunks, so memory stays flat on any corpus size."""
+        tokens = np.frombuffer(self._bin, self.dtype) if self._bin.nbytes else np.empty(0)
+        largest = -1
+        for start in range(0, len(tokens), chunk_tokens):
+            largest = max(largest, int(tokens[start : start + chunk_tokens].max()))
+        return largest
+
     def _read(self, byte_offset: int, count: int) -> np.ndarray:
         return np.frombuffer(self._bin, self.dtype, count, byte_offset)
 

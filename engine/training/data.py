@@ -76,6 +76,7 @@ def build_datasets(
         eod=None if tokenizer is None else tokenizer.eod,
         reset_position_ids=job.data.reset_position_ids,
         eod_mask_loss=job.data.eod_mask_loss,
+        **_vocabulary(job, tokenizer),
     )
     eval_samples = job.training.eval_iters * global_batch_size
     sizes = (train_iters * global_batch_size, eval_samples or None, eval_samples or None)
@@ -83,6 +84,19 @@ def build_datasets(
     if train is None:
         raise ValueError(f"--split {job.data.split} leaves no training documents")
     return Datasets(train, valid, test, tokenizer)
+
+
+def _vocabulary(job: JobConfig, tokenizer: Tokenizer | None) -> dict:
+    """The ids the model embeds (the tokenizer's, as `TrainingRun` builds it, else
+    ``--vocab-size``) and where that number comes from, for the datasets' id check."""
+    if tokenizer is not None:
+        model = job.data.tokenizer_model
+        source = f"the tokenizer (--tokenizer-type {job.data.tokenizer_type}" + (
+            f" --tokenizer-model {model})" if model else ")"
+        )
+        return {"vocab_size": tokenizer.vocab_size, "vocab_source": source}
+    size = job.model.vocab_size
+    return {"vocab_size": size, "vocab_source": f"the model (--vocab-size {size})"}
 
 
 def _sft_datasets(job: JobConfig, tokenizer: Tokenizer | None) -> Datasets:

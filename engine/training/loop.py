@@ -43,6 +43,7 @@ from engine.training.data import DatasetsProvider, build_datasets
 from engine.training.divergence import DivergenceGuard, StepOutcome
 from engine.training.exit import ExitConditions, SignalHandler
 from engine.training.metrics import IntervalMeter, TensorBoardWriter, detect_peak_tflops, memory_gb
+from engine.training.preflight import check_save_dir
 from engine.training.state import TrainingRun
 
 
@@ -164,6 +165,7 @@ def _train(job: JobConfig, finetuning: bool, providers: Providers) -> TrainResul
     t = job.training
     writer = None
     try:
+        check_save_dir(job.checkpoint.save, run.model_config, not job.checkpoint.no_save_optim)
         if t.tensorboard_dir is not None and run.rank == 0:
             writer = TensorBoardWriter(t.tensorboard_dir)
         loaded = ckpt.load(run, finetuning)
@@ -242,7 +244,8 @@ def _loop(
             _print(run, f"not saving at iteration {run.iteration}: inside a run of skipped steps")
             due = False
         if job.checkpoint.save and (reason or due):
-            result.checkpoint, saved_at = ckpt.save(run), run.iteration
+            # None: not saved (non-finite state); the last good checkpoint stays the result.
+            result.checkpoint, saved_at = ckpt.save(run) or result.checkpoint, run.iteration
         if reason is not None:
             result.exit_reason = reason
             _print(run, f"exiting at iteration {run.iteration}: {reason}")
@@ -255,7 +258,7 @@ def _loop(
             result.test = evaluate(run, datasets.test)
             _log_evaluation(run, writer, "test", result.test)
         if job.checkpoint.save and saved_at != run.iteration:
-            result.checkpoint = ckpt.save(run)
+            result.checkpoint = ckpt.save(run) or result.checkpoint
     result.iteration, result.consumed_samples = run.iteration, run.consumed_samples
     result.skipped_steps, result.nan_iterations = run.optimizer.skipped_steps, run.nan_iterations
 

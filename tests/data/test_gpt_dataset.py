@@ -217,3 +217,25 @@ def test_several_ranks_build_the_cache_once(tmp_path, corpus, pool, distributed)
         "GPTDataset-train-sample_index.npy",
         "GPTDataset-train-shuffle_index.npy",
     ]
+
+
+def test_ids_the_model_cannot_embed_are_refused_as_the_dataset_opens(tmp_path, corpus):
+    prefix, docs = corpus
+    largest = max(int(doc.max()) for doc in docs)
+    fits = config(tmp_path, vocab_size=largest + 1, vocab_source="the tokenizer (X)")
+    assert build_gpt_datasets(prefix, (10, None, None), fits)[0] is not None
+    # The largest id is computed once and cached beside the sample indices.
+    [cached] = (tmp_path / "cache").glob("*-TokenRange-max_token_id.npy")
+    assert int(np.load(cached)[0]) == largest
+    small = config(tmp_path, vocab_size=largest, vocab_source="the tokenizer (X)")
+    with pytest.raises(ValueError) as error:
+        build_gpt_datasets(prefix, (10, None, None), small)
+    message = str(error.value)
+    assert f"{prefix}.bin" in message and f"token id {largest}" in message
+    assert f"the tokenizer (X) has {largest} ids" in message
+
+
+def test_the_largest_id_is_read_in_chunks(corpus):
+    prefix, docs = corpus
+    indexed = IndexedDataset(prefix)
+    assert indexed.max_token_id(chunk_tokens=7) == max(int(doc.max()) for doc in docs)
