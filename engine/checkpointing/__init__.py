@@ -3,9 +3,12 @@
 `protocol` decides who writes and reads what, and when; `metadata` is what ``metadata.json``
 records and the check that a checkpoint fits the model; `format` is what a shard file holds
 and how shards from any layout turn back into full tensors; `storage` the directories and
-atomic renames; `rng` the random streams; `safetensors_writer` streams tensors to disk.
+atomic renames; `rng` the random streams; `safetensors_writer` streams tensors to disk;
+`integrity` the files' checksums and the refusal of non-finite state; `snapshot` what one rank
+saves at an instant and writing it.
 """
 
+from engine.checkpointing.integrity import NonFiniteStateError
 from engine.checkpointing.metadata import (
     FORMAT_VERSION,
     METADATA_FILE,
@@ -25,6 +28,7 @@ __all__ = [
     "LATEST_FILE",
     "METADATA_FILE",
     "CheckpointError",
+    "NonFiniteStateError",
     "check_architecture",
     "iteration_dir",
     "load_checkpoint",

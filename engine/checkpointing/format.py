@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from engine.checkpointing.storage import fsync_file
+from engine.checkpointing.safetensors_writer import StreamingSafetensorsWriter
+from engine.checkpointing.storage import CheckpointError
 from engine.models.chunk import inventory_of
 from engine.models.inventory import ParameterSpec
 from engine.models.weights import global_name
@@ -158,26 +158,35 @@ def split_canonical(full: torch.Tensor, placement: Placement) -> dict[str, torch
 # Files -------------------------------------------------------------------------------------
 
 
-def save_shards(path: Path, tensors: dict[str, tuple[torch.Tensor, Placement]]) -> None:
+def save_shards(path: Path, tensors: dict[str, tuple[torch.Tensor, Placement]]) -> dict[str, Any]:
     """Write ``{key: (tensor, placement)}`` to a safetensors file whose header holds the
-    index (key -> placement as JSON)."""
-    # safetensors refuses tensors that share storage (the DDP buffer's views do): copy.
-    data = {key: t.detach().to("cpu", copy=True).contiguous() for key, (t, _) in tensors.items()}
+    index (key -> placement as JSON), fsynced; return its checksum record
+    (`engine.checkpointing.integrity`). Written one tensor at a time, straight from the
+    tensors given (views into the DDP buffers included): no copy of the whole shard."""
     index = {key: asdict(p) for key, (_, p) in tensors.items()}
-    save_file(data, str(path), metadata={"index": json.dumps(index)})
-    fsync_file(path)
+    specs = [(key, t.dtype, tuple(t.shape)) for key, (t, _) in tensors.items()]
+    writer = StreamingSafetensorsWriter(path, specs, {"index": json.dumps(index)})
+    try:
+        for key, (tensor, _) in tensors.items():
+            writer.write(key, tensor)
+    finally:
+        writer.close()
+    return writer.checksum()
 
 
 def read_header(path: Path) -> dict[str, Placement]:
     """The index (key -> placement) of a shard file, without reading its tensors."""
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-    if "index" not in header:
-        raise ValueError(f"{path} is not a checkpoint shard file (its header has no index)")
-    index = {}
-    for key, entry in json.loads(header["index"]).items():
-        entry["parts"] = [tuple(part) for part in entry["parts"]]
-        index[key] = Placement(**entry)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        if "index" not in header:
+            raise ValueError("its header has no index")
+        index = {}
+        for key, entry in json.loads(header["index"]).items():
+            entry["parts"] = [tuple(part) for part in entry["parts"]]
+            index[key] = Placement(**entry)
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{path} is not a readable checkpoint shard file: {error}") from error
     return index
 
 
@@ -254,14 +263,30 @@ class ShardReader:
         same way (same TP size and fusion: the usual resume), straight from the saved shards
         of the same TP rank, padding rows included; otherwise rebuilt from the full canonical
         tensors (`local_from_canonical`)."""
+        same = self._same_cut_entries(placement)
+        if same:
+            return self._read_local(same)
+        return local_from_canonical(placement, self.canonical)
+
+    def files_for(self, placement: Placement) -> set[Path]:
+        """The files `local` reads for ``placement`` (to verify them first)."""
+        same = self._same_cut_entries(placement)
+        if same:
+            return {entry.path for entry in same}
+        params = {self._holder.get(self.aliases.get(name, name)) for name, _ in placement.parts}
+        return {entry.path for param in params if param for entry in self._entries[param]}
+
+    def _same_cut_entries(self, placement: Placement) -> list[_Entry]:
+        """The saved slices that make up exactly this rank's tensor, or [] when the
+        checkpoint cut this parameter otherwise."""
         same = [
             entry
             for entry in self._entries.get(placement.param, [])
             if _same_cut(entry.placement, placement)
         ]
-        if same and sum(e.placement.end - e.placement.start for e in same) == placement.numel:
-            return self._read_local(same)
-        return local_from_canonical(placement, self.canonical)
+        if sum(e.placement.end - e.placement.start for e in same) == placement.numel:
+            return same
+        return []
 
     def canonical(self, name: str) -> torch.Tensor:
         """The full canonical tensor ``name`` (float as saved, on the CPU)."""
@@ -297,9 +322,12 @@ class ShardReader:
         return flat.view(placement.local_shape)
 
     def _read_tensor(self, entry: _Entry) -> torch.Tensor:
-        if entry.path not in self._open:
-            self._open[entry.path] = safe_open(str(entry.path), framework="pt")
-        return self._open[entry.path].get_tensor(entry.key)
+        try:
+            if entry.path not in self._open:
+                self._open[entry.path] = safe_open(str(entry.path), framework="pt")
+            return self._open[entry.path].get_tensor(entry.key)
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{entry.path}: cannot read {entry.key}: {error}") from error
 
 
 def _same_cut(saved: Placement, wanted: Placement) -> bool:

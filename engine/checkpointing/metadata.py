@@ -48,10 +48,12 @@ def metadata_record(
     optimizer_step: int = 0,
     grad_scaler: dict[str, Any] | None = None,
     skipped_steps: int = 0,
+    checksums: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The contents of ``metadata.json`` (the defaults: a weights-only checkpoint, as
-    conversion writes)."""
-    return {
+    conversion writes). ``checksums``: every file's, as
+    `engine.checkpointing.integrity.checksums_record` gives them (None: not recorded)."""
+    record = {
         "format_version": FORMAT_VERSION,
         "iteration": iteration,
         "consumed_samples": consumed_samples,
@@ -73,6 +75,9 @@ def metadata_record(
         },  # fmt: skip
         "saved_at_unix_s": time.time(),
     }
+    if checksums is not None:
+        record["checksums"] = checksums
+    return record
 
 
 def config_record(config: Any) -> dict[str, Any]:
@@ -116,7 +121,7 @@ def open_checkpoint(load_dir: str | Path, iteration: int | None = None) -> tuple
             f"incomplete checkpoint: {path} does not exist (the save of iteration {iteration} "
             "did not finish); check --load / --ckpt-step"
         )
-    metadata = json.loads(path.read_text())
+    metadata = read_metadata(directory)
     if metadata.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {metadata['format_version']}, newer than this "
@@ -129,6 +134,19 @@ def open_checkpoint(load_dir: str | Path, iteration: int | None = None) -> tuple
             f"are missing, e.g. {missing[0]}"
         )
     return directory, metadata
+
+
+def read_metadata(directory: Path) -> dict[str, Any]:
+    """``directory/metadata.json``, parsed; `CheckpointError` naming it when it is corrupt."""
+    path = directory / METADATA_FILE
+    try:
+        metadata = json.loads(path.read_text())
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("files"), list):
+            raise ValueError("no list of files")
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        message = f"{path} is corrupt (not a checkpoint's metadata): {error}"
+        raise CheckpointError(message) from error
+    return metadata
 
 
 def check_architecture(

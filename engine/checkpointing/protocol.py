@@ -44,7 +44,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,28 +54,33 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine import parallel_state
 from engine.checkpointing.format import (
     MODEL_STATE,
     OPTIMIZER_STATES,
     LazyLocalState,
     Placement,
     ShardReader,
-    is_tied_copy,
-    placement_of,
     read_header,
-    save_shards,
 )
+from engine.checkpointing.integrity import NonFiniteStateError, checksums_record, verify_files
 from engine.checkpointing.metadata import (
     METADATA_FILE,
     check_architecture,
-    config_record,
     jsonable,
     layout_record,
     metadata_record,
     open_checkpoint,
+    read_metadata,
 )
-from engine.checkpointing.rng import load_pickle, rng_state, save_pickle, set_rng_state
+from engine.checkpointing.rng import load_pickle, set_rng_state
+from engine.checkpointing.snapshot import (
+    RankSnapshot,
+    WrittenFiles,
+    optimizer_placements,
+    take_snapshot,
+    write_snapshot,
+)
+from engine.checkpointing.snapshot import placements as snapshot_placements
 from engine.checkpointing.storage import (
     LATEST_FILE,
     CheckpointError,
@@ -84,10 +91,8 @@ from engine.checkpointing.storage import (
     write_text_atomic,
 )
 from engine.distributed.ddp import DistributedDataParallel
-from engine.models.chunk import config_of
 from engine.optimizer.lr_schedule import OptimizerParamScheduler
 from engine.optimizer.optimizer import MixedPrecisionOptimizer
-from engine.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -111,158 +116,129 @@ def save_checkpoint(
         config_dict: the run's configuration, stored as JSON in ``metadata.json`` (dataclasses
             and dtypes are converted; anything else unknown is stored as its ``str``).
         keep_last_n: after the new checkpoint is complete, delete all but the newest n.
+
+    Raises:
+        NonFiniteStateError: a weight or optimizer tensor held a NaN or an infinity; nothing
+            was published (the previous checkpoint is still the latest, none was deleted).
+        CheckpointError: writing or publishing failed on some rank (raised on every rank).
     """
+    request = begin_save(save_dir, iteration, model_chunks, consumed_samples, config_dict,
+                         keep_last_n)  # fmt: skip
+    snapshot = take_snapshot(model_chunks, optimizer, lr_scheduler, copy_to_host=False)
+    written, error = write_or_error(request.tmp, snapshot)
+    return finish_save(request, snapshot, written, error)
+
+
+@dataclass
+class SaveRequest:
+    """One save in progress: where it goes and what ``metadata.json`` records besides the
+    snapshot."""
+
+    save_dir: Path
+    iteration: int
+    consumed_samples: int
+    config_dict: dict[str, Any] | None
+    keep_last_n: int | None
+
+    @property
+    def final(self) -> Path:
+        return iteration_dir(self.save_dir, self.iteration)
+
+    @property
+    def tmp(self) -> Path:
+        """Where the ranks write; published by renaming it to `final`."""
+        return self.final.with_name(self.final.name + ".tmp")
+
+
+def begin_save(
+    save_dir: str | Path,
+    iteration: int,
+    model_chunks: Sequence[nn.Module],
+    consumed_samples: int,
+    config_dict: dict[str, Any] | None,
+    keep_last_n: int | None,
+) -> SaveRequest:
+    """Collective: rank 0 clears what killed saves left and creates the ``.tmp`` directory;
+    the distributed optimizer's parameter all-gather is finished (weights are current)."""
     if keep_last_n is not None and keep_last_n < 1:
         raise ValueError(f"--keep-last-n must be at least 1, got {keep_last_n}")
-    save_dir = Path(save_dir)
-    final = iteration_dir(save_dir, iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    rank = _global_rank()
-    with _on_every_rank(f"preparing {tmp}"):
-        if rank == 0:
-            save_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale(save_dir)
-            tmp.mkdir()
+    request = SaveRequest(Path(save_dir), iteration, consumed_samples, config_dict, keep_last_n)
+    with _on_every_rank(f"preparing {request.tmp}"):
+        if _global_rank() == 0:
+            request.save_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale(request.save_dir)
+            request.tmp.mkdir()
     for chunk in model_chunks:  # distributed optimizer: parameters still being all-gathered
         if isinstance(chunk, DistributedDataParallel):
             chunk.finish_param_sync()
-    written: list[str] = []
-    optimizer_meta: dict[str, Any] = {}
+    return request
+
+
+def write_or_error(tmp: Path, snapshot: RankSnapshot) -> tuple[WrittenFiles, Exception | None]:
+    """`write_snapshot`, with its failure returned (to be raised collectively by
+    `finish_save`) rather than raised on this rank alone."""
+    try:
+        return write_snapshot(tmp, snapshot), None
+    except Exception as error:  # noqa: BLE001 - raised on every rank by finish_save
+        return WrittenFiles(), error
+
+
+def finish_save(
+    request: SaveRequest, snapshot: RankSnapshot, written: WrittenFiles, error: Exception | None
+) -> Path:
+    """Collective, once every rank has written (or failed): raise any rank's failure on every
+    rank; refuse non-finite state; rank 0 writes ``metadata.json`` with every file's checksum,
+    renames the directory into place, replaces ``latest`` and applies ``keep_last_n``."""
+    tmp, final, rank = request.tmp, request.final, _global_rank()
     with _on_every_rank(f"writing into {tmp}"):  # also the barrier: every rank has written
-        written, optimizer_meta = _write_rank_files(tmp, model_chunks, optimizer)
-    # A rank whose DP slices are all padding holds no optimizer state and counts no steps,
-    # so the step is the maximum.
-    gathered = _all_gather_objects((written, optimizer_meta.get("step", 0)))
+        if error is not None:
+            raise error
+    gathered: list[WrittenFiles] = _all_gather_objects(written)
+    non_finite = [(r, w.non_finite) for r, w in enumerate(gathered) if w.non_finite is not None]
+    if non_finite:
+        with _on_every_rank(f"removing {tmp}"):
+            if rank == 0:
+                shutil.rmtree(tmp)
+        bad_rank, what = non_finite[0]
+        raise NonFiniteStateError(
+            f"not saved: the checkpoint of iteration {request.iteration} holds NaN or inf, "
+            f"first {what} on rank {bad_rank} ({len(non_finite)} rank(s) affected); {tmp} was "
+            f"removed and {request.save_dir / LATEST_FILE} is unchanged"
+        )
     with _on_every_rank(f"publishing {final}"):  # the others wait for rank 0 here
         if rank == 0:
-            optimizer_meta["step"] = max(step for _, step in gathered)
-            metadata = _metadata(
-                iteration, consumed_samples, model_chunks, optimizer, optimizer_meta,
-                lr_scheduler, config_dict, sorted(f for files, _ in gathered for f in files),
-            )  # fmt: skip
+            checksums = {name: rec for w in gathered for name, rec in w.checksums.items()}
+            # A rank whose DP slices are all padding holds no optimizer state and counts no
+            # steps, so the step is the maximum.
+            step = max(w.optimizer_step for w in gathered)
+            metadata = _metadata(request, snapshot, step, checksums)
             text = json.dumps(metadata, indent=1, default=jsonable)
             write_text_atomic(tmp / METADATA_FILE, text)
             publish(tmp, final)
-            write_text_atomic(save_dir / LATEST_FILE, str(iteration))
-            if keep_last_n is not None:
-                keep_last(save_dir, keep_last_n, iteration)
+            write_text_atomic(request.save_dir / LATEST_FILE, str(request.iteration))
+            if request.keep_last_n is not None:
+                keep_last(request.save_dir, request.keep_last_n, request.iteration)
     return final
 
 
-def _write_rank_files(
-    tmp: Path, model_chunks: Sequence[nn.Module], optimizer: MixedPrecisionOptimizer | None
-) -> tuple[list[str], dict[str, Any]]:
-    """Write this rank's files; return their names and the optimizer's step, loss scaler and
-    skipped steps (empty when this rank saves no optimizer state)."""
-    tp, pp, dp = _coordinates()
-    written: list[str] = []
-    optimizer_meta: dict[str, Any] = {}
-    if dp == 0:  # weights are replicated over DP
-        name = f"model_tp{tp:02d}_pp{pp:02d}.safetensors"
-        save_shards(tmp / name, _model_tensors(model_chunks, tp))
-        written.append(name)
-    if optimizer is not None and (_is_distributed(optimizer) or dp == 0):
-        name = f"optim_tp{tp:02d}_pp{pp:02d}_dp{dp:02d}.safetensors"
-        tensors, optimizer_meta = _optimizer_tensors(model_chunks, optimizer, tp)
-        save_shards(tmp / name, tensors)
-        written.append(name)
-    name = f"rng_rank{_global_rank():05d}.pt"
-    save_pickle(tmp / name, rng_state())
-    written.append(name)
-    return written, optimizer_meta
-
-
-def _model_tensors(
-    model_chunks: Sequence[nn.Module], tp: int
-) -> dict[str, tuple[torch.Tensor, Placement]]:
-    """This rank's weights to save: TP-sharded ones on every TP rank, replicated ones on TP
-    rank 0 only, never the tied output head's copy."""
-    out = {}
-    for placement, param in _placements(model_chunks):
-        if placement.partition_dim is None and tp != 0:
-            continue
-        out[f"{MODEL_STATE}/{placement.param}/0"] = (param.detach(), placement)
-    return out
-
-
-def _optimizer_tensors(
-    model_chunks: Sequence[nn.Module], optimizer: MixedPrecisionOptimizer, tp: int
-) -> tuple[dict[str, tuple[torch.Tensor, Placement]], dict[str, Any]]:
-    """The optimizer state this rank owns, each shard with its place; and the step count,
-    loss scaler and skipped steps."""
-    local = optimizer.local_state_dict()
-    placements = _optimizer_placements(model_chunks, optimizer)
-    out = {}
-    for shard in local["shards"]:
-        placement, tied_copy = placements[shard["name"]]
-        if tied_copy or (placement.partition_dim is None and tp != 0):
-            continue  # the tied head's copy, or a TP-replicated parameter saved by TP rank 0
-        ranged = placement.with_range(shard["start"], shard["end"])
-        for state in OPTIMIZER_STATES:
-            key = f"{state}/{placement.param}/{shard['start']}"
-            out[key] = (shard[state], ranged)
-    meta = {k: local[k] for k in ("step", "grad_scaler", "skipped_steps")}
-    return out, meta
-
-
-def _placements(
-    model_chunks: Sequence[nn.Module], with_tied_copy: bool = False
-) -> list[tuple[Placement, nn.Parameter]]:
-    """(placement, parameter) of every parameter of this rank, the tied head's copy (saved
-    never, loaded from the embedding) only ``with_tied_copy``."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    out = []
-    for chunk in model_chunks:
-        module = unwrap(chunk)
-        for name, param in module.named_parameters():
-            if with_tied_copy or not is_tied_copy(module, name):
-                out.append((placement_of(module, name, param, tp_rank, tp_size), param))
-    return out
-
-
-def _optimizer_placements(
-    model_chunks: Sequence[nn.Module], optimizer: MixedPrecisionOptimizer
-) -> dict[str, tuple[Placement, bool]]:
-    """The optimizer's parameter names -> (placement, is the tied head's copy)."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    owner = {}
-    for chunk in model_chunks:
-        module = unwrap(chunk)
-        for name, param in module.named_parameters():
-            owner[id(param)] = (module, name)
-    out = {}
-    for opt_name, param in optimizer.named_parameters():
-        module, name = owner[id(param)]
-        placement = placement_of(module, name, param, tp_rank, tp_size)
-        out[opt_name] = (placement, is_tied_copy(module, name))
-    return out
-
-
 def _metadata(
-    iteration: int,
-    consumed_samples: int,
-    model_chunks: Sequence[nn.Module],
-    optimizer: MixedPrecisionOptimizer | None,
-    optimizer_meta: dict[str, Any],
-    lr_scheduler: OptimizerParamScheduler | None,
-    config_dict: dict[str, Any] | None,
-    files: list[str],
+    request: SaveRequest, snapshot: RankSnapshot, step: int, checksums: dict[str, Any]
 ) -> dict[str, Any]:
+    meta = snapshot.optimizer_meta
     return metadata_record(
-        iteration,
-        consumed_samples,
-        layout_record(),
-        _model_config(model_chunks),
-        config_dict or {},
-        files,
-        use_distributed_optimizer=optimizer is not None and _is_distributed(optimizer),
-        has_optimizer_state=optimizer is not None,
-        lr_scheduler=None if lr_scheduler is None else lr_scheduler.state_dict(),
-        optimizer_step=optimizer_meta.get("step", 0),
-        grad_scaler=optimizer_meta.get("grad_scaler"),
-        skipped_steps=optimizer_meta.get("skipped_steps", 0),
+        request.iteration,
+        request.consumed_samples,
+        snapshot.layout,
+        snapshot.model_config,
+        request.config_dict or {},
+        sorted(checksums),
+        use_distributed_optimizer=snapshot.use_distributed_optimizer,
+        has_optimizer_state=snapshot.has_optimizer_state,
+        lr_scheduler=snapshot.lr_scheduler,
+        optimizer_step=step,
+        grad_scaler=meta.get("grad_scaler"),
+        skipped_steps=meta.get("skipped_steps", 0),
+        checksums=checksums_record(checksums),
     )
 
 
@@ -277,6 +253,8 @@ def load_checkpoint(
     finetune: bool = False,
     load_rng: bool = True,
     iteration: int | None = None,
+    *,
+    verify: bool = True,
 ) -> tuple[int, int]:
     """Load a checkpoint saved under any layout into this rank's chunks (collective).
 
@@ -285,33 +263,40 @@ def load_checkpoint(
         finetune: weights only; the optimizer (if given) keeps its fresh state but its float32
             main parameters follow the loaded weights; returns iteration 0, 0 samples.
         load_rng: restore the RNG streams (only possible under the same layout).
+        verify: check every file this rank reads against the checksums in ``metadata.json``
+            before using it. Off only to measure what verifying costs
+            (benchmarks/checkpoint_io.py); the trainer always verifies.
 
     Returns:
         ``(iteration, consumed_samples)`` to resume from.
 
     Raises:
-        CheckpointError: no checkpoint, an incomplete one, or one whose architecture or
-            contents do not fit the model; the message names the mismatch and the file.
+        CheckpointError: no checkpoint, an incomplete one, a corrupt file (checksum, size or
+            format), or one whose architecture or contents do not fit the model; the message
+            names the mismatch and the file. Raised on every rank.
     """
     with _on_every_rank(f"opening the checkpoint in {load_dir}"):
         directory, metadata = open_checkpoint(load_dir, iteration)
         check_architecture(metadata, model_chunks, directory)
-    # A tied output head's copy (last stage) loads the embedding, which is what was saved.
-    tied = {"output_layer.weight": "embedding.weight"} if metadata["model"].get(
-        "tie_word_embeddings") else {}  # fmt: skip
-    model_reader = ShardReader(_shard_headers(directory, metadata, "model_"), MODEL_STATE, tied)
-    placements = _placements(model_chunks, with_tied_copy=True)
-    readers = {MODEL_STATE: model_reader}
-    if optimizer is not None and not finetune:
-        if not metadata.get("has_optimizer_state"):
+        if optimizer is not None and not finetune and not metadata.get("has_optimizer_state"):
             raise CheckpointError(
                 f"checkpoint {directory} holds no optimizer state: load it with --finetune "
                 "(weights only) or without an optimizer (--no-load-optim)"
             )
-        optim_files = _shard_headers(directory, metadata, "optim_")
-        readers.update({s: ShardReader(optim_files, s, tied) for s in OPTIMIZER_STATES})
+    # A tied output head's copy (last stage) loads the embedding, which is what was saved.
+    tied = {"output_layer.weight": "embedding.weight"} if metadata["model"].get(
+        "tie_word_embeddings") else {}  # fmt: skip
+    placements = snapshot_placements(model_chunks, with_tied_copy=True)
+    with _on_every_rank(f"reading the shard headers of {directory}"):
+        model_files = _shard_headers(directory, metadata, "model_", verify)
+        readers = {MODEL_STATE: ShardReader(model_files, MODEL_STATE, tied)}
+        if optimizer is not None and not finetune:
+            optim_files = _shard_headers(directory, metadata, "optim_", verify)
+            readers.update({s: ShardReader(optim_files, s, tied) for s in OPTIMIZER_STATES})
+    model_reader = readers[MODEL_STATE]
     # Which shards are missing is known from the headers: agree on it before any rank starts
     # loading (a rank failing alone would leave the others waiting in the optimizer's gather).
+    # Then every file this rank will read is verified against its checksum, before any use.
     with _on_every_rank(f"loading {directory}"):
         problems = {
             problem
@@ -322,6 +307,11 @@ def load_checkpoint(
         }
         if problems:
             raise CheckpointError(f"checkpoint {directory}: " + "; ".join(sorted(problems)))
+        needed = {p.name for r in readers.values() for pl, _ in placements for p in r.files_for(pl)}
+        if not finetune and load_rng and _rng_file(metadata, directory) is not None:
+            needed.add(_rng_name())
+        if verify:
+            verify_files(directory, needed, metadata, warn=_global_rank() == 0)
     with _on_every_rank(f"loading weights from {directory}"), torch.no_grad():
         for placement, param in placements:
             param.copy_(_local(placement, model_reader, directory))
@@ -336,8 +326,10 @@ def load_checkpoint(
     if lr_scheduler is not None and metadata.get("lr_scheduler") is not None:
         lr_scheduler.load_state_dict(metadata["lr_scheduler"])
     if load_rng:
-        _load_rng(metadata, directory)
-    _barrier()
+        with _on_every_rank(f"loading the RNG states from {directory}"):
+            path = _rng_file(metadata, directory, warn=True)
+            if path is not None:
+                set_rng_state(load_pickle(path))
     return metadata["iteration"], metadata["consumed_samples"]
 
 
@@ -347,7 +339,8 @@ def read_full_state(directory: str | Path) -> dict[str, dict[str, torch.Tensor]]
     entries empty without optimizer state). Single process, no model needed; holds the whole
     model in memory, so meant for conversion tools and tests on models that fit."""
     directory = Path(directory)
-    metadata = json.loads((directory / METADATA_FILE).read_text())
+    metadata = read_metadata(directory)
+    verify_files(directory, metadata["files"], metadata)
     out = {}
     for state, prefix in ((MODEL_STATE, "model_"), *((s, "optim_") for s in OPTIMIZER_STATES)):
         reader = ShardReader(_shard_headers(directory, metadata, prefix), state)
@@ -356,11 +349,23 @@ def read_full_state(directory: str | Path) -> dict[str, dict[str, torch.Tensor]]
 
 
 def _shard_headers(
-    directory: Path, metadata: dict[str, Any], prefix: str
+    directory: Path, metadata: dict[str, Any], prefix: str, verify: bool = True
 ) -> dict[Path, dict[str, Placement]]:
     """The indexes of the checkpoint's shard files whose names start with ``prefix``."""
-    paths = [directory / f for f in metadata["files"] if f.startswith(prefix)]
-    return {path: read_header(path) for path in paths}
+    out = {}
+    for name in (f for f in metadata["files"] if f.startswith(prefix)):
+        try:
+            out[directory / name] = read_header(directory / name)
+        except CheckpointError as error:
+            if not verify:
+                raise
+            # Say *why* it does not parse when the checksums can: truncated, or corrupted.
+            try:
+                verify_files(directory, [name], metadata, warn=False)
+            except CheckpointError as corrupt:
+                raise corrupt from error
+            raise
+    return out
 
 
 def _local(placement: Placement, reader: ShardReader, directory: Path) -> torch.Tensor:
@@ -381,7 +386,7 @@ def _load_optimizer(
 ) -> None:
     readers = {s: readers[s] for s in OPTIMIZER_STATES}
     # The tied head's copy loads the embedding's state (the readers alias its name).
-    placements = {n: p for n, (p, _) in _optimizer_placements(model_chunks, optimizer).items()}
+    placements = {n: p for n, (p, _) in optimizer_placements(model_chunks, optimizer).items()}
     state = {
         "params": _CheckedLocalState(placements, readers, directory),
         "step": metadata["optimizer_step"],
@@ -406,46 +411,30 @@ class _CheckedLocalState(LazyLocalState):
             raise CheckpointError(f"checkpoint {self.directory}: {message}") from error
 
 
-def _load_rng(metadata: dict[str, Any], directory: Path) -> None:
+def _rng_name() -> str:
+    return f"rng_rank{_global_rank():05d}.pt"
+
+
+def _rng_file(metadata: dict[str, Any], directory: Path, warn: bool = False) -> Path | None:
+    """This rank's RNG file, when the checkpoint has one for this layout (with the reason
+    why not, on rank 0, when ``warn``)."""
     saved, mine = metadata["layout"], layout_record()
-    name = f"rng_rank{_global_rank():05d}.pt"
-    if name not in metadata["files"]:
+    if _rng_name() not in metadata["files"]:
         # A converted checkpoint (tools/convert_checkpoint.py) holds weights only.
-        if _global_rank() == 0:
+        if warn and _global_rank() == 0:
             logger.warning("RNG states not restored: %s holds none", directory)
-        return
+        return None
     if saved != mine:
-        if _global_rank() == 0:
+        if warn and _global_rank() == 0:
             logger.warning(
                 "RNG states not restored: the checkpoint was saved under %s, this run is %s "
                 "(per-rank streams only map onto the same layout)", saved, mine,
             )  # fmt: skip
-        return
-    set_rng_state(load_pickle(directory / name))
+        return None
+    return directory / _rng_name()
 
 
 # Layout and small helpers -------------------------------------------------------------------
-
-
-def _coordinates() -> tuple[int, int, int]:
-    """This rank's (TP, PP, DP) ranks."""
-    return (
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_pipeline_model_parallel_rank(),
-        parallel_state.get_data_parallel_rank(),
-    )
-
-
-def _model_config(model_chunks: Sequence[nn.Module]) -> dict[str, Any]:
-    """The model's configuration as the metadata records it (plain JSON values)."""
-    return config_record(config_of(unwrap(model_chunks[0])))
-
-
-def _is_distributed(optimizer: MixedPrecisionOptimizer) -> bool:
-    # Imported here: the distributed optimizer module imports the DDP machinery.
-    from engine.optimizer.distributed_optimizer import DistributedOptimizer
-
-    return isinstance(optimizer, DistributedOptimizer)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 as a small pickled file.
 
 Pickles are always loaded with ``weights_only=True``: only tensors and plain containers are
-accepted; a file that would run code when unpickled is refused.
+accepted; a file that would run code when unpickled is refused (`CheckpointError`, from the
+``UnpicklingError``).
 """
 
 from __future__ import annotations
@@ -14,20 +15,29 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from engine.checkpointing.storage import fsync_file
+from engine.checkpointing.integrity import save_pickle_hashed
+from engine.checkpointing.storage import CheckpointError
 from engine.tensor_parallel.random import get_rng_states, set_rng_states
 
 
-def save_pickle(path: Path, obj: Any) -> None:
-    """torch.save + fsync, for small non-tensor state (RNG states)."""
-    torch.save(obj, path)
-    fsync_file(path)
+def save_pickle(path: Path, obj: Any) -> dict[str, Any]:
+    """torch.save + fsync, for small non-tensor state (RNG states); returns the file's
+    checksum record."""
+    return save_pickle_hashed(path, obj)
 
 
 def load_pickle(path: Path) -> Any:
     """torch.load with ``weights_only=True``, always: only tensors and plain containers are
-    accepted; a pickle that would construct other objects (and so run code) is refused."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    accepted; a pickle that would construct other objects (and so run code) is refused.
+
+    Raises:
+        CheckpointError: naming ``path``, from whatever ``torch.load`` raised (a refused or
+            truncated pickle, a file that is no pickle).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure, named and chained
+        raise CheckpointError(f"{path} cannot be loaded: {error}") from error
 
 
 def rng_state() -> dict[str, Any]:

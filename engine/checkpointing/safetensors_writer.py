@@ -5,7 +5,8 @@ cannot give it that. The format allows streaming when the header is known first:
 little-endian header length, a JSON header naming every tensor's dtype, shape and byte range
 (and ``__metadata__``), padded with spaces to 8 bytes, then the raw data in that order. The
 files this writes are ordinary safetensors files (``safe_open``, ``transformers`` and
-`engine.checkpointing.format.read_header` read them).
+`engine.checkpointing.format.read_header` read them). Every byte written is hashed on the way
+(`checksum`), for ``metadata.json``'s checksums (`engine.checkpointing.integrity`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from engine.checkpointing.storage import fsync_file
+from engine.checkpointing.integrity import HashingFile
 
 SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -52,7 +53,7 @@ class StreamingSafetensorsWriter:
         self.path = path
         self._specs = list(specs)
         self._next = 0
-        self._file = open(path, "wb")  # noqa: SIM115 - closed by `close`
+        self._file = HashingFile(path)
         self._file.write(struct.pack("<Q", len(blob)) + blob)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -75,4 +76,7 @@ class StreamingSafetensorsWriter:
                 f"{self.path}: {len(self._specs) - self._next} declared tensor(s) never "
                 f"written, first {self._specs[self._next][0]}"
             )
-        fsync_file(self.path)
+
+    def checksum(self) -> dict[str, Any]:
+        """The checksum record of everything written (`engine.checkpointing.integrity`)."""
+        return self._file.checksum.record()

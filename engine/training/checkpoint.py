@@ -20,22 +20,38 @@ from engine.training.state import TrainingRun
 logger = logging.getLogger(__name__)
 
 
-def save(run: TrainingRun) -> str:
+def save(run: TrainingRun) -> str | None:
     """Save ``run`` at its current iteration into ``--save`` (collective); return the
-    checkpoint's directory."""
+    checkpoint's directory, or None when the state was not finite and so was not saved (an
+    error is logged; the previous checkpoint stays the latest, and ``--keep-last-n`` deleted
+    nothing)."""
     config = run.job.checkpoint
     assert config.save is not None, "the loop saves only with --save"
-    path = checkpointing.save_checkpoint(
-        config.save,
-        run.iteration,
-        run.chunks,
-        None if config.no_save_optim else run.optimizer,
-        run.scheduler,
-        run.consumed_samples,
-        config_dict=dataclasses.asdict(run.job),
-        keep_last_n=config.keep_last_n,
-    )
+    try:
+        path = checkpointing.save_checkpoint(
+            config.save,
+            run.iteration,
+            run.chunks,
+            None if config.no_save_optim else run.optimizer,
+            run.scheduler,
+            run.consumed_samples,
+            config_dict=dataclasses.asdict(run.job),
+            keep_last_n=config.keep_last_n,
+        )
+    except checkpointing.NonFiniteStateError as error:
+        _log_not_saved(run, error)
+        return None
     return str(path)
+
+
+def _log_not_saved(run: TrainingRun, error: Exception) -> None:
+    if run.rank != 0:
+        return
+    save = run.job.checkpoint.save
+    assert save is not None
+    latest = checkpointing.read_latest_iteration(save)
+    last = "none yet" if latest is None else str(checkpointing.iteration_dir(save, latest))
+    logger.error("%s; the last good checkpoint is %s", error, last)
 
 
 def load(run: TrainingRun, finetuning: bool) -> str | None:

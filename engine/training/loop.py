@@ -41,7 +41,7 @@ from engine.training import checkpoint as ckpt
 from engine.training.config import JobConfig
 from engine.training.data import DatasetsProvider, build_datasets
 from engine.training.divergence import DivergenceGuard, StepOutcome
-from engine.training.exit import ExitConditions, SignalHandler
+from engine.training.exit import ExitConditions, SignalHandler, exit_with_launcher
 from engine.training.metrics import IntervalMeter, TensorBoardWriter, detect_peak_tflops, memory_gb
 from engine.training.preflight import check_save_dir
 from engine.training.state import TrainingRun
@@ -156,6 +156,7 @@ class Providers:
 
 def _train(job: JobConfig, finetuning: bool, providers: Providers) -> TrainResult:
     """Set up, load, train, evaluate and save; see the module docstring."""
+    exit_with_launcher()
     device = init_distributed(timeout_s=job.training.distributed_timeout_minutes * 60)
     job.validate(dist.get_world_size())
     if providers.model_provider is not None:

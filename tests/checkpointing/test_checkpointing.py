@@ -41,6 +41,7 @@ from engine.checkpointing import (
     read_latest_iteration,
     save_checkpoint,
 )
+from engine.checkpointing.integrity import checksum_file
 from engine.checkpointing.rng import load_pickle
 from engine.distributed import DistributedDataParallel
 from engine.distributed.config import DistributedDataParallelConfig
@@ -345,6 +346,15 @@ def load_errors(source: str, scratch: str) -> dict[str, str]:
         parallel_state.destroy_model_parallel()
 
 
+def record_checksum(final: Path, name: str) -> None:
+    """Record file ``name``'s current checksum in checkpoint ``final``'s metadata, as if the
+    save had written it so (to reach the checks behind the checksum)."""
+    path = final / "metadata.json"
+    metadata = json.loads(path.read_text())
+    metadata["checksums"]["files"][name] = checksum_file(final / name)
+    path.write_text(json.dumps(metadata))
+
+
 def drop_from_metadata(directory: Path, name: str) -> None:
     path = directory / "iter_0000003" / "metadata.json"
     metadata = json.loads(path.read_text())
@@ -432,8 +442,11 @@ def load_with_exploit(directory: str, marker: str) -> str:
         chunks, optimizer, scheduler = build(1, 1, False)
         final = save_checkpoint(directory, ITERATION, chunks, optimizer, scheduler, CONSUMED)
         torch.save({"torch": _Exploit(marker)}, final / "rng_rank00000.pt")
-        with pytest.raises(pickle.UnpicklingError) as error:
+        record_checksum(final, "rng_rank00000.pt")  # as if saved so: the checksum matches
+        with pytest.raises(CheckpointError) as error:
             load_checkpoint(directory, chunks, optimizer, scheduler)
+        assert isinstance(error.value.__cause__, pickle.UnpicklingError)
+        assert str(final / "rng_rank00000.pt") in str(error.value)
         return str(error.value)
     finally:
         parallel_state.destroy_model_parallel()
@@ -447,8 +460,9 @@ def test_a_pickle_that_would_run_code_is_refused(solo, tmp_path):
     # The planted file really is an exploit: an unsafe load runs it.
     torch.load(tmp_path / "ckpt" / "iter_0000003" / "rng_rank00000.pt", weights_only=False)
     assert marker.exists()
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError) as error:
         load_pickle(tmp_path / "ckpt" / "iter_0000003" / "rng_rank00000.pt")
+    assert isinstance(error.value.__cause__, pickle.UnpicklingError)
 
 
 # keep_last_n and crash safety -------------------------------------------------------------
