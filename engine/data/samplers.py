@@ -13,6 +13,7 @@ the same global order.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator, Sized
 from typing import cast
 
@@ -191,4 +192,17 @@ def build_data_loader(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_termination if num_workers > 0 else None,
     )
+
+
+def ignore_termination(worker_id: int) -> None:
+    """A DataLoader worker's start: ignore SIGTERM.
+
+    A pre-emption notice reaches every process of a job at once (SLURM signals them all,
+    torchrun signals each rank's process group, workers included). A worker that died of it
+    would take its rank down with "DataLoader worker is killed by signal" before the rank
+    could save at the next iteration; ignoring it, the worker leaves when its rank shuts the
+    loader down, or within seconds of its rank dying (the loader's watchdog of its parent).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

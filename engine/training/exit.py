@@ -1,5 +1,5 @@
 """When a run stops early: SIGTERM (a scheduler's pre-emption notice), ``--exit-duration-in-mins``
-and ``--exit-interval``.
+and ``--exit-interval``; and when its launcher dies (`exit_with_launcher`).
 
 Every rank must take the same decision at the same iteration, or some ranks would wait
 forever in the checkpoint's collectives for ranks that went on training. A signal reaches
@@ -9,7 +9,10 @@ view is all-reduced (MAX) once per iteration: if any rank wants to stop, all sto
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -92,3 +95,46 @@ class ExitConditions:
         if self.exit_interval and iteration % self.exit_interval == 0:
             return f"--exit-interval ({self.exit_interval}) reached"
         return None
+
+
+LAUNCHER_POLL_S = 1.0
+"""How often a rank checks that its torchrun agent is still there."""
+
+
+def exit_with_launcher(poll_s: float = LAUNCHER_POLL_S) -> threading.Thread | None:
+    """Under torchrun, end this rank (and its DataLoader workers) when the agent that started
+    it dies; returns the watching thread (None when not started by torchrun).
+
+    An agent killed with SIGKILL cannot stop its workers: they would go on training (and hold
+    their devices) to the end, as orphans. Nothing is saved: a killed agent means the job is
+    being torn down, and a restart resumes from the last checkpoint. A process started by a
+    shell is left alone (``nohup``, a closed terminal: a changed parent means nothing there).
+    """
+    global _watcher
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    if _watcher is not None:  # one watch per process, however many runs it makes
+        return _watcher
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        print(
+            f"rank {os.environ.get('RANK', '?')}: its torchrun agent (pid {launcher}) is gone; "
+            "exiting",
+            file=sys.stderr,
+            flush=True,
+        )
+        if os.getpgrp() == os.getpid():
+            # torchrun starts each rank as a process-group leader: this takes the rank's
+            # DataLoader workers with it at once.
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os._exit(1)
+
+    _watcher = threading.Thread(target=watch, name="exit-with-launcher", daemon=True)
+    _watcher.start()
+    return _watcher
+
+
+_watcher: threading.Thread | None = None
