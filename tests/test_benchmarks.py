@@ -28,3 +28,16 @@ def test_model_cpu_benchmark_prints_its_ratio():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.fullmatch(r"ratio_vs_hf=\d+\.\d\d", result.stdout.strip().splitlines()[-1])
+
+
+def test_checkpoint_io_benchmark_prints_its_ratios(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "checkpoint_io.py"), "--size-mb", "3",
+         "--rounds", "1", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("hash GB/s (one core): crc32 "), lines[0]
+    assert re.fullmatch(r"async_stall_over_sync_stall=\d+\.\d{3}", lines[-6]), lines[-6]
+    assert re.fullmatch(r"verify_overhead_pct=-?\d+\.\d", lines[-1]), lines[-1]

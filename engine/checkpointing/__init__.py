@@ -5,9 +5,10 @@ records and the check that a checkpoint fits the model; `format` is what a shard
 and how shards from any layout turn back into full tensors; `storage` the directories and
 atomic renames; `rng` the random streams; `safetensors_writer` streams tensors to disk;
 `integrity` the files' checksums and the refusal of non-finite state; `snapshot` what one rank
-saves at an instant and writing it.
+saves at an instant and writing it; `async_save` saving in the background.
 """
 
+from engine.checkpointing.async_save import AsyncSave, save_checkpoint_async
 from engine.checkpointing.integrity import NonFiniteStateError
 from engine.checkpointing.metadata import (
     FORMAT_VERSION,
@@ -24,6 +25,7 @@ from engine.checkpointing.storage import (
 )
 
 __all__ = [
+    "AsyncSave",
     "FORMAT_VERSION",
     "LATEST_FILE",
     "METADATA_FILE",
@@ -36,4 +38,5 @@ __all__ = [
     "read_full_state",
     "read_latest_iteration",
     "save_checkpoint",
+    "save_checkpoint_async",
 ]

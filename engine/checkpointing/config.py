@@ -29,6 +29,10 @@ class CheckpointConfig:
     """Do not save the optimizer state (``--no-save-optim``)."""
     no_save_rng: bool = False
     """Do not save the RNG states (``--no-save-rng``)."""
+    async_save: bool = False
+    """Write checkpoints in the background (``--async-save``): training stalls only while the
+    state is copied to host memory, a thread per rank writes the files, and the checkpoint is
+    published (``latest`` updated) once every rank has written it; needs ``save``."""
 
     def errors(self) -> list[str]:
         """Save / load options that need a directory, and the counts."""
@@ -43,6 +47,8 @@ class CheckpointConfig:
                 errors.append(f"--keep-last-n ({self.keep_last_n}) needs --save")
             if self.keep_last_n < 1:
                 errors.append(f"--keep-last-n must be at least 1, got {self.keep_last_n}")
+        if self.async_save and self.save is None:
+            errors.append("--async-save needs --save")
         if self.finetune and self.load is None:
             errors.append("--finetune needs --load (the checkpoint to start from)")
         return errors

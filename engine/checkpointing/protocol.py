@@ -62,7 +62,12 @@ from engine.checkpointing.format import (
     ShardReader,
     read_header,
 )
-from engine.checkpointing.integrity import NonFiniteStateError, checksums_record, verify_files
+from engine.checkpointing.integrity import (
+    FileVerifier,
+    NonFiniteStateError,
+    checksums_record,
+    verify_files,
+)
 from engine.checkpointing.metadata import (
     METADATA_FILE,
     check_architecture,
@@ -291,30 +296,60 @@ def load_checkpoint(
         model_files = _shard_headers(directory, metadata, "model_", verify)
         readers = {MODEL_STATE: ShardReader(model_files, MODEL_STATE, tied)}
         if optimizer is not None and not finetune:
-            optim_files = _shard_headers(directory, metadata, "optim_", verify)
-            readers.update({s: ShardReader(optim_files, s, tied) for s in OPTIMIZER_STATES})
-    model_reader = readers[MODEL_STATE]
+            headers = _shard_headers(directory, metadata, "optim_", verify)
+            readers.update({s: ShardReader(headers, s, tied) for s in OPTIMIZER_STATES})
     # Which shards are missing is known from the headers: agree on it before any rank starts
     # loading (a rank failing alone would leave the others waiting in the optimizer's gather).
-    # Then every file this rank will read is verified against its checksum, before any use.
-    with _on_every_rank(f"loading {directory}"):
-        problems = {
-            problem
-            for reader in readers.values()
-            for placement, _ in placements
-            for name, _ in placement.parts
-            if (problem := reader.problem(name)) is not None
-        }
-        if problems:
-            raise CheckpointError(f"checkpoint {directory}: " + "; ".join(sorted(problems)))
-        needed = {p.name for r in readers.values() for pl, _ in placements for p in r.files_for(pl)}
-        if not finetune and load_rng and _rng_file(metadata, directory) is not None:
-            needed.add(_rng_name())
-        if verify:
-            verify_files(directory, needed, metadata, warn=_global_rank() == 0)
+    # Every file this rank will read is then verified in the background, in the order of use,
+    # and waited for before its first use: hashing the optimizer's files overlaps with loading
+    # the weights.
+    verifier = FileVerifier(directory, metadata, warn=_global_rank() == 0, enabled=verify)
+    try:
+        with _on_every_rank(f"loading {directory}"):
+            problems = {
+                problem
+                for reader in readers.values()
+                for placement, _ in placements
+                for name, _ in placement.parts
+                if (problem := reader.problem(name)) is not None
+            }
+            if problems:
+                raise CheckpointError(f"checkpoint {directory}: " + "; ".join(sorted(problems)))
+            files = {
+                state: sorted({p.name for pl, _ in placements for p in reader.files_for(pl)})
+                for state, reader in readers.items()
+            }
+            optim_names = sorted({f for s in OPTIMIZER_STATES for f in files.get(s, [])})
+            rng = None if finetune or not load_rng else _rng_file(metadata, directory)
+            verifier.start(files[MODEL_STATE] + optim_names + ([rng.name] if rng else []))
+        return _load_verified(
+            directory, metadata, model_chunks, optimizer, lr_scheduler, finetune, load_rng,
+            readers, placements, verifier, files[MODEL_STATE], optim_names,
+        )  # fmt: skip
+    finally:
+        verifier.close()
+
+
+def _load_verified(
+    directory: Path,
+    metadata: dict[str, Any],
+    model_chunks: Sequence[nn.Module],
+    optimizer: MixedPrecisionOptimizer | None,
+    lr_scheduler: OptimizerParamScheduler | None,
+    finetune: bool,
+    load_rng: bool,
+    readers: dict[str, ShardReader],
+    placements: list[tuple[Placement, nn.Parameter]],
+    verifier: FileVerifier,
+    model_files: list[str],
+    optim_files: list[str],
+) -> tuple[int, int]:
+    """`load_checkpoint` once the shards are known to be there: each group of files is
+    waited for (verified) before it is used, collectively."""
     with _on_every_rank(f"loading weights from {directory}"), torch.no_grad():
+        verifier.wait(model_files)
         for placement, param in placements:
-            param.copy_(_local(placement, model_reader, directory))
+            param.copy_(_local(placement, readers[MODEL_STATE], directory))
     if finetune:
         if optimizer is not None:
             optimizer.reload_model_params()
@@ -322,6 +357,8 @@ def load_checkpoint(
         return 0, 0
 
     if optimizer is not None:
+        with _on_every_rank(f"verifying the optimizer state in {directory}"):
+            verifier.wait(optim_files)
         _load_optimizer(optimizer, model_chunks, metadata, directory, readers)
     if lr_scheduler is not None and metadata.get("lr_scheduler") is not None:
         lr_scheduler.load_state_dict(metadata["lr_scheduler"])
@@ -329,6 +366,7 @@ def load_checkpoint(
         with _on_every_rank(f"loading the RNG states from {directory}"):
             path = _rng_file(metadata, directory, warn=True)
             if path is not None:
+                verifier.wait([path.name])
                 set_rng_state(load_pickle(path))
     return metadata["iteration"], metadata["consumed_samples"]
 

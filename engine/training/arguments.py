@@ -155,6 +155,7 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--no-load-rng", "checkpoint", "no_load_rng", {"type": bool}),
     ("--no-save-optim", "checkpoint", "no_save_optim", {"type": bool}),
     ("--no-save-rng", "checkpoint", "no_save_rng", {"type": bool}),
+    ("--async-save", "checkpoint", "async_save", {"type": bool}),
 ]  # fmt: skip
 
 # Flags that are not one field: they are turned into fields by `_build_job`.

@@ -6,12 +6,17 @@ steps), the LR schedule, the iteration, ``consumed_samples`` (the data position)
 stream and the job's configuration. Restored at ``--load``: all of it, so the run continues
 bit for bit (RNG streams only under the same layout, since they are per rank); with
 ``--finetune``, or on `engine.training.loop.finetune`'s first start, the weights only.
+
+With ``--async-save`` the loop calls `save` (which starts a background save, after waiting for
+the previous one), `poll` at every iteration boundary and `finish` before it returns; each
+gives the directory of a checkpoint it published, so the loop always knows the last good one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from engine import checkpointing
@@ -22,25 +27,81 @@ logger = logging.getLogger(__name__)
 
 def save(run: TrainingRun) -> str | None:
     """Save ``run`` at its current iteration into ``--save`` (collective); return the
-    checkpoint's directory, or None when the state was not finite and so was not saved (an
-    error is logged; the previous checkpoint stays the latest, and ``--keep-last-n`` deleted
-    nothing)."""
+    directory of the checkpoint this call published, or None.
+
+    Synchronous: the new checkpoint, or None when the state was not finite and so was not
+    saved (an error is logged; the previous checkpoint stays the latest and ``--keep-last-n``
+    deleted nothing). With ``--async-save``: first waits for the previous save still in flight
+    (only one at a time) and returns its directory (None if there was none, or it was
+    refused); the new one is published later, by `poll` or `finish`.
+    """
+    global _pending
     config = run.job.checkpoint
     assert config.save is not None, "the loop saves only with --save"
+    previous = finish(run)
+    arguments = (
+        config.save,
+        run.iteration,
+        run.chunks,
+        None if config.no_save_optim else run.optimizer,
+        run.scheduler,
+        run.consumed_samples,
+        dataclasses.asdict(run.job),
+        config.keep_last_n,
+    )
+    if config.async_save:
+        _pending = (run, checkpointing.save_checkpoint_async(*arguments))
+        return previous
     try:
-        path = checkpointing.save_checkpoint(
-            config.save,
-            run.iteration,
-            run.chunks,
-            None if config.no_save_optim else run.optimizer,
-            run.scheduler,
-            run.consumed_samples,
-            config_dict=dataclasses.asdict(run.job),
-            keep_last_n=config.keep_last_n,
-        )
+        return str(checkpointing.save_checkpoint(*arguments))
     except checkpointing.NonFiniteStateError as error:
         _log_not_saved(run, error)
         return None
+
+
+_pending: tuple[TrainingRun, checkpointing.AsyncSave] | None = None
+"""The ``--async-save`` in flight (one at most) and the run it belongs to."""
+
+
+def _take_pending(run: TrainingRun) -> checkpointing.AsyncSave | None:
+    global _pending
+    if _pending is not None and _pending[0] is not run:
+        # Left by a run that ended with an error before waiting for it: never published
+        # (its .tmp directory is removed by the next save).
+        _pending = None
+    return None if _pending is None else _pending[1]
+
+
+def poll(run: TrainingRun) -> str | None:
+    """At an iteration boundary (collective; one all-reduce, only while an ``--async-save`` is
+    in flight): publish it if every rank has written it; return its directory, else None."""
+    pending = _take_pending(run)
+    return None if pending is None else _publish(run, pending.poll)
+
+
+def finish(run: TrainingRun) -> str | None:
+    """Wait for the ``--async-save`` in flight, if any, and publish it (collective); return
+    its directory (None: nothing in flight, or it was refused as non-finite)."""
+    pending = _take_pending(run)
+    return None if pending is None else _publish(run, pending.wait)
+
+
+def _publish(run: TrainingRun, step: Callable[[], Path | None]) -> str | None:
+    """``step`` (the pending save's poll or wait); forget the save once it is published or
+    has failed."""
+    global _pending
+    try:
+        path = step()
+    except checkpointing.NonFiniteStateError as error:
+        _pending = None
+        _log_not_saved(run, error)
+        return None
+    except BaseException:
+        _pending = None
+        raise
+    if path is None:
+        return None
+    _pending = None
     return str(path)
 
 

@@ -244,6 +244,7 @@ def _loop(
             # could push the last checkpoint from before it out of --keep-last-n.
             _print(run, f"not saving at iteration {run.iteration}: inside a run of skipped steps")
             due = False
+        result.checkpoint = ckpt.poll(run) or result.checkpoint  # an --async-save published
         if job.checkpoint.save and (reason or due):
             # None: not saved (non-finite state); the last good checkpoint stays the result.
             result.checkpoint, saved_at = ckpt.save(run) or result.checkpoint, run.iteration
@@ -260,6 +261,7 @@ def _loop(
             _log_evaluation(run, writer, "test", result.test)
         if job.checkpoint.save and saved_at != run.iteration:
             result.checkpoint = ckpt.save(run) or result.checkpoint
+    result.checkpoint = ckpt.finish(run) or result.checkpoint  # waits for an --async-save
     result.iteration, result.consumed_samples = run.iteration, run.consumed_samples
     result.skipped_steps, result.nan_iterations = run.optimizer.skipped_steps, run.nan_iterations
 
