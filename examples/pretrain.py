@@ -8,7 +8,8 @@ Megatron-LM's flags (`engine.training.arguments`), checked before any process gr
         --data-path data/corpus_text_document --tokenizer-type Llama2Tokenizer \\
         --tokenizer-model tokenizer.model --save ckpt --load ckpt
 
-``--dry-run`` prints the memory / FLOPs plan for the world size and exits without training.
+``--dry-run`` prints the memory / FLOPs plan for the world size and exits without training;
+it exits with 1 if a data file or the tokenizer model is missing (naming it).
 With ``--sft`` and ``--load`` it fine-tunes (`engine.training.loop.finetune`): weights from
 ``--load`` on the first start, its own checkpoints in ``--save`` after that.
 """
@@ -21,6 +22,34 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.training.arguments import parse_args  # noqa: E402
+from engine.training.config import JobConfig  # noqa: E402
+
+
+def missing_inputs(job: JobConfig) -> list[str]:
+    """The inputs that ``--dry-run`` finds missing: each ``--data-path`` prefix's ``.bin`` and
+    ``.idx`` (every prefix of a blend; for ``--sft`` a JSONL file, or the tokens and loss-mask
+    datasets of a prefix) and the ``--tokenizer-model``; each named with its flag."""
+    from engine.data.blended_dataset import parse_data_path
+
+    data, paths = job.data, job.data.data_path
+    if data.sft and paths:  # the last path: a JSONL file, or a preprocessed prefix
+        last = paths[-1]
+        files, prefixes = ([last], []) if last.endswith(".jsonl") else (
+            [], [f"{last}_tokens_document", f"{last}_loss_mask_document"]
+        )  # fmt: skip
+    else:
+        files, prefixes = [], parse_data_path(paths)[0] if paths else []
+    missing = [f"--data-path: {file} does not exist" for file in files if not os.path.isfile(file)]
+    for prefix in prefixes:
+        absent = [s for s in (".bin", ".idx") if not os.path.isfile(prefix + s)]
+        if absent:
+            missing.append(
+                f"--data-path: {' and '.join(prefix + s for s in absent)} not found (the prefix "
+                f"{prefix} is given without .bin/.idx; tools/preprocess_data.py writes them)"
+            )
+    if data.tokenizer_model is not None and not os.path.exists(data.tokenizer_model):
+        missing.append(f"--tokenizer-model: {data.tokenizer_model} not found")
+    return missing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.planning.cost_model import format_plan
 
         print(format_plan(job, world_size))
-        return 0
+        missing = missing_inputs(job)
+        for problem in missing:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1 if missing else 0
 
     # Imported after the arguments are checked: a bad flag costs no torch.distributed start.
     import torch.distributed as dist
