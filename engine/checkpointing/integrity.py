@@ -83,16 +83,35 @@ class ChunkedChecksum:
         return {"size_bytes": self.size_bytes, ALGORITHM: crcs}
 
 
+_OVERLAP_BYTES = 1 << 20
+_hasher: tuple[int, ThreadPoolExecutor] | None = None
+"""(pid, the helper thread): a forked child has no copy of its parent's thread."""
+
+
+def _hashing_thread() -> ThreadPoolExecutor:
+    global _hasher
+    if _hasher is None or _hasher[0] != os.getpid():
+        _hasher = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash"))
+    return _hasher[1]
+
+
 class HashingFile:
-    """A binary file opened for writing that hashes every byte written to it."""
+    """A binary file opened for writing that hashes every byte written to it. A large write
+    is hashed on a helper thread while the file is written (both release the GIL)."""
 
     def __init__(self, path: Path):
         self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed by `close`
         self.checksum = ChunkedChecksum()
 
     def write(self, data: Any) -> int:
-        self.checksum.update(data)
-        return self._file.write(data)
+        if memoryview(data).nbytes < _OVERLAP_BYTES:
+            self.checksum.update(data)
+            return self._file.write(data)
+        hashed = _hashing_thread().submit(self.checksum.update, data)  # one write at a time
+        try:
+            return self._file.write(data)
+        finally:
+            hashed.result()
 
     def close(self) -> None:
         """Flush and fsync (a checkpoint file must be durable before it is published)."""

@@ -23,11 +23,13 @@ import time
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from engine import parallel_state
 from engine.checkpointing import (
+    NonFiniteStateError,
     read_full_state,
     read_latest_iteration,
     save_checkpoint,
@@ -133,6 +135,35 @@ def test_resume_from_an_async_checkpoint_is_bit_for_bit(solo, corpus, tmp_path):
     resumed = solo.run(train, make_job(corpus, 1, 1, training={"eval_iters": 0},
                                        checkpoint={"load": str(stopped[True])}))[0]  # fmt: skip
     assert resumed.losses == {i: baseline.losses[i] for i in range(5, 9)}
+
+
+def async_save_with_nan(directory: str) -> str:
+    """A good async save at 3, then one at 4 whose state holds an inf on rank 1 only: its
+    publication is refused on every rank, the tmp directory removed."""
+    try:
+        chunks, optimizer, scheduler = build(2, 1, distributed=True)
+        fake_training(chunks, optimizer, scheduler)
+        save_checkpoint_async(directory, 3, chunks, optimizer, scheduler, CONSUMED).wait()
+        if dist.get_rank() == 1:
+            with torch.no_grad():
+                next(chunks[0].module.parameters()).view(-1)[0] = float("inf")
+        pending = save_checkpoint_async(
+            directory, 4, chunks, optimizer, scheduler, CONSUMED, None, 1
+        )
+        with pytest.raises(NonFiniteStateError) as error:
+            pending.wait()
+        return str(error.value)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_an_async_save_of_non_finite_state_is_never_published(pair, tmp_path):
+    for message in pair.run(async_save_with_nan, str(tmp_path)):
+        assert "not saved" in message and "on rank 1" in message, message
+    assert read_latest_iteration(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000003", "latest_checkpointed_iteration.txt",
+    ]  # fmt: skip
 
 
 def keep_saving_async(directory: str, first_iteration: int, ready: Event) -> None:
