@@ -28,11 +28,19 @@ loading rank's slice: a checkpoint saved at TP=2 x PP=2 x DP=2 with the distribu
 loads at TP=1 or at TP=2 x DP=4, with or without the distributed optimizer. RNG states are
 restored only under the same layout (they are per rank); the rest always.
 
-Crash safety: ranks write into ``iter_0000100.tmp/``; after all have finished (a barrier)
-rank 0 writes ``metadata.json``, renames the directory to ``iter_0000100`` and only then
-replaces the ``latest`` file; ``keep_last_n`` deletes older directories after that. A save
-killed at any point leaves ``latest`` naming a complete checkpoint. A failure on one rank
-(a missing shard, a full disk) is raised on every rank, so none waits forever in a collective.
+Crash safety: ranks write into ``iter_0000100.tmp/``; after all have finished (a gather of
+their files' checksums) rank 0 writes ``metadata.json``, renames the directory to
+``iter_0000100`` and only then replaces the ``latest`` file; ``keep_last_n`` deletes older
+directories after that. A save killed at any point leaves ``latest`` naming a complete
+checkpoint. A failure on one rank (a missing shard, a full disk, a corrupt file) is raised on
+every rank, so none waits forever in a collective.
+
+Integrity (`engine.checkpointing.integrity`): every file's checksum, taken as it is written, is
+recorded in ``metadata.json`` and verified before the file is used at load; a save whose
+weights or optimizer state hold a NaN or an infinity is never published
+(`NonFiniteStateError`). A save is three steps, `begin_save` (collective), writing this rank's
+`engine.checkpointing.snapshot` (local) and `finish_save` (collective), so that the middle one
+can run on a background thread (`engine.checkpointing.async_save`).
 
 This module is the protocol (who writes and reads what, when); `engine.checkpointing.format` the
 shard files and resharding; `engine.checkpointing.storage` the directories and atomic renames.
