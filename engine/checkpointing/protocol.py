@@ -322,6 +322,9 @@ def load_checkpoint(
                 if (problem := reader.problem(name)) is not None
             }
             if problems:
+                if verify:  # an index damaged in a shard's header looks like a missing shard
+                    shards = [f for f in metadata["files"] if f.startswith(("model_", "optim_"))]
+                    verify_files(directory, shards, metadata, warn=False)
                 raise CheckpointError(f"checkpoint {directory}: " + "; ".join(sorted(problems)))
             files = {
                 state: sorted({p.name for pl, _ in placements for p in reader.files_for(pl)})

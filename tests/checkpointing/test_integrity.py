@@ -99,6 +99,13 @@ def corrupt(final: Path, how: str) -> Path:
         path.write_bytes(
             header.replace(b'"dtype":"F32"', b'"dtype":"I32"', 1) + data[len(header) :]
         )
+    elif how == "header index":  # the placements claim TP rank 0: parses, misleads
+        path = final / MODEL
+        data = path.read_bytes()
+        header = data[: data_offset(path)]
+        assert b'\\"tp_rank\\": 1' in header
+        header = header.replace(b'\\"tp_rank\\": 1', b'\\"tp_rank\\": 0')
+        path.write_bytes(header + data[len(header) :])
     elif how == "truncated":
         path = final / OPTIM
         path.write_bytes(path.read_bytes()[: path.stat().st_size - 100])
@@ -137,7 +144,7 @@ def test_every_file_written_has_its_checksum_in_the_metadata(saved):
 
 
 @pytest.mark.parametrize(
-    "how", ["model byte", "optimizer byte", "rng byte", "header dtype", "truncated"]
+    "how", ["model byte", "optimizer byte", "rng byte", "header dtype", "header index", "truncated"]
 )
 def test_a_corrupt_file_is_refused_naming_it_on_every_rank(pair, saved, tmp_path, how):
     copy, final = copy_of(saved, tmp_path)
@@ -152,6 +159,8 @@ def test_a_corrupt_file_is_refused_naming_it_on_every_rank(pair, saved, tmp_path
     if how in ("model byte", "optimizer byte", "rng byte", "header dtype"):
         # What the checksums are for: without them, this corruption loads silently.
         assert unverified == [None, None], unverified
+    elif how == "header index":  # without checksums: a misleading "partial checkpoint"
+        assert all(m is not None and "partial checkpoint" in m for m in unverified), unverified
     else:  # a truncated file fails to parse: still a CheckpointError naming it
         assert all(m is not None and str(path) in m for m in unverified), unverified
 
