@@ -94,6 +94,13 @@ class AsyncSave:
             return None
         return self.wait()
 
+    def abandon(self) -> None:
+        """Never publish this save (local, no collective): wait for this rank's writer, so
+        that it cannot write into a later save's ``.tmp`` directory of the same iteration,
+        and free the host copy. The ``.tmp`` directory is removed by the next save."""
+        self._thread.join()
+        self._snapshot = None
+
     def wait(self) -> Path:
         """Collective: wait for this rank's writer, then publish (`finish_save`); returns the
         checkpoint's directory. Raises what `save_checkpoint` raises (`NonFiniteStateError`,

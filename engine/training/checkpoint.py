@@ -66,8 +66,8 @@ _pending: tuple[TrainingRun, checkpointing.AsyncSave] | None = None
 def _take_pending(run: TrainingRun) -> checkpointing.AsyncSave | None:
     global _pending
     if _pending is not None and _pending[0] is not run:
-        # Left by a run that ended with an error before waiting for it: never published
-        # (its .tmp directory is removed by the next save).
+        # Left by a run that ended with an error before waiting for it: never published.
+        _pending[1].abandon()
         _pending = None
     return None if _pending is None else _pending[1]
 
