@@ -15,6 +15,7 @@ All state lives in one `_ParallelState` object; the getters read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -105,12 +106,15 @@ def initialize_model_parallel(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: int | None = None,
+    timeout: timedelta | None = None,
 ) -> None:
     """Build the TP, PP, DP, model-parallel and embedding groups of the running job.
 
     The default process group must already be initialised (see `engine.device.init_distributed`).
     The embedding group holds the first and last pipeline stage of each pipeline, which both
-    own a copy of a tied embedding.
+    own a copy of a tied embedding. ``timeout`` bounds every wait in the new groups; give the
+    default group's (``--distributed-timeout-minutes``): torch does not pass it on, and
+    ``new_group`` would otherwise take the backend's default (30 minutes for gloo).
     """
     global _STATE
     if not dist.is_initialized():
@@ -138,7 +142,7 @@ def initialize_model_parallel(
     def my_group(rank_lists: list[list[int]]) -> tuple[dist.ProcessGroup | None, list[int]]:
         mine: tuple[dist.ProcessGroup | None, list[int]] = (None, [])
         for ranks in rank_lists:
-            group = _group_for(ranks)
+            group = _group_for(ranks, timeout)
             if me in ranks:
                 mine = (group, ranks)
         return mine
@@ -181,14 +185,14 @@ _GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
 _GROUPS_WORLD: dist.ProcessGroup | None = None  # the default group the cached ones belong to
 
 
-def _group_for(ranks: list[int]) -> dist.ProcessGroup:
+def _group_for(ranks: list[int], timeout: timedelta | None = None) -> dist.ProcessGroup:
     global _GROUPS_WORLD
     if _GROUPS_WORLD is not dist.group.WORLD:
         _GROUPS.clear()
         _GROUPS_WORLD = dist.group.WORLD
     key = tuple(ranks)
     if key not in _GROUPS:
-        _GROUPS[key] = dist.new_group(ranks)
+        _GROUPS[key] = dist.new_group(ranks, timeout=timeout)
     return _GROUPS[key]
 
 

@@ -67,10 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after the arguments are checked: a bad flag costs no torch.distributed start.
     import torch.distributed as dist
 
+    from engine.training.divergence import TrainingDivergedError
+    from engine.training.liveness import CollectiveFailureError
     from engine.training.loop import finetune, pretrain
 
     fine_tuning = job.data.sft and job.checkpoint.load is not None
-    result = (finetune if fine_tuning else pretrain)(job)
+    try:
+        result = (finetune if fine_tuning else pretrain)(job)
+    except CollectiveFailureError as error:
+        # Each rank's own view (its operation, the ranks it heard nothing from). No barrier:
+        # the peers it waited for are dead or stalled.
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    except TrainingDivergedError as error:  # raised alike on every rank: one says it
+        if dist.get_rank() == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     if dist.get_rank() == 0:
         last = result.losses[max(result.losses)] if result.losses else float("nan")
         print(

@@ -120,17 +120,19 @@ def exit_with_launcher(poll_s: float = LAUNCHER_POLL_S) -> threading.Thread | No
     def watch() -> None:
         while os.getppid() == launcher:
             time.sleep(poll_s)
-        print(
-            f"rank {os.environ.get('RANK', '?')}: its torchrun agent (pid {launcher}) is gone; "
-            "exiting",
-            file=sys.stderr,
-            flush=True,
-        )
-        if os.getpgrp() == os.getpid():
-            # torchrun starts each rank as a process-group leader: this takes the rank's
-            # DataLoader workers with it at once.
-            os.killpg(os.getpid(), signal.SIGKILL)
-        os._exit(1)
+        try:  # the agent's pipes may have gone with it: the exit must not depend on them
+            print(
+                f"rank {os.environ.get('RANK', '?')}: its torchrun agent (pid {launcher}) is "
+                "gone; exiting",
+                file=sys.stderr,
+                flush=True,
+            )
+        finally:
+            if os.getpgrp() == os.getpid():
+                # torchrun starts each rank as a process-group leader: this takes the rank's
+                # DataLoader workers with it at once.
+                os.killpg(os.getpid(), signal.SIGKILL)
+            os._exit(1)
 
     _watcher = threading.Thread(target=watch, name="exit-with-launcher", daemon=True)
     _watcher.start()

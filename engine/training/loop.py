@@ -42,6 +42,7 @@ from engine.training.config import JobConfig
 from engine.training.data import DatasetsProvider, build_datasets
 from engine.training.divergence import DivergenceGuard, StepOutcome
 from engine.training.exit import ExitConditions, SignalHandler, exit_with_launcher
+from engine.training.liveness import StragglerMonitor, describe_failure, is_communication_error
 from engine.training.metrics import IntervalMeter, TensorBoardWriter, detect_peak_tflops, memory_gb
 from engine.training.preflight import check_save_dir
 from engine.training.state import TrainingRun
@@ -166,6 +167,7 @@ def _train(job: JobConfig, finetuning: bool, providers: Providers) -> TrainResul
     t = job.training
     writer = None
     try:
+        run.phase = "setting up (the --save check, loading, datasets)"
         check_save_dir(job.checkpoint.save, run.model_config, not job.checkpoint.no_save_optim)
         if t.tensorboard_dir is not None and run.rank == 0:
             writer = TensorBoardWriter(t.tensorboard_dir)
@@ -179,6 +181,12 @@ def _train(job: JobConfig, finetuning: bool, providers: Providers) -> TrainResul
             exits = ExitConditions(t.exit_interval, t.exit_duration_in_mins, handler)
             _loop(run, writer, result, exits)
         return result
+    except Exception as error:
+        if is_communication_error(error):
+            raise describe_failure(
+                error, run.phase, run.iteration + 1, t.distributed_timeout_minutes
+            ) from error
+        raise
     finally:
         if writer is not None:
             writer.close()
@@ -210,12 +218,15 @@ def _loop(
         f"{run.global_batch} = micro batch {t.micro_batch_size} x {run.num_microbatches} "
         f"microbatches x DP {parallel_state.get_data_parallel_world_size()}",
     )
+    stragglers = StragglerMonitor(t.distributed_timeout_minutes, warn=run.rank == 0)
     while run.iteration < run.train_iters:
         start = time.perf_counter()
         run.optimizer.zero_grad()
+        run.phase = "the forward-backward pass (pipeline sends/receives, gradient reduction)"
         loss = run.run_schedule(train_iterators, forward_only=False)
         outcome = StepOutcome(run.iteration + 1, loss, updated=False, grad_norm=None)
         if math.isfinite(loss):
+            run.phase = "the optimizer step (gradient norm, parameter all-gather)"
             step = run.optimizer.step()
             outcome.updated, outcome.grad_norm = step.updated, step.grad_norm
             outcome.rescalable_overflow = step.grad_norm is None and run.optimizer.can_rescale
@@ -228,12 +239,17 @@ def _loop(
         result.losses[run.iteration] = loss
         meter.add(loss, outcome.grad_norm, tokens_per_iteration, time.perf_counter() - start)
 
+        run.phase = "logging"
         if run.iteration % t.log_interval == 0:
             _log(run, meter, writer, run.iteration)
         guard.observe(outcome, run.optimizer.loss_scale)  # raises once the run has diverged
+        run.phase = "evaluation"
         if valid is not None and run.iteration % t.eval_interval == 0:
+            evaluation_start = time.perf_counter()
             result.evaluations[run.iteration] = evaluate(run, valid)
             _log_evaluation(run, writer, "validation", result.evaluations[run.iteration])
+            start += time.perf_counter() - evaluation_start  # slow by design: not a straggler
+        run.phase = "the exit check (SIGTERM, time limit)"
         reason = exits.reason(run.iteration)
         if reason is None and not math.isfinite(loss) and t.exit_on_nan:
             reason = f"non-finite loss ({loss}) with --exit-on-nan"
@@ -244,14 +260,20 @@ def _loop(
             # could push the last checkpoint from before it out of --keep-last-n.
             _print(run, f"not saving at iteration {run.iteration}: inside a run of skipped steps")
             due = False
+        run.phase = "saving a checkpoint"
         result.checkpoint = ckpt.poll(run) or result.checkpoint  # an --async-save published
         if job.checkpoint.save and (reason or due):
             # None: not saved (non-finite state); the last good checkpoint stays the result.
+            save_start = time.perf_counter()
             result.checkpoint, saved_at = ckpt.save(run) or result.checkpoint, run.iteration
+            start += time.perf_counter() - save_start  # slow by design: not a straggler
         if reason is not None:
             result.exit_reason = reason
             _print(run, f"exiting at iteration {run.iteration}: {reason}")
             break
+        # The whole iteration but evaluation: a stalled peer holds up any collective in it.
+        stragglers.observe(run.iteration, time.perf_counter() - start)
+    run.phase = "the final evaluation and save"
     if result.exit_reason is None:
         if valid is not None and run.iteration not in result.evaluations:
             result.evaluations[run.iteration] = evaluate(run, valid)

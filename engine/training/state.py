@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -59,6 +60,7 @@ class TrainingRun:
             p.tensor_model_parallel_size,
             p.pipeline_model_parallel_size,
             p.virtual_pipeline_model_parallel_size,
+            timeout=timedelta(minutes=t.distributed_timeout_minutes),
         )
         model_parallel_seed(t.seed)
         self.chunks = [
@@ -78,6 +80,8 @@ class TrainingRun:
             self.scheduler_increment = 1
         self.iteration, self.consumed_samples = 0, 0
         self.nan_iterations = 0
+        self.phase = "setting up"
+        """What the loop is doing (named when a collective in it fails)."""
         self.datasets: Datasets | None = None
         self.forward_backward = get_forward_backward_func()
         self.forward_step_func = forward_step_func or forward_step

@@ -49,9 +49,10 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
 
 
-def start_training(corpus: str, save: Path) -> subprocess.Popen:  # noqa: F811
+def start_training(corpus: str, save: Path, *flags: str) -> subprocess.Popen:  # noqa: F811
     """torchrun of examples/pretrain.py on 2 ranks, long enough to be interrupted, saving only
-    when told to stop; stdout is read line by line."""
+    when told to stop (``flags`` come last: they override); stdout and stderr are read line by
+    line, together."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
@@ -59,6 +60,7 @@ def start_training(corpus: str, save: Path) -> subprocess.Popen:  # noqa: F811
         "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32",
         "--train-iters", "100000", "--eval-iters", "0", "--log-interval", "1", "--lr", "1e-3",
         "--data-path", corpus, "--split", "90,5,5", "--num-workers", "2", "--save", str(save),
+        *flags,
     ]  # fmt: skip
     return subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
