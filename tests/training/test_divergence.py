@@ -121,3 +121,18 @@ def test_the_check_can_be_turned_off():
     for iteration in range(1, 10):
         guard.observe(outcome(iteration, math.nan, updated=False, grad_norm=None))
     assert guard.consecutive == 9
+
+
+def run_examples_pretrain(argv: list[str]) -> int:
+    from examples.pretrain import main
+
+    return main(argv)
+
+
+def test_examples_pretrain_exits_non_zero_with_the_message(solo, corpus):  # noqa: F811
+    argv = (
+        "--model-preset tiny --vocab-size 256 --micro-batch-size 2 --global-batch-size 4 "
+        "--seq-length 32 --train-iters 60 --eval-iters 0 --lr 1e6 --clip-grad 0 "
+        f"--max-consecutive-skipped-steps 2 --num-workers 0 --data-path {corpus}"
+    ).split()
+    assert solo.run(run_examples_pretrain, argv) == [1]
