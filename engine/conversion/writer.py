@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from engine.checkpointing.format import MODEL_STATE, Placement, local_from_canonical, spec_placement
+from engine.checkpointing.integrity import checksums_record
 from engine.checkpointing.metadata import METADATA_FILE, config_record, metadata_record
 from engine.checkpointing.safetensors_writer import StreamingSafetensorsWriter
 from engine.checkpointing.storage import LATEST_FILE, iteration_dir, publish, write_text_atomic
@@ -73,7 +74,8 @@ def write_engine_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     config = dataclasses.replace(config, params_dtype=dtype)
-    files = []
+    files: list[str] = []
+    checksums: dict[str, dict] = {}
     for pp_rank, placements in enumerate(stage_placements(config, tp_size, pp_size)):
         # One writer per TP rank of the stage: each full parameter is built once and every
         # rank's shard goes to its file straight away.
@@ -96,15 +98,19 @@ def write_engine_checkpoint(
                     local = local_from_canonical(index[tp_rank][key], parts.__getitem__)
                     writer.write(key, local)
             del parts
-        for writer in writers:
+        for name, writer in zip(files[-len(writers) :], writers, strict=True):
             writer.close()
+            checksums[name] = writer.checksum()
     layout = {
         "world_size": tp_size * pp_size, "tensor_model_parallel_size": tp_size,
         "pipeline_model_parallel_size": pp_size, "virtual_pipeline_model_parallel_size": None,
         "data_parallel_size": 1,
     }  # fmt: skip
     config_dict = {"converted_from": source, "data": tokenizer or {}}
-    metadata = metadata_record(0, 0, layout, config_record(config), config_dict, sorted(files))
+    metadata = metadata_record(
+        0, 0, layout, config_record(config), config_dict, sorted(files),
+        checksums=checksums_record(checksums),
+    )  # fmt: skip
     write_text_atomic(tmp / METADATA_FILE, json.dumps(metadata, indent=1))
     publish(tmp, final)
     write_text_atomic(save_dir / LATEST_FILE, "0")

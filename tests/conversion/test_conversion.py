@@ -29,6 +29,7 @@ from engine.checkpointing import (
     read_full_state,
     save_checkpoint,
 )
+from engine.checkpointing.integrity import checksum_file
 from engine.conversion.convert import (
     ConversionError,
     engine_to_hf,
@@ -170,6 +171,10 @@ def test_reshard_keeps_every_tensor(tmp_path):
         metadata = json.loads((out / "metadata.json").read_text())
         assert metadata["layout"]["tensor_model_parallel_size"] == tp
         assert len(metadata["files"]) == tp * pp
+        # Converted checkpoints carry the checksums that loading verifies, as saved ones do.
+        recorded = metadata["checksums"]["files"]
+        assert sorted(recorded) == sorted(metadata["files"])
+        assert all(recorded[name] == checksum_file(out / name) for name in recorded)
         before, after = read_full_state(original)["model"], read_full_state(out)["model"]
         assert sorted(before) == sorted(after)
         assert all(torch.equal(before[name], after[name]) for name in before)
