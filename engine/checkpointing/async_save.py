@@ -124,6 +124,7 @@ def save_checkpoint_async(
     consumed_samples: int,
     config_dict: dict[str, Any] | None = None,
     keep_last_n: int | None = None,
+    save_rng: bool = True,
 ) -> AsyncSave:
     """Start saving what `engine.checkpointing.save_checkpoint` saves (collective, same
     arguments), returning once this rank's state is copied to host memory; the files are
@@ -131,7 +132,7 @@ def save_checkpoint_async(
     """
     request = begin_save(save_dir, iteration, model_chunks, consumed_samples, config_dict,
                          keep_last_n)  # fmt: skip
-    snapshot = take_snapshot(model_chunks, optimizer, lr_scheduler, copy_to_host=True)
+    snapshot = take_snapshot(model_chunks, optimizer, lr_scheduler, True, save_rng)
     # The flag's all-reduce runs where the model's tensors are (CPU under gloo, the GPU's
     # own device under NCCL), never on a hard-coded device.
     flag_device = next(iter(model_chunks[0].parameters())).device

@@ -121,6 +121,7 @@ def save_checkpoint(
     consumed_samples: int,
     config_dict: dict[str, Any] | None = None,
     keep_last_n: int | None = None,
+    save_rng: bool = True,
 ) -> Path:
     """Save this rank's shards of the model, optimizer and RNG under
     ``save_dir/iter_{iteration:07d}`` (collective over all ranks); returns that directory.
@@ -129,6 +130,8 @@ def save_checkpoint(
         config_dict: the run's configuration, stored as JSON in ``metadata.json`` (dataclasses
             and dtypes are converted; anything else unknown is stored as its ``str``).
         keep_last_n: after the new checkpoint is complete, delete all but the newest n.
+        save_rng: also save this rank's RNG streams (``--no-save-rng`` turns it off; a load
+            then keeps the streams it has, with a warning).
 
     Raises:
         NonFiniteStateError: a weight or optimizer tensor held a NaN or an infinity; nothing
@@ -137,7 +140,7 @@ def save_checkpoint(
     """
     request = begin_save(save_dir, iteration, model_chunks, consumed_samples, config_dict,
                          keep_last_n)  # fmt: skip
-    snapshot = take_snapshot(model_chunks, optimizer, lr_scheduler, copy_to_host=False)
+    snapshot = take_snapshot(model_chunks, optimizer, lr_scheduler, False, save_rng)
     written, error = write_or_error(request.tmp, snapshot)
     return finish_save(request, snapshot, written, error)
 

@@ -83,10 +83,12 @@ def take_snapshot(
     optimizer: MixedPrecisionOptimizer | None,
     lr_scheduler: OptimizerParamScheduler | None,
     copy_to_host: bool,
+    save_rng: bool = True,
 ) -> RankSnapshot:
     """This rank's state to save. ``copy_to_host``: tensors are copies in CPU memory that the
     snapshot owns (``.to("cpu", copy=True)``, from whatever device they are on), so the live
-    ones may change while it is written; otherwise they are the live tensors (or views)."""
+    ones may change while it is written; otherwise they are the live tensors (or views).
+    ``save_rng=False`` leaves the RNG streams out (``--no-save-rng``)."""
     tp, pp, dp = coordinates()
     own = (lambda t: t.detach().to("cpu", copy=True)) if copy_to_host else (lambda t: t.detach())
     shards: dict[str, Shards] = {}
@@ -103,7 +105,7 @@ def take_snapshot(
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     return RankSnapshot(
         shards=shards,
-        pickles={f"rng_rank{rank:05d}.pt": rng_state()},
+        pickles={f"rng_rank{rank:05d}.pt": rng_state()} if save_rng else {},
         optimizer_meta=copy.deepcopy(optimizer_meta),
         lr_scheduler=None if lr_scheduler is None else copy.deepcopy(lr_scheduler.state_dict()),
         model_config=config_record(config_of(unwrap(model_chunks[0]))),

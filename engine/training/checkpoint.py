@@ -48,6 +48,7 @@ def save(run: TrainingRun) -> str | None:
         run.consumed_samples,
         dataclasses.asdict(run.job),
         config.keep_last_n,
+        not config.no_save_rng,
     )
     if config.async_save:
         _pending = (run, checkpointing.save_checkpoint_async(*arguments))

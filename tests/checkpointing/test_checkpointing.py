@@ -468,15 +468,25 @@ def test_a_pickle_that_would_run_code_is_refused(solo, tmp_path):
 # keep_last_n and crash safety -------------------------------------------------------------
 
 
-def save_several(directory: str, iterations: list[int], keep_last_n: int) -> None:
+def save_several(
+    directory: str, iterations: list[int], keep_last_n: int | None, save_rng: bool = True
+) -> None:
     try:
         chunks, optimizer, scheduler = build(1, 1, False)
         for iteration in iterations:
             save_checkpoint(
-                directory, iteration, chunks, optimizer, scheduler, 0, None, keep_last_n
-            )
+                directory, iteration, chunks, optimizer, scheduler, 0, None, keep_last_n,
+                save_rng,
+            )  # fmt: skip
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def test_no_save_rng_leaves_the_rng_files_out(solo, tmp_path):
+    solo.run(save_several, str(tmp_path), [1], None, False)
+    saved = tmp_path / "iter_0000001"
+    assert not list(saved.glob("rng_rank*.pt"))
+    assert not any(name.startswith("rng_") for name in open_checkpoint(tmp_path)[1]["files"])
 
 
 def test_keep_last_n_deletes_older_checkpoints_after_the_new_one(solo, tmp_path):
