@@ -39,7 +39,14 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> to
     if not dist.is_initialized():
         backend, timeout = backend or default_backend(), timedelta(seconds=timeout_s)
         if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend=backend, timeout=timeout)
+            store = _torchrun_attempt_store(timeout)
+            dist.init_process_group(
+                backend=backend,
+                timeout=timeout,
+                store=store,
+                rank=-1 if store is None else int(os.environ["RANK"]),
+                world_size=-1 if store is None else int(os.environ["WORLD_SIZE"]),
+            )
         else:
             # A group of one needs no rendezvous over TCP: an in-process store, so no port is
             # picked (and possibly taken by another process between picking and binding).
@@ -48,3 +55,29 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> to
                 backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
     return device
+
+
+def _torchrun_attempt_store(timeout: timedelta) -> dist.Store | None:
+    """torchrun's own store, with this attempt's keys apart from the earlier attempts'.
+
+    torchrun (2.4 and later) shares its agent's TCPStore with the workers
+    (``TORCHELASTIC_USE_AGENT_STORE=True``) and keeps that one store across
+    ``--max-restarts``, while torch's ``env://`` init adds no per-attempt prefix: a restarted
+    worker then finds the killed workers' gloo addresses under the same keys and fails with
+    "connectFullMesh failed ... Connection refused" or waits on them (pytorch/pytorch#135712).
+    ``TORCHELASTIC_RESTART_COUNT`` is the same on every worker of a single-node or static
+    rendezvous; multi-node c10d rendezvous should rather set
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh store each round; this returns None).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(
+        f"engine/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store
+    )
