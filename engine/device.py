@@ -4,6 +4,7 @@ Nothing here hard-codes CUDA; the same code runs on NCCL/CUDA and on gloo/CPU.
 """
 
 import os
+import warnings
 from datetime import timedelta
 
 import torch
@@ -65,11 +66,26 @@ def _torchrun_attempt_store(timeout: timedelta) -> dist.Store | None:
     ``--max-restarts``, while torch's ``env://`` init adds no per-attempt prefix: a restarted
     worker then finds the killed workers' gloo addresses under the same keys and fails with
     "connectFullMesh failed ... Connection refused" or waits on them (pytorch/pytorch#135712).
-    ``TORCHELASTIC_RESTART_COUNT`` is the same on every worker of a single-node or static
-    rendezvous; multi-node c10d rendezvous should rather set
-    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh store each round; this returns None).
+
+    With one torchrun agent, ``TORCHELASTIC_RESTART_COUNT`` names the attempt on every worker.
+    With several, it need not: an agent whose workers were healthy restarts them without
+    counting, so a prefix could split the group. There, torch's own init is kept and rank 0
+    warns when restarts are allowed: ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh store
+    every rendezvous round; the recipes in examples/ set it) is the fix.
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        if (
+            os.environ.get("RANK") == "0"
+            and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+        ):
+            warnings.warn(
+                "torchrun shares one store across restarts on several nodes: a restarted worker "
+                "group can read the previous attempt's addresses and fail to connect; set "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (with --rdzv-backend c10d)",
+                stacklevel=3,
+            )
         return None
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
