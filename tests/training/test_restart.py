@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.examples.test_launchers import losses
+from tests.examples.test_launchers import PRETRAIN, TINY, losses, recipe_env, tokenizer  # noqa: F401
 from tests.paths import REPO
 from tests.training.test_training import corpus  # noqa: F401 (a fixture)
 
@@ -36,9 +36,10 @@ def torchrun(corpus: str, save: Path, max_restarts: int) -> subprocess.Popen:  #
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def workers(agent: subprocess.Popen) -> list[int]:
-    """The torchrun agent's children: its worker processes."""
-    children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text()
+def workers(agent: subprocess.Popen | int) -> list[int]:
+    """A process's children (a torchrun agent's: its worker processes)."""
+    pid = agent if isinstance(agent, int) else agent.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     return [int(pid) for pid in children.split()]
 
 
@@ -75,3 +76,41 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(corpus, tmp_path): 
     resumed = losses(after)
     assert sorted(resumed) == list(range(resumed_at + 1, ITERS + 1))  # nothing retrained from 0
     assert resumed == {i: reference[i] for i in resumed}
+
+
+def test_the_launchers_restart_a_two_node_job_from_its_checkpoint(corpus, tokenizer, tmp_path):  # noqa: F811
+    """``bash examples/pretrain_7b.sh`` as two one-process "nodes" (c10d rendezvous, a fresh
+    store each round, MAX_RESTARTS=1, --load = --save): a worker of node 1 SIGKILLed after a
+    checkpoint; both agents re-rendezvous, the group loads it and trains to the end."""
+    from tests.training.test_multinode import free_port
+
+    port, iters = free_port(), 20
+    env = recipe_env(tmp_path / "home", NNODES=2, GPUS_PER_NODE=1, MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=port, RDZV_ID="restart", MAX_RESTARTS=1, TP=1, PP=1,
+                     MICRO_BATCH_SIZE=2, GLOBAL_BATCH_SIZE=4, OUTPUT_DIR=tmp_path / "out",
+                     DATA_PATH=corpus, TOKENIZER_MODEL=tokenizer)  # fmt: skip
+    flags = [*TINY, "--train-iters", str(iters), "--save-interval", "2"]
+    nodes = [
+        subprocess.Popen(
+            ["bash", str(PRETRAIN), *flags],
+            cwd=tmp_path,
+            env={**env, "NODE_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    save = tmp_path / "out" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not (save / "iter_0000002").is_dir() and nodes[1].poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint at iteration 2"
+        time.sleep(0.02)
+    (agent,) = workers(nodes[1])  # bash -> torchrun's agent -> its worker
+    os.kill(workers(agent)[-1], signal.SIGKILL)
+    stdout = "".join(finish(node)[0] for node in nodes)
+    (resumed_at,) = map(int, re.findall(rf"loaded {re.escape(str(save))} at iteration (\d+)",
+                                        stdout))  # fmt: skip
+    assert 2 <= resumed_at < iters, stdout[-3000:]
+    after = stdout[stdout.index(f"training {iters} iterations from iteration {resumed_at}") :]
+    assert sorted(losses(after)) == list(range(resumed_at + 1, iters + 1))
