@@ -27,7 +27,14 @@ setup(
     cmdclass={"build_ext": build_ext},
     # torch 2.5: scaled_dot_product_attention(enable_gqa=...).
     # safetensors: the checkpoint format; pyyaml: --config files.
-    install_requires=["torch>=2.5", "numpy>=1.24", "pyyaml>=6", "safetensors>=0.4"],
+    # xxhash: checkpoint checksums at memory speed (without it, saves fall back to CRC-32).
+    install_requires=[
+        "torch>=2.5",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "xxhash>=3",
+    ],
     extras_require={
         "test": [
             "pytest>=7",

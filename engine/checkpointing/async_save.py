@@ -20,7 +20,7 @@ published: a job killed while the writer runs leaves the previous checkpoint as 
 (and an ``.tmp`` directory the next save removes). One save at a time: the caller waits for
 the previous one before starting the next (`engine.training.checkpoint` does).
 
-The writer thread runs no collective and touches no live tensor; `zlib.crc32`, file writes
+The writer thread runs no collective and touches no live tensor; hashing, file writes
 and ``torch`` kernels release the GIL, so training runs meanwhile (on a machine with cores to
 spare for it).
 """

@@ -25,11 +25,12 @@ from engine import parallel_state
 from engine.checkpointing import (
     CheckpointError,
     NonFiniteStateError,
+    integrity,
     load_checkpoint,
     read_latest_iteration,
     save_checkpoint,
 )
-from engine.checkpointing.integrity import checksum_file
+from engine.checkpointing.integrity import checksum_file, verify_files
 from tests.checkpointing.test_checkpointing import (
     CONSUMED,
     ITERATION,
@@ -136,11 +137,26 @@ def test_every_file_written_has_its_checksum_in_the_metadata(saved):
     final = saved[0] / f"iter_{ITERATION:07d}"
     metadata = json.loads((final / "metadata.json").read_text())
     checksums = metadata["checksums"]
-    assert checksums["algorithm"] == "crc32"
+    assert checksums["algorithm"] == "xxh3_64"
     assert sorted(checksums["files"]) == sorted(metadata["files"])
     assert {MODEL, OPTIM, RNG, "model_tp00_pp00.safetensors"} <= set(metadata["files"])
     for name, record in checksums["files"].items():  # hashed while written, equal to the disk
         assert record == checksum_file(final / name), name
+
+
+def test_crc32_checksums_of_an_engine_without_xxhash_are_verified(saved, tmp_path, monkeypatch):
+    copy, final = copy_of(saved, tmp_path)
+    metadata = json.loads((final / "metadata.json").read_text())
+    with monkeypatch.context() as patched:  # what a save without the xxhash package records
+        patched.setattr(integrity, "ALGORITHM", "crc32")
+        files = {name: checksum_file(final / name) for name in metadata["files"]}
+        metadata["checksums"] = integrity.checksums_record(files)
+    assert metadata["checksums"]["algorithm"] == "crc32"
+    (final / "metadata.json").write_text(json.dumps(metadata))
+    verify_files(final, metadata["files"], metadata)
+    flip_byte(final / MODEL, data_offset(final / MODEL) + 5)
+    with pytest.raises(CheckpointError, match=r"is corrupt: crc32 of bytes \[0, "):
+        verify_files(final, metadata["files"], metadata)
 
 
 @pytest.mark.parametrize(
