@@ -4,7 +4,9 @@ Three sources, later ones winning: the dataclass defaults (or ``--model-preset``
 architecture), a ``--config file.yaml`` whose keys are flag names (``num-layers`` or
 ``num_layers``), and the command line::
 
-    job = parse_args(["--model-preset", "llama2-7b", "--tensor-model-parallel-size", "8",
+    job = parse_args(["--num-layers", "32", "--hidden-size", "4096",
+                      "--num-attention-heads", "32", "--vocab-size", "32000",
+                      "--tensor-model-parallel-size", "8",
                       "--micro-batch-size", "1", "--global-batch-size", "1024",
                       "--seq-length", "4096", "--bf16", "--train-iters", "1000"])
     job.validate(world_size=32)
