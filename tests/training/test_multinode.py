@@ -35,22 +35,31 @@ def start_node(tmp_path: Path, name: str, nodes: int, node_rank: int, gpus: int,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def finish(process: subprocess.Popen) -> str:
+def finish(*processes: subprocess.Popen) -> list[str]:
+    """Every agent's stdout, once all have exited; a failure shows each agent's tail (the one
+    that fails first is not always the one that reports)."""
+    results = []
     try:
-        stdout, stderr = process.communicate(timeout=300)
+        for process in processes:
+            results.append((process, *process.communicate(timeout=300)))
     finally:
-        process.kill()
-    assert process.returncode == 0, stdout[-3000:] + stderr[-5000:]
-    return stdout
+        for process in processes:
+            process.kill()
+    report = "".join(
+        f"\n--- agent {i}: exit {p.returncode}\n{out[-3000:]}{err[-4000:]}"
+        for i, (p, out, err) in enumerate(results)
+    )
+    assert all(p.returncode == 0 for p, _, _ in results), report
+    return [out for _, out, _ in results]
 
 
 def test_two_nodes_of_four_train_as_one_node_of_eight(corpus, tokenizer, tmp_path):  # noqa: F811
     port = free_port()
     nodes = [start_node(tmp_path, "two", 2, rank, 4, port, corpus, tokenizer) for rank in (0, 1)]
-    outputs = [finish(node) for node in nodes]
+    outputs = finish(*nodes)
     assert "node 0 of 2: 4 processes" in outputs[0] and "node 1 of 2: 4 processes" in outputs[1]
     two = losses("".join(outputs))  # global rank 0 logs, on whichever agent holds it
-    one = losses(finish(start_node(tmp_path, "one", 1, 0, 8, free_port(), corpus, tokenizer)))
+    one = losses(*finish(start_node(tmp_path, "one", 1, 0, 8, free_port(), corpus, tokenizer)))
     assert sorted(two) == sorted(one) == [1, 2, 3]
     assert two == one, f"two nodes: {two}, one node: {one}"
     metadata = tmp_path / "two" / "checkpoints" / "iter_0000003" / "metadata.json"
