@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from engine.data.blended_dataset import parse_data_path
 from engine.data.gpt_dataset import parse_split
-from engine.data.sft_dataset import TEMPLATES
+from engine.data.sft_dataset import chat_template_of
 from engine.data.tokenizer import TOKENIZER_TYPES
 
 
@@ -38,13 +38,15 @@ class DataConfig:
     sft: bool = False
     """Supervised fine-tuning data: chat conversations, loss on answers only (``--sft``)."""
     chat_template: str = "llama2"
-    """How conversations are rendered for ``sft`` (``--chat-template``; see
-    `engine.data.sft_dataset.TEMPLATES`)."""
+    """How conversations are rendered for ``sft`` (``--chat-template``): ``auto`` (the Jinja
+    template shipped beside ``--tokenizer-model``), a ``.jinja`` file, or a built-in name
+    (``llama2``, ``plain``; `engine.data.sft_dataset.TEMPLATES`)."""
     num_workers: int = 2
     """Data-loader worker processes per rank (``--num-workers``)."""
 
     def errors(self) -> list[str]:
-        """What is wrong with the blend weights, split, tokenizer and EOD options."""
+        """What is wrong with the blend weights, split, tokenizer, EOD options and chat
+        template."""
         errors = []
         if self.data_path:
             try:
@@ -72,8 +74,11 @@ class DataConfig:
                 f"{', '.join(eod_flags)} need the end-of-document id: give --tokenizer-type and "
                 "--tokenizer-model"
             )
-        if self.sft and self.chat_template not in TEMPLATES:
-            errors.append(f"--chat-template {self.chat_template!r}: use one of {sorted(TEMPLATES)}")
+        if self.sft:
+            try:  # reads the template (a file or two), so a missing one fails before training
+                chat_template_of(self.chat_template, self.tokenizer_model)
+            except ValueError as error:
+                errors.append(str(error))
         if self.num_workers < 0:
             errors.append(f"--num-workers must be at least 0, got {self.num_workers}")
         return errors

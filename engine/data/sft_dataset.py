@@ -2,10 +2,18 @@
 
 Input is JSONL with either `{"messages": [{"role": ..., "content": ...}, ...]}` (roles
 `system`, `user`, `assistant`) or `{"prompt": ..., "response": ...}` (one user turn, one
-assistant turn). A `ChatTemplate` renders a conversation piece by piece, tokenizing each piece
-on its own, so every token is known to come from the prompt side (loss 0) or from an
-assistant reply (loss 1, including the EOS that ends it): the loss mask is exact, not
-recovered from string offsets.
+assistant turn). `--chat-template` (`chat_template_of`) is one of three kinds:
+
+- a built-in name (`TEMPLATES`): a `ChatTemplate` renders a conversation piece by piece,
+  tokenizing each piece on its own, so every token is known to come from the prompt side
+  (loss 0) or from an assistant reply (loss 1, including the EOS that ends it);
+- `auto`: the Jinja template shipped with the tokenizer (beside `--tokenizer-model`);
+- a path to a Jinja template file.
+
+A Jinja template renders the whole conversation, which is tokenized at once (the ids
+transformers' `apply_chat_template` gives); the loss mask is 1 on the tokens of the
+assistant's text, found from the rendering (`engine.data.chat_template`: generation blocks,
+or turn by turn with the end-of-turn text included).
 
 Packing: conversations (shuffled with `seed`) are laid greedily into rows of `seq_length`
 tokens; one that does not fit starts a new row, one longer than a row is truncated. Inside a
@@ -14,7 +22,8 @@ cross a document end; `attention_mask` (`[1, seq, seq]`, True = masked) is causa
 document and blocks everything across documents, and `cu_seqlens` gives the same boundaries
 to variable-length attention kernels.
 
-Preprocess mode (`python -m engine.data.sft_dataset --input ... --output-prefix ...`) writes
+Preprocess mode (`python -m engine.data.sft_dataset --input ... --output-prefix ...
+--chat-template ...`) writes
 `{prefix}_tokens_document` and `{prefix}_loss_mask_document` indexed datasets (the mask as
 uint8, one sequence per conversation, aligned with the tokens); `SFTDataset.from_indexed`
 reads them back.
@@ -26,11 +35,15 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import jinja2
 import numpy as np
 import torch
 
+from engine.data.chat_template import AUTO, JinjaChatTemplate, encode_chat, load_chat_template
 from engine.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, optimal_dtype
 from engine.data.tokenizer import TOKENIZER_TYPES, Tokenizer, build_tokenizer
 
@@ -71,6 +84,22 @@ TEMPLATES = {
 }
 
 
+def chat_template_of(
+    spec: str, tokenizer_model: str | os.PathLike | None
+) -> ChatTemplate | JinjaChatTemplate:
+    """The template ``--chat-template`` `spec` names: a built-in (`TEMPLATES`), ``auto`` (the
+    Jinja template beside ``--tokenizer-model``) or a Jinja file; ValueError naming the flag
+    when there is none. Cheap: reads a file or two, no tokenizer."""
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    if spec != AUTO and not Path(spec).is_file():
+        raise ValueError(
+            f"--chat-template {spec!r}: no such file (give auto, a .jinja file, or a built-in "
+            f"template: {', '.join(sorted(TEMPLATES))})"
+        )
+    return load_chat_template(spec, tokenizer_model)
+
+
 def messages_of(record: dict) -> list[dict]:
     """The conversation of one JSONL record (either accepted shape), validated."""
     if "messages" in record:
@@ -95,9 +124,12 @@ def messages_of(record: dict) -> list[dict]:
 
 
 def render(
-    messages: list[dict], tokenizer: Tokenizer, template: ChatTemplate
+    messages: list[dict], tokenizer: Tokenizer, template: ChatTemplate | JinjaChatTemplate
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and loss mask (1 on assistant tokens and their EOS) of one conversation."""
+    """Token ids ``[n]`` and loss mask ``[n]`` (1 on the assistant's tokens: each reply and
+    the EOS or end-of-turn text after it) of one conversation."""
+    if isinstance(template, JinjaChatTemplate):
+        return encode_chat(template, messages, tokenizer)
     ids: list[int] = []
     mask: list[int] = []
     system = ""
@@ -122,6 +154,18 @@ def render(
             ids.extend(piece)
             mask.extend([1] * len(piece))
     return np.asarray(ids, np.int64), np.asarray(mask, np.uint8)
+
+
+def render_all(
+    path: str | os.PathLike, tokenizer: Tokenizer, template: ChatTemplate | JinjaChatTemplate
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`render` of each conversation in a JSONL file, in order; a template that raises on one
+    (a Jinja ``raise_exception``) names the file and the conversation."""
+    for number, messages in enumerate(read_conversations(path), start=1):
+        try:
+            yield render(messages, tokenizer, template)
+        except (jinja2.TemplateError, ValueError) as error:
+            raise ValueError(f"{path}: conversation {number}: {error}") from None
 
 
 def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
@@ -217,12 +261,12 @@ class SFTDataset(torch.utils.data.Dataset):
         path: str | os.PathLike,
         tokenizer: Tokenizer,
         seq_length: int,
-        template: str = "llama2",
+        template: str | ChatTemplate | JinjaChatTemplate = "llama2",
         seed: int = 1234,
     ) -> SFTDataset:
-        """Tokenize a JSONL file in memory and pack it."""
-        chat = _template(template)
-        pairs = [render(m, tokenizer, chat) for m in read_conversations(path)]
+        """Tokenize a JSONL file in memory and pack it (`template`: a ``--chat-template``
+        value, ``auto`` read beside the tokenizer's files, or a loaded template)."""
+        pairs = list(render_all(path, tokenizer, _resolve(template, tokenizer)))
         return cls(_Documents(pairs), seq_length, seed, pad=tokenizer.pad or 0)
 
     @classmethod
@@ -271,26 +315,29 @@ class SFTDataset(torch.utils.data.Dataset):
         }
 
 
-def _template(name: str) -> ChatTemplate:
-    try:
-        return TEMPLATES[name]
-    except KeyError:
-        raise ValueError(f"--chat-template {name!r}: use one of {sorted(TEMPLATES)}") from None
+def _resolve(
+    template: str | ChatTemplate | JinjaChatTemplate, tokenizer: Tokenizer
+) -> ChatTemplate | JinjaChatTemplate:
+    if isinstance(template, str):
+        return chat_template_of(template, tokenizer.path)
+    return template
 
 
 def preprocess_sft(
-    input_path: str | os.PathLike, output_prefix: str, tokenizer: Tokenizer, template: str
+    input_path: str | os.PathLike,
+    output_prefix: str,
+    tokenizer: Tokenizer,
+    template: str | ChatTemplate | JinjaChatTemplate,
 ) -> int:
     """Write `{prefix}_tokens_document` and `{prefix}_loss_mask_document`; return the count."""
-    chat = _template(template)
+    chat = _resolve(template, tokenizer)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     tokens = IndexedDatasetBuilder(
         f"{output_prefix}_tokens_document.bin", optimal_dtype(tokenizer.vocab_size)
     )
     masks = IndexedDatasetBuilder(f"{output_prefix}_loss_mask_document.bin", np.uint8)
     count = 0
-    for messages in read_conversations(input_path):
-        ids, mask = render(messages, tokenizer, chat)
+    for ids, mask in render_all(input_path, tokenizer, chat):
         tokens.add_document(ids)
         masks.add_document(mask)
         count += 1
@@ -306,10 +353,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     parser.add_argument("--tokenizer-model", required=True)
-    parser.add_argument("--chat-template", default="llama2", choices=sorted(TEMPLATES))
+    parser.add_argument(
+        "--chat-template",
+        default="llama2",
+        help=f"auto (the tokenizer's Jinja template), a .jinja file, or {', '.join(TEMPLATES)}",
+    )
     args = parser.parse_args(argv)
+    try:  # before the tokenizer is loaded: a wrong flag fails at once
+        template = chat_template_of(args.chat_template, args.tokenizer_model)
+    except ValueError as error:
+        parser.error(str(error))
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    count = preprocess_sft(args.input, args.output_prefix, tokenizer, args.chat_template)
+    count = preprocess_sft(args.input, args.output_prefix, tokenizer, template)
     print(
         f"wrote {count} conversations to {args.output_prefix}_{{tokens,loss_mask}}_document",
         file=sys.stderr,

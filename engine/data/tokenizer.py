@@ -17,16 +17,21 @@ Three families, chosen by `--tokenizer-type` as in Megatron-LM:
   `</s>` (2); special-token text in documents encodes to its id, as Megatron's does.
 
 `tokenize_batch` encodes many texts with the library's own multi-threaded batch encoder; the
-preprocessing tool uses it to stay close to the tokenizer's raw speed.
+preprocessing tool uses it to stay close to the tokenizer's raw speed. `tokenize_with_offsets`
+encodes a text exactly as written (no BOS/EOS added around it, special-token text inside it
+encoded to its id) with each token's character span: what a rendered chat template needs
+(`engine.data.chat_template`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +43,9 @@ TOKENIZER_TYPES = SENTENCEPIECE_TYPES + HUGGINGFACE_TYPES + TIKTOKEN_TYPES
 
 class Tokenizer(ABC):
     """Text <-> token ids."""
+
+    path: str
+    """The ``--tokenizer-model`` it was read from: a file, or a directory holding its files."""
 
     @property
     @abstractmethod
@@ -71,6 +79,16 @@ class Tokenizer(ABC):
         """`tokenize` of each text; subclasses use the library's threaded batch encoder."""
         return [self.tokenize(text) for text in texts]
 
+    def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` as written, and each token's character span ``[start, end)``.
+
+        Nothing is added around the text (a chat template writes its own BOS), and the text of
+        a special token inside it (``<|im_end|>``, ``</s>``) encodes to that token's id.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} gives no character offsets; Jinja chat templates need them"
+        )
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece `.model` (LLaMA-2 style: BOS 1 and EOS 2, added by the caller)."""
@@ -81,8 +99,9 @@ class SentencePieceTokenizer(Tokenizer):
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"--tokenizer-model {path}: no such SentencePiece model file")
-        self.model_path = str(path)
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=self.model_path)
+        self.path = str(path)
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+        self._controls: dict[str, int] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -107,11 +126,45 @@ class SentencePieceTokenizer(Tokenizer):
         # SentencePiece encodes a list on its own C++ threads without the GIL.
         return self._sp.encode(list(texts), num_threads=num_threads)
 
+    def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        # SentencePiece never makes a control piece (<s>, </s>) from text, so their text is
+        # split off first and each stretch between is encoded on its own (as HF's Llama
+        # tokenizers do with special tokens).
+        if self._controls is None:
+            self._controls = {
+                self._sp.id_to_piece(i): i
+                for i in range(self._sp.get_piece_size())
+                if self._sp.is_control(i)
+            }
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for start, end, special in _split_on_special(text, self._controls):
+            if special is not None:
+                ids.append(special)
+                offsets.append((start, end))
+                continue
+            for token_id, begin, finish in self._encode_spans(text[start:end]):
+                ids.append(token_id)
+                offsets.append((start + begin, start + finish))
+        return ids, offsets
+
+    def _encode_spans(self, text: str) -> list[tuple[int, int, int]]:
+        """``(id, start, end)`` of each piece of `text`, in characters."""
+        encode: Any = self._sp.encode  # the two versions' signatures differ
+        try:
+            proto = encode(text, return_type="proto")
+        except TypeError:  # sentencepiece before 0.2.1 calls it out_type="immutable_proto"
+            proto = encode(text, out_type="immutable_proto")
+        # The proto's spans count UTF-8 bytes: map each byte to the character it belongs to.
+        char_of_byte = [i for i, c in enumerate(text) for _ in c.encode("utf-8")]
+        char_of_byte.append(len(text))
+        return [(p.id, char_of_byte[p.begin], char_of_byte[p.end]) for p in proto.pieces]
+
     def detokenize(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._sp.decode([int(i) for i in ids])
 
     def __getstate__(self) -> dict:
-        return {"model_path": self.model_path}
+        return {"model_path": self.path}
 
     def __setstate__(self, state: dict) -> None:
         type(self).__init__(self, state["model_path"])
@@ -132,9 +185,9 @@ class HuggingFaceTokenizer(Tokenizer):
         self.path = str(path)
         self.add_special_tokens = add_special_tokens
         self._tok = _HFTokenizer.from_file(str(file))
-        config = _read_json(file.parent / "tokenizer_config.json")
+        config = read_json(file.parent / "tokenizer_config.json")
         self._special = {
-            role: _token_text(config.get(f"{role}_token")) for role in ("eos", "bos", "pad")
+            role: token_text(config.get(f"{role}_token")) for role in ("eos", "bos", "pad")
         }
 
     def _special_id(self, role: str) -> int | None:
@@ -177,6 +230,11 @@ class HuggingFaceTokenizer(Tokenizer):
         # encode_batch parallelises in Rust (RAYON_NUM_THREADS caps it) without the GIL.
         encodings = self._tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
         return [encoding.ids for encoding in encodings]
+
+    def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        # What transformers' apply_chat_template encodes a rendered chat with.
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, [(start, end) for start, end in encoding.offsets]
 
     def detokenize(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -265,6 +323,12 @@ class TikTokenizer(Tokenizer):
             list(texts), num_threads=num_threads, allowed_special="all"
         )
 
+    def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids = self.tokenize(text)
+        # Byte-level BPE decodes back to the text; each token starts where its first byte is.
+        _, starts = self._encoding.decode_with_offsets(ids)
+        return ids, list(zip(starts, [*starts[1:], len(text)], strict=True))
+
     def detokenize(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._encoding.decode([int(i) for i in ids])
 
@@ -332,19 +396,39 @@ def build_tokenizer(
     )
 
 
+def _split_on_special(text: str, specials: dict[str, int]) -> list[tuple[int, int, int | None]]:
+    """``(start, end, id)`` stretches of `text`: each occurrence of a special token's text
+    (its id; the longest first where they overlap) and the plain text between (None)."""
+    if not specials:
+        return [(0, len(text), None)] if text else []
+    pattern = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
+    stretches: list[tuple[int, int, int | None]] = []
+    at = 0
+    for match in pattern.finditer(text):
+        if match.start() > at:
+            stretches.append((at, match.start(), None))
+        stretches.append((match.start(), match.end(), specials[match.group()]))
+        at = match.end()
+    if at < len(text):
+        stretches.append((at, len(text), None))
+    return stretches
+
+
 def _optional_id(token_id: int) -> int | None:
     return None if token_id < 0 else token_id  # SentencePiece says -1 for "none"
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """The JSON object in `path`; {} when there is no such file (an optional config)."""
     if not path.is_file():
         return {}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def _token_text(entry: str | dict | None) -> str | None:
-    # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
+def token_text(entry: str | dict | None) -> str | None:
+    """The text of a special token as tokenizer_config.json stores it: a string or an
+    AddedToken dict (``{"content": ...}``)."""
     if isinstance(entry, dict):
         return entry.get("content")
     return entry
