@@ -34,6 +34,7 @@ setup(
         "pyyaml>=6",
         "safetensors>=0.4",
         "xxhash>=3",
+        "jinja2>=3.1.6",  # chat templates (sandboxed); 3.1.6 closes a sandbox escape
     ],
     extras_require={
         "test": [
