@@ -9,13 +9,22 @@ The model's architecture comes from the checkpoint's ``metadata.json``; the toke
 to the one its training run (or its conversion from HuggingFace) recorded. Prompts come from
 ``--prompt`` (repeatable) or ``--prompts-file`` (one per line); they are decoded together as
 one left-padded batch. A single prompt streams token by token; several print as each finishes.
-``--temperature 0`` (the default) is greedy. See docs/generation.md and
-`engine.inference.generation`.
+``--temperature 0`` (the default) is greedy.
+
+``--chat`` talks to a chat model: each ``--prompt`` is one user message, and
+``--prompts-file`` is JSONL with one conversation a line, ``{"messages": [{"role": ...,
+"content": ...}, ...]}`` (the SFT data format, ending where the model should reply). Each is
+rendered with the chat template of ``--chat-template`` (default ``auto``: the Jinja template
+shipped with the tokenizer; or a ``.jinja`` file, or a built-in name) with the generation
+prompt after it, and decoding stops at the template's end of turn (EOS, ``eos_token`` and the
+token that ends an assistant turn, e.g. ``<|eot_id|>`` or ``<|im_end|>``). See
+docs/generation.md and `engine.inference.generation`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,6 +32,8 @@ import torch
 import torch.distributed as dist
 
 from engine import parallel_state
+from engine.data.chat_template import AUTO, JinjaChatTemplate, encode_prompt, stop_ids
+from engine.data.sft_dataset import ROLES, ChatTemplate, chat_template_of, render
 from engine.data.tokenizer import Tokenizer
 from engine.device import init_distributed
 from engine.inference.generation import SamplingParams, generate
@@ -35,7 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load", required=True, help="checkpoint directory (any layout)")
     parser.add_argument("--ckpt-step", type=int, default=None, help="iteration (default: latest)")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    parser.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
+    parser.add_argument(
+        "--prompts-file",
+        default=None,
+        help='a text file, one prompt per line (--chat: JSONL, {"messages": [...]} a line)',
+    )
+    parser.add_argument(
+        "--chat", action="store_true", help="prompts are user messages, in the chat template"
+    )
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        help="with --chat: auto (default: the tokenizer's Jinja template), a .jinja file, or "
+        "a built-in name (llama2, plain)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
@@ -59,6 +83,48 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if not prompts:
         raise SystemExit("give --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
+
+
+def read_conversations(args: argparse.Namespace) -> list[list[dict]]:
+    """The conversations of ``--chat``: each ``--prompt`` as one user message, then each
+    line of ``--prompts-file`` (JSONL, ``{"messages": [...]}``)."""
+    conversations = [[{"role": "user", "content": text}] for text in args.prompt]
+    if args.prompts_file:
+        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                conversations.append(_messages(line, f"{args.prompts_file}:{number}"))
+    if not conversations:
+        raise SystemExit("give --prompt TEXT (repeatable) or --prompts-file FILE (JSONL)")
+    return conversations
+
+
+def _messages(line: str, where: str) -> list[dict]:
+    try:
+        messages = json.loads(line)["messages"]
+        if messages and all(m["role"] in ROLES and isinstance(m["content"], str) for m in messages):
+            return messages
+    except (json.JSONDecodeError, KeyError, TypeError):
+        pass
+    raise SystemExit(
+        f'{where}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}} with roles '
+        f"in {ROLES}"
+    )
+
+
+def chat_prompts(
+    conversations: list[list[dict]],
+    tokenizer: Tokenizer,
+    template: ChatTemplate | JinjaChatTemplate,
+) -> tuple[list[list[int]], list[str], list[int]]:
+    """Prompt ids and texts of the conversations rendered for the assistant's reply, and the
+    ids that end its turn (a built-in template's turn ends with EOS)."""
+    if isinstance(template, ChatTemplate):
+        prefix = tokenizer.tokenize(template.assistant_prefix) if template.assistant_prefix else []
+        prompts = [render(m, tokenizer, template)[0].tolist() + prefix for m in conversations]
+        return prompts, [tokenizer.detokenize(p) for p in prompts], [tokenizer.eod]
+    encoded = [encode_prompt(template, m, tokenizer) for m in conversations]
+    return [ids for ids, _ in encoded], [text for _, text in encoded], stop_ids(template, tokenizer)
 
 
 def encode(tokenizer: Tokenizer, text: str, add_bos: bool) -> list[int]:
@@ -118,7 +184,8 @@ class Printer:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    texts = read_prompts(args)
+    conversations = read_conversations(args) if args.chat else None
+    texts = read_prompts(args) if conversations is None else []
     init_distributed()
     parallel_state.initialize_model_parallel(
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -129,7 +196,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         if tokenizer is None:
             raise SystemExit(f"{args.load} records no tokenizer: give --tokenizer-type/-model")
-        prompts = [encode(tokenizer, text, not args.no_bos) for text in texts]
+        stops = [tokenizer.eod]
+        if conversations is None:
+            prompts = [encode(tokenizer, text, not args.no_bos) for text in texts]
+        else:
+            try:  # the template before the model: a wrong flag fails at once
+                template = chat_template_of(args.chat_template or AUTO, tokenizer.path)
+            except ValueError as error:
+                raise SystemExit(str(error)) from None
+            prompts, texts, stops = chat_prompts(conversations, tokenizer, template)
+            if dist.get_rank() == 0:
+                name = template.origin if isinstance(template, JinjaChatTemplate) else template.name
+                print(f"chat template {name}; stop ids {stops}", file=sys.stderr)
         model = load_model(args.load, args.ckpt_step)
         printer = Printer(tokenizer, prompts, texts) if dist.get_rank() == 0 else None
         generate(
@@ -137,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts,
             args.max_new_tokens,
             SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
-            eos_id=None if args.ignore_eos else tokenizer.eod,
+            eos_id=None if args.ignore_eos else stops,
             pad_id=tokenizer.pad if tokenizer.pad is not None else tokenizer.eod,
             on_tokens=printer,
         )

@@ -18,7 +18,7 @@ pipeline stage, all given the same prompts):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -138,15 +138,16 @@ def generate(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     sampling: SamplingParams | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     pad_id: int = 0,
     on_tokens: TokenCallback | None = None,
 ) -> list[list[int]]:
     """Continue every prompt by up to ``max_new_tokens`` tokens (collective over the
     model-parallel group; every rank passes the same arguments and gets the same result).
 
-    A sequence stops after emitting ``eos_id`` (included in its output); decoding stops when
-    every sequence has stopped or after ``max_new_tokens`` steps.
+    A sequence stops after emitting ``eos_id``, or any id of it when it is a collection (a chat
+    model's EOS and end-of-turn ids); the stopping id is included in its output. Decoding stops
+    when every sequence has stopped or after ``max_new_tokens`` steps.
 
     Returns:
         The new tokens of each prompt (without the prompt).
@@ -167,6 +168,8 @@ def generate(
             f"prompt ({prompt_len}) + --max-new-tokens ({max_new_tokens}) exceeds "
             f"max_position_embeddings ({config_of(model).max_position_embeddings})"
         )
+    stops = sorted({eos_id} if isinstance(eos_id, int) else set(eos_id or ()))
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
     tokens, valid, positions = left_pad(prompts, total_len, pad_id, device)
     cache = KVCache(model, len(prompts), total_len, device)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -183,14 +186,14 @@ def generate(
         # Finished sequences keep emitting pad (as HF's generate), never shown to the caller.
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
         tokens[:, end] = next_tokens
-        if eos_id is not None:
-            finished |= next_tokens == eos_id
+        if stops:
+            finished |= torch.isin(next_tokens, stop_ids)
         if on_tokens is not None:
             on_tokens(next_tokens, finished)
         begin, end = end, end + 1
         if bool(finished.all()):
             break
-    return [_until_eos(row[prompt_len:end].tolist(), eos_id) for row in tokens]
+    return [_until_stop(row[prompt_len:end].tolist(), stops) for row in tokens]
 
 
 def _share_from_last_stage(next_tokens: torch.Tensor) -> None:
@@ -210,7 +213,9 @@ def _share_from_last_stage(next_tokens: torch.Tensor) -> None:
                        group_src=pp - 1)  # fmt: skip
 
 
-def _until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
-    if eos_id is not None and eos_id in tokens:
-        return tokens[: tokens.index(eos_id) + 1]
+def _until_stop(tokens: list[int], stops: Collection[int]) -> list[int]:
+    """`tokens` up to and including the first stop id."""
+    for at, token in enumerate(tokens):
+        if token in stops:
+            return tokens[: at + 1]
     return tokens

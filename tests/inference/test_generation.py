@@ -3,7 +3,8 @@
 Random HF `LlamaForCausalLM` weights (local config, no download) are loaded into our model:
 greedy decoding at TP=2 must equal transformers' `generate` token for token; cached decoding
 must give the logits of recomputing the whole sequence (1e-5, float32) at TP=2, PP=2 and
-TP=2 x PP=2; padded batches, seeded sampling and EOS are checked against single-prompt runs.
+TP=2 x PP=2; padded batches, seeded sampling and EOS (one id or a set) are checked against
+single-prompt runs.
 """
 
 from __future__ import annotations
@@ -144,6 +145,10 @@ def decoding_checks(config: ModelConfig, tp: int, pp: int) -> dict[str, object]:
         eos = batch[0][2]
         out["eos"] = eos
         out["with_eos"] = generate(model, PROMPTS, 8, eos_id=eos)
+        # A set of stop ids (a chat model's EOS and end of turn): each row stops at the first
+        # of them it emits.
+        out["stops"] = {eos, batch[1][1]}
+        out["with_stops"] = generate(model, PROMPTS, 8, eos_id=out["stops"])
         return out
     finally:
         parallel_state.destroy_model_parallel()
@@ -165,6 +170,10 @@ def test_batching_sampling_and_eos(pool, tp, pp):
         expected = greedy[: greedy.index(eos) + 1] if eos in greedy else greedy
         assert stopped == expected
     assert len(first["with_eos"][0]) == 3
+    for greedy, stopped in zip(first["batch"], first["with_stops"], strict=True):
+        ends = [at for at, token in enumerate(greedy) if token in first["stops"]]
+        assert stopped == (greedy[: ends[0] + 1] if ends else greedy)
+    assert len(first["with_stops"][1]) <= 2  # the second id stops row 1 by its 2nd token
 
 
 def padded_batch_vs_hf(config: ModelConfig, max_new_tokens: int) -> tuple[list, list]:
