@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.data.blended_dataset import parse_data_path
+from engine.data.chat_template import AUTO
 from engine.data.gpt_dataset import parse_split
 from engine.data.sft_dataset import chat_template_of
 from engine.data.tokenizer import TOKENIZER_TYPES
@@ -74,8 +76,12 @@ class DataConfig:
                 f"{', '.join(eod_flags)} need the end-of-document id: give --tokenizer-type and "
                 "--tokenizer-model"
             )
-        if self.sft:
-            try:  # reads the template (a file or two), so a missing one fails before training
+        # The template is read here (a file or two), so a missing one fails before training.
+        # `auto` reads beside the tokenizer: where its files are absent (a plan made elsewhere,
+        # preprocessed data that needs no tokenizer) loading the tokenizer reports that.
+        tokenizer_there = self.tokenizer_model is not None and Path(self.tokenizer_model).exists()
+        if self.sft and (self.chat_template != AUTO or tokenizer_there):
+            try:
                 chat_template_of(self.chat_template, self.tokenizer_model)
             except ValueError as error:
                 errors.append(str(error))
