@@ -58,6 +58,18 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> to
     return device
 
 
+def leave_distributed(together: bool = True) -> None:
+    """Destroy the default process group; with ``together``, after a barrier, so that every
+    rank leaves at once: a rank tearing its gloo / NCCL transport down while a peer is still
+    in a collective can abort the peer (SIGABRT, seen on gloo under load). ``together=False``
+    is for a failure path, where the peers may be gone."""
+    if not dist.is_initialized():
+        return
+    if together:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def _torchrun_attempt_store(timeout: timedelta) -> dist.Store | None:
     """torchrun's own store, with this attempt's keys apart from the earlier attempts'.
 

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after the arguments are checked: a bad flag costs no torch.distributed start.
     import torch.distributed as dist
 
+    from engine.device import leave_distributed
     from engine.training.divergence import TrainingDivergedError
     from engine.training.liveness import CollectiveFailureError
     from engine.training.loop import finetune, pretrain
@@ -92,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             f"tensorboard: {job.training.tensorboard_dir or 'none'}",
             flush=True,
         )
-    # Every rank leaves together: a rank tearing its gloo/NCCL transport down while a peer is
-    # still in a collective can abort the peer (seen on gloo under load).
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_distributed()  # together: see its docstring
     return 0
 
 

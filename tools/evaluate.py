@@ -19,7 +19,7 @@ import sys
 import torch.distributed as dist
 
 from engine import parallel_state
-from engine.device import init_distributed
+from engine.device import init_distributed, leave_distributed
 from engine.inference.loading import load_model, load_tokenizer
 from engine.inference.perplexity import evaluate_perplexity, read_documents
 from engine.models.families import add_model_provider_flag
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+        leave_distributed(together=sys.exc_info()[1] is None)  # no barrier if a rank failed
     return 0
 
 

@@ -35,7 +35,7 @@ from engine import parallel_state
 from engine.data.chat_template import AUTO, JinjaChatTemplate, encode_prompt, stop_ids
 from engine.data.sft_dataset import ROLES, ChatTemplate, chat_template_of, render
 from engine.data.tokenizer import Tokenizer
-from engine.device import init_distributed
+from engine.device import init_distributed, leave_distributed
 from engine.inference.generation import SamplingParams, generate
 from engine.inference.loading import load_model, load_tokenizer
 from engine.models.families import add_model_provider_flag
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             printer.finish()
     finally:
         parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+        leave_distributed(together=sys.exc_info()[1] is None)  # no barrier if a rank failed
     return 0
 
 

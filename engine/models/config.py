@@ -16,6 +16,7 @@ import torch
 from engine.models.backends import BACKEND_CHOICES
 from engine.models.families import family_of
 from engine.models.inventory import Inventory
+from engine.models.rope import RopeScaling, rope_scaling_from_dict
 from engine.parallel_state import ParallelConfig
 from engine.pipeline_parallel.layout import virtual_stage_layers
 
@@ -44,6 +45,17 @@ class ModelConfig:
     """Longest sequence the rotary cache covers (``--max-position-embeddings``)."""
     rotary_base: float = 10000.0
     """Rotary embedding theta (``--rotary-base``): 10000 for LLaMA-2, 500000 for LLaMA-3."""
+    rope_scaling: RopeScaling | None = None
+    """Stretched rotary frequencies for long context (`engine.models.rope`: ``linear``,
+    ``llama3``, ``yarn``); None: plain RoPE (``--use-rope-scaling``, ``--rope-scaling-factor``)."""
+    kv_channels: int | None = None
+    """Per-head width when it is not ``hidden_size / num_attention_heads`` (``--kv-channels``,
+    Qwen3's ``head_dim``); None: the quotient."""
+    qkv_bias: bool = False
+    """Biases on the Q, K and V projections (``--add-qkv-bias``; Qwen2)."""
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head before the rotary embedding (``--qk-layernorm``;
+    Qwen3's ``q_norm`` / ``k_norm``)."""
     norm_epsilon: float = 1e-5
     """RMSNorm epsilon (``--norm-epsilon``)."""
     tie_word_embeddings: bool = False
@@ -78,6 +90,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
+        if isinstance(self.rope_scaling, dict):  # as `dataclasses.asdict` saved it
+            self.rope_scaling = rope_scaling_from_dict(self.rope_scaling)
 
     @property
     def kv_heads(self) -> int:
@@ -86,7 +100,8 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        """Per-head width d: ``kv_channels``, else ``hidden_size / num_attention_heads``."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ModelConfig:
@@ -144,6 +159,15 @@ class ModelConfig:
         return cls(**values, params_dtype=getattr(torch, dtype))
 
 
+def flag_rope_scaling(factor: float) -> RopeScaling:
+    """The rope scaling of Megatron's ``--use-rope-scaling``: LLaMA-3.1/3.2's published one
+    (``rope_type`` "llama3") with ``factor`` (8 for 3.1, 32 for 3.2)."""
+    return RopeScaling(
+        "llama3", factor, original_max_position_embeddings=8192, low_freq_factor=1.0,
+        high_freq_factor=4.0,
+    )  # fmt: skip
+
+
 PRESETS: dict[str, ModelConfig] = {
     "llama2-7b": ModelConfig(
         num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008,
@@ -161,6 +185,36 @@ PRESETS: dict[str, ModelConfig] = {
         num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
         ffn_hidden_size=14336, vocab_size=128256, max_position_embeddings=8192,
         rotary_base=500000.0,
+    ),
+    "llama3.1-8b": ModelConfig(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+        ffn_hidden_size=14336, vocab_size=128256, max_position_embeddings=131072,
+        rotary_base=500000.0, rope_scaling=flag_rope_scaling(8.0),
+    ),
+    "llama3.2-1b": ModelConfig(
+        num_layers=16, hidden_size=2048, num_attention_heads=32, num_query_groups=8,
+        ffn_hidden_size=8192, vocab_size=128256, max_position_embeddings=131072,
+        rotary_base=500000.0, rope_scaling=flag_rope_scaling(32.0), tie_word_embeddings=True,
+    ),
+    "llama3.2-3b": ModelConfig(
+        num_layers=28, hidden_size=3072, num_attention_heads=24, num_query_groups=8,
+        ffn_hidden_size=8192, vocab_size=128256, max_position_embeddings=131072,
+        rotary_base=500000.0, rope_scaling=flag_rope_scaling(32.0), tie_word_embeddings=True,
+    ),
+    "mistral-7b-v0.3": ModelConfig(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+        ffn_hidden_size=14336, vocab_size=32768, max_position_embeddings=32768,
+        rotary_base=1000000.0, family="mistral",
+    ),
+    "qwen2.5-7b": ModelConfig(
+        num_layers=28, hidden_size=3584, num_attention_heads=28, num_query_groups=4,
+        ffn_hidden_size=18944, vocab_size=152064, max_position_embeddings=131072,
+        rotary_base=1000000.0, norm_epsilon=1e-6, qkv_bias=True, family="qwen2",
+    ),
+    "qwen3-8b": ModelConfig(
+        num_layers=36, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+        kv_channels=128, ffn_hidden_size=12288, vocab_size=151936, max_position_embeddings=40960,
+        rotary_base=1000000.0, norm_epsilon=1e-6, qk_layernorm=True, family="qwen3",
     ),
     # Tiny models for tests and the CPU quickstart.
     "tiny": ModelConfig(
@@ -183,6 +237,7 @@ _LOWER_BOUNDS: dict[str, tuple[str, float, bool]] = {
     "ffn_hidden_size": ("--ffn-hidden-size", 1, True),
     "vocab_size": ("--vocab-size", 1, True),
     "max_position_embeddings": ("--max-position-embeddings", 1, True),
+    "kv_channels": ("--kv-channels", 1, True),
     "make_vocab_size_divisible_by": ("--make-vocab-size-divisible-by", 1, True),
     "rotary_base": ("--rotary-base", 0, False),
     "norm_epsilon": ("--norm-epsilon", 0, False),
@@ -220,11 +275,15 @@ def layout_errors(
         return errors  # nothing below can be computed with a size out of range
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     heads, groups = model.num_attention_heads, model.kv_heads
-    if model.hidden_size % heads != 0:
+    if model.kv_channels is None and model.hidden_size % heads != 0:
         errors.append(
             f"--hidden-size ({model.hidden_size}) must be divisible by "
-            f"--num-attention-heads ({heads})"
+            f"--num-attention-heads ({heads}) (or give the head width, --kv-channels)"
         )
+    if model.head_dim % 2 != 0:
+        errors.append(f"the head width ({model.head_dim}) must be even for rotary embeddings")
+    if model.rope_scaling is not None:
+        errors += model.rope_scaling.errors()
     if heads % groups != 0:
         errors.append(
             f"--num-attention-heads ({heads}) must be divisible by --num-query-groups ({groups})"

@@ -35,7 +35,12 @@ from engine.data.config import DataConfig
 from engine.data.tokenizer import build_tokenizer
 from engine.distributed.config import DistributedDataParallelConfig
 from engine.models.backends import BACKEND_CHOICES
-from engine.models.config import PRESETS, RECOMPUTE_GRANULARITIES, ModelConfig
+from engine.models.config import (
+    PRESETS,
+    RECOMPUTE_GRANULARITIES,
+    ModelConfig,
+    flag_rope_scaling,
+)
 from engine.models.families import MODEL_PROVIDER_HELP, ModelFamily, load_model_provider
 from engine.optimizer.config import OptimizerConfig
 from engine.parallel_state import ParallelConfig
@@ -64,6 +69,9 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--vocab-size", "model", "vocab_size", {"type": int}),
     ("--make-vocab-size-divisible-by", "model", "make_vocab_size_divisible_by", {"type": int}),
     ("--rotary-base", "model", "rotary_base", {"type": float}),
+    ("--kv-channels", "model", "kv_channels", {"type": int}),
+    ("--add-qkv-bias", "model", "qkv_bias", {"type": bool}),
+    ("--qk-layernorm", "model", "qk_layernorm", {"type": bool}),
     ("--norm-epsilon", "model", "norm_epsilon", {"type": float}),
     ("--init-method-std", "model", "init_method_std", {"type": float}),
     ("--attention-dropout", "model", "attention_dropout", {"type": float}),
@@ -175,6 +183,11 @@ _SPECIAL_FLAGS: list[tuple[str, dict[str, Any], str]] = [
     ("--num-virtual-stages-per-pipeline-rank", {"type": int},
      "Virtual pipeline chunks per pipeline rank (the same setting counted directly)."),
     ("--model-provider", {}, MODEL_PROVIDER_HELP),
+    ("--use-rope-scaling", {"type": bool},
+     "Rope scaling of rope_type 'llama3' (original context 8192, low / high frequency "
+     "factors 1 and 4), by --rope-scaling-factor."),
+    ("--rope-scaling-factor", {"type": float},
+     "The factor of --use-rope-scaling (default 8; the 3.2 models use 32)."),
 ]  # fmt: skip
 
 _SECTION_OF = {f"{section}.{field}": section for _, section, field, _ in _FLAGS}
@@ -335,6 +348,10 @@ def _build_job(given: dict[str, Any]) -> JobConfig:
         model_fields["tie_word_embeddings"] = False
     if "seed" in training:
         model_fields["init_seed"] = training["seed"]
+    if given.get("use_rope_scaling"):
+        model_fields["rope_scaling"] = flag_rope_scaling(given.get("rope_scaling_factor") or 8.0)
+    elif given.get("rope_scaling_factor") is not None:
+        raise ValueError("--rope-scaling-factor needs --use-rope-scaling")
     if given.get("model_provider"):
         family = load_model_provider(given["model_provider"])
         model_fields["family"] = family.name

@@ -197,9 +197,16 @@ def edit_config(directory: Path, **changes) -> None:
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model_type": "mistral"}, "model_type 'mistral'"),
+        ({"model_type": "mixtral"}, "model_type 'mixtral'"),
         ({"attention_bias": True}, "attention_bias true"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling 'llama3'"),
+        (
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 8.0}},
+            "rope_type 'dynamic' is not supported",
+        ),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+            "rope_scaling.low_freq_factor is required for rope_type 'llama3'",
+        ),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"intermediate_size": 180}, "model.layers.0.mlp.gate_proj.weight has shape (176, 64)"),
     ],

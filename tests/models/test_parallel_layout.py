@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from engine import parallel_state
-from engine.models import LlamaModel, ModelConfig
+from engine.models import ModelConfig, family_of
 from tests.rank_pool import module_pool
 
 pool = module_pool(8)
@@ -68,12 +68,18 @@ def test_groups_and_getters_on_real_ranks(pool):
     assert [info["last_ignoring_virtual"] for info in ranks] == [False] * 6 + [True] * 2
 
 
-# Published sizes of the LLaMA checkpoints.
+# Published sizes of the checkpoints (their model cards / safetensors index totals).
 PUBLISHED_PARAMETERS = {
     "llama2-7b": 6_738_415_616,
     "llama2-13b": 13_015_864_320,
     "llama2-70b": 68_976_648_192,
     "llama3-8b": 8_030_261_248,
+    "llama3.1-8b": 8_030_261_248,
+    "llama3.2-1b": 1_235_814_400,  # tied: the head is the embedding
+    "llama3.2-3b": 3_212_749_824,
+    "mistral-7b-v0.3": 7_248_023_552,
+    "qwen2.5-7b": 7_615_616_512,
+    "qwen3-8b": 8_190_735_360,
 }
 
 
@@ -86,7 +92,7 @@ def count_on_meta(preset: str, tp: int, stages: int = 1) -> list[dict[str, objec
         out = []
         for stage in range(stages):
             with torch.device("meta"):
-                model = LlamaModel(
+                model = family_of(config).model(
                     config,
                     pre_process=stage == 0,
                     post_process=stage == stages - 1,
@@ -122,6 +128,33 @@ def test_llama2_7b_share_of_each_rank_at_tp8(pool):
     )
     assert expected == 843_321_344
     assert [stage["count"] for (stage,) in results] == [expected] * 8
+
+
+def share_of_a_rank(preset: str, tp: int) -> int:
+    """Parameters of one TP rank of the whole model, counted by hand: vocabulary rows and
+    projections sharded, K|V sharded when there are at least ``tp`` K/V heads (else whole on
+    every rank), norms replicated."""
+    c = ModelConfig.from_preset(preset)
+    h, d, ffn = c.hidden_size, c.head_dim, c.ffn_hidden_size
+    q, kv = c.num_attention_heads * d, c.kv_heads * d
+    padded = -(-c.vocab_size // (128 * tp)) * 128 * tp
+    kv_rows = 2 * kv // tp if c.kv_heads >= tp else 2 * kv
+    layer = (q // tp + kv_rows) * h + h * q // tp + 3 * h * ffn // tp + 2 * h
+    layer += (q // tp + kv_rows) if c.qkv_bias else 0
+    layer += 2 * d if c.qk_layernorm else 0
+    heads = 1 if c.tie_word_embeddings else 2
+    return heads * padded // tp * h + c.num_layers * layer + h
+
+
+@pytest.mark.parametrize(
+    "preset, tp",
+    [("llama3.1-8b", 8), ("llama3.2-1b", 8), ("llama3.2-3b", 8), ("mistral-7b-v0.3", 8),
+     ("qwen3-8b", 8), ("qwen2.5-7b", 4)],  # 28 query heads: TP=8 does not divide them
+)  # fmt: skip
+def test_share_of_each_rank(pool, preset, tp):
+    results = pool.run(count_on_meta, preset, tp)
+    counts = [stage["count"] for (stage,) in results]
+    assert counts == [share_of_a_rank(preset, tp)] * 8
 
 
 def test_llama2_7b_stage_shapes_at_tp8_pp4(pool):

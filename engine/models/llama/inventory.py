@@ -20,6 +20,9 @@ ARCHITECTURE_FLAGS = {
     "ffn_hidden_size": "--ffn-hidden-size",
     "vocab_size": "--vocab-size (the tokenizer's)",
     "tie_word_embeddings": "--untie-embeddings-and-output-weights",
+    "kv_channels": "--kv-channels",
+    "qkv_bias": "--add-qkv-bias",
+    "qk_layernorm": "--qk-layernorm",
 }
 """The configuration fields that fix the parameters' shapes, with the flag that sets each
 (named when a checkpoint does not fit the model)."""
@@ -30,7 +33,9 @@ def llama_inventory(config: ModelConfig, tp_size: int) -> Inventory:
 
     K/V are fused with Q (one column-parallel Q|K|V) when there are at least as many K/V heads
     as TP ranks; otherwise Q is column-parallel alone and K|V is replicated, its gradient
-    partial on each rank (each computes only the heads its queries use).
+    partial on each rank (each computes only the heads its queries use). Q/K/V biases
+    (``qkv_bias``) follow their weights' layout; the per-head Q and K norms
+    (``qk_layernorm``, ``[d]``) are replicated and every rank's heads add to their gradients.
     """
     h, d, ffn = config.hidden_size, config.head_dim, config.ffn_hidden_size
     q, kv = config.num_attention_heads * d, config.kv_heads * d
@@ -48,6 +53,11 @@ def llama_inventory(config: ModelConfig, tp_size: int) -> Inventory:
                                           meta + "attention.wk.weight"),
         "layers.{n}.attention.v.weight": ((kv, h), hf + "self_attn.v_proj.weight",
                                           meta + "attention.wv.weight"),
+        "layers.{n}.attention.q.bias": ((q,), hf + "self_attn.q_proj.bias", None),
+        "layers.{n}.attention.k.bias": ((kv,), hf + "self_attn.k_proj.bias", None),
+        "layers.{n}.attention.v.bias": ((kv,), hf + "self_attn.v_proj.bias", None),
+        "layers.{n}.attention.q_norm.weight": ((d,), hf + "self_attn.q_norm.weight", None),
+        "layers.{n}.attention.k_norm.weight": ((d,), hf + "self_attn.k_norm.weight", None),
         "layers.{n}.attention.out.weight": ((h, q), hf + "self_attn.o_proj.weight",
                                             meta + "attention.wo.weight"),
         "layers.{n}.post_attention_norm.weight": ((h,), hf + "post_attention_layernorm.weight",
@@ -66,7 +76,8 @@ def llama_inventory(config: ModelConfig, tp_size: int) -> Inventory:
 
     def column(name: str, *parts: str) -> ParameterSpec:
         sizes = tuple(t[p].shape[0] for p in parts)
-        return ParameterSpec(name, tuple(t[p] for p in parts), (sum(sizes), h), 0, sizes)
+        shape = (sum(sizes), *t[parts[0]].shape[1:])  # a weight [rows, h] or a bias [rows]
+        return ParameterSpec(name, tuple(t[p] for p in parts), shape, 0, sizes)
 
     def row(name: str) -> ParameterSpec:
         return ParameterSpec(name, (t[name],), t[name].shape, 1, (t[name].shape[1],))
@@ -78,16 +89,23 @@ def llama_inventory(config: ModelConfig, tp_size: int) -> Inventory:
         return ParameterSpec(name, (t[name],), (padded, h), 0, (padded,), stage=stage,
                              tied_to=tied_to, vocab_padded=True)  # fmt: skip
 
-    qkv = ("layers.{n}.attention.q.weight", "layers.{n}.attention.k.weight",
-           "layers.{n}.attention.v.weight")  # fmt: skip
+    def replicated_kv(name: str, k: str, v: str) -> ParameterSpec:
+        shape = (2 * kv, *t[k].shape[1:])
+        return ParameterSpec(name, (t[k], t[v]), shape, None, partial_grad_over_tp=True)
+
+    def qk_norm(name: str) -> ParameterSpec:
+        return ParameterSpec(name, (t[name],), (d,), None, partial_grad_over_tp=True)
+
+    kinds = ("weight", "bias") if config.qkv_bias else ("weight",)
+    a = "layers.{n}.attention."
     if config.kv_heads >= tp_size:
-        attention = [column("layers.{n}.attention.qkv.weight", *qkv)]
+        attention = [column(f"{a}qkv.{k}", f"{a}q.{k}", f"{a}k.{k}", f"{a}v.{k}") for k in kinds]
     else:
-        replicated_kv = ParameterSpec(
-            "layers.{n}.attention.kv.weight", (t[qkv[1]], t[qkv[2]]), (2 * kv, h), None,
-            partial_grad_over_tp=True,
-        )  # fmt: skip
-        attention = [column("layers.{n}.attention.q.weight", qkv[0]), replicated_kv]
+        attention = [column(f"{a}q.{k}", f"{a}q.{k}") for k in kinds]
+        attention += [replicated_kv(f"{a}kv.{k}", f"{a}k.{k}", f"{a}v.{k}") for k in kinds]
+    if config.qk_layernorm:
+        attention += [qk_norm("layers.{n}.attention.q_norm.weight"),
+                      qk_norm("layers.{n}.attention.k_norm.weight")]  # fmt: skip
     specs = [
         vocabulary("embedding.weight", "first"),
         norm("layers.{n}.input_norm.weight"),

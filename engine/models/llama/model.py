@@ -29,6 +29,7 @@ from engine.models.config import ModelConfig
 from engine.models.init import blocks_init, output_std, seeded_init
 from engine.models.inventory import Inventory
 from engine.models.kv_cache import KVCache
+from engine.models.rope import RopeScaling, inverse_frequencies
 from engine.models.stage import PipelineStage
 from engine.models.weights import check_built_as_declared
 from engine.parallel_state import ParallelConfig
@@ -46,19 +47,27 @@ from engine.tensor_parallel.random import MODEL_PARALLEL_RNG_NAME, checkpoint, g
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (the "rotate half" convention of HF and Megatron)."""
+    """Rotary position embedding (the "rotate half" convention of HF and Megatron), with the
+    frequencies that `engine.models.rope` gives for the configuration's rope scaling."""
 
-    def __init__(self, head_dim: int, base: float):
+    def __init__(self, head_dim: int, base: float, scaling: RopeScaling | None = None,
+                 max_position_embeddings: int = 4096):  # fmt: skip
         super().__init__()
         self.head_dim, self.base = head_dim, base
+        self.scaling, self.max_positions = scaling, max_position_embeddings
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """position_ids ``[b, s]`` -> cos, sin ``[s, b, 1, d]`` in ``dtype``."""
-        exponents = torch.arange(0, self.head_dim, 2, device=position_ids.device).float()
-        inv_freq = 1.0 / (self.base ** (exponents / self.head_dim))
+        # Computed per call, not cached in a buffer: a buffer made under the meta device (or
+        # before `.to(device)`) would hold nothing, and this costs one [s, d] outer product.
+        inv_freq, attention_scaling = inverse_frequencies(
+            self.head_dim, self.base, self.scaling, self.max_positions
+        )
+        inv_freq = inv_freq.to(position_ids.device)
         angles = position_ids.t().float().unsqueeze(-1) * inv_freq  # [s, b, d/2]
         angles = torch.cat([angles, angles], dim=-1).unsqueeze(2)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos() * attention_scaling, angles.sin() * attention_scaling
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,17 +77,25 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a replicated weight ``[h]``; under sequence parallelism its gradient is
-    partial on each TP rank (each sees a slice of the sequence)."""
+    """RMSNorm with a replicated weight ``[width]`` (default: the model width h).
 
-    def __init__(self, config: ModelConfig):
+    Under sequence parallelism a layer norm's gradient is partial on each TP rank (each sees a
+    slice of the sequence); a per-head norm's always is (each rank normalises its own heads
+    with the shared weight): ``partial_over_tp`` says which.
+    """
+
+    def __init__(self, config: ModelConfig, width: int | None = None,
+                 partial_over_tp: bool | None = None):  # fmt: skip
         super().__init__()
         self.eps = config.norm_epsilon
-        self.weight = nn.Parameter(torch.ones(config.hidden_size, dtype=config.params_dtype))
-        mark_partial_over_tp(self.weight, config.sequence_parallel)
+        width = width or config.hidden_size
+        self.weight = nn.Parameter(torch.ones(width, dtype=config.params_dtype))
+        partial = config.sequence_parallel if partial_over_tp is None else partial_over_tp
+        mark_partial_over_tp(self.weight, partial)
         self.norm_fn = NORM_BACKENDS[resolve_backend(config.norm_backend)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[*, width]`` -> the same shape."""
         return self.norm_fn(x, self.weight, self.eps)
 
 
@@ -90,7 +107,7 @@ class ReplicatedKeyValue(nn.Module):
     summed over TP by `finalize_model_grads`.
     """
 
-    def __init__(self, config: ModelConfig, init_method: InitMethod):
+    def __init__(self, config: ModelConfig, init_method: InitMethod, bias: bool = False):
         super().__init__()
         kv, d, tp = config.kv_heads, config.head_dim, _tp_size()
         self.sequence_parallel = config.sequence_parallel
@@ -100,6 +117,10 @@ class ReplicatedKeyValue(nn.Module):
         self.weight = nn.Parameter(torch.empty(rows, config.hidden_size, dtype=config.params_dtype))
         initialise_shard(self.weight, (rows, config.hidden_size), init_method, 0, [rows], 0, 1)
         mark_partial_over_tp(self.weight)
+        self.bias = None
+        if bias:  # zeros, as the column-parallel layers' biases
+            self.bias = nn.Parameter(torch.zeros(rows, dtype=config.params_dtype))
+            mark_partial_over_tp(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[s(/tp), b, h]`` -> this rank's K|V ``[s, b, 2 * d]``."""
@@ -109,10 +130,15 @@ class ReplicatedKeyValue(nn.Module):
             x = gather_from_sequence_parallel_region(x)
         else:
             x = copy_to_tensor_model_parallel_region(x)
+        return F.linear(x, self._head_rows(self.weight), self._head_rows(self.bias))
+
+    def _head_rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """This rank's K head and V head rows of the K|V weight or bias."""
+        if t is None:
+            return None
         d, start = self.head_dim, self.head * self.head_dim
-        k_rows = self.weight[start : start + d]
-        v_rows = self.weight[self.kv_heads * d + start : self.kv_heads * d + start + d]
-        return F.linear(x, torch.cat([k_rows, v_rows]))
+        v_start = self.kv_heads * d + start
+        return torch.cat([t[start : start + d], t[v_start : v_start + d]])
 
 
 class Attention(nn.Module):
@@ -149,7 +175,13 @@ class Attention(nn.Module):
                 config.hidden_size, heads * d, init_method=q_init[1],
                 bias=inventory.declares(f"{prefix}.q.bias"), **common,
             )  # fmt: skip
-            self.kv = ReplicatedKeyValue(config, blocks_init(k_init, v_init))
+            self.kv = ReplicatedKeyValue(
+                config, blocks_init(k_init, v_init), inventory.declares(f"{prefix}.kv.bias")
+            )
+        self.q_norm = self.k_norm = None
+        if inventory.declares(f"{prefix}.q_norm.weight"):
+            self.q_norm = RMSNorm(config, d, partial_over_tp=True)
+            self.k_norm = RMSNorm(config, d, partial_over_tp=True)
         self.out = RowParallelLinear(
             heads * d, config.hidden_size,
             init_method=seeded_init(config, f"{prefix}.out", output_std(config)),
@@ -173,8 +205,10 @@ class Attention(nn.Module):
             q = self.q(x)
             k, v = self.kv(x).chunk(2, dim=-1)
         s, b = q.shape[:2]
-        q = apply_rotary(q.view(s, b, self.local_heads, d), cos, sin)
-        k = apply_rotary(k.view(s, b, self.local_kv_heads, d), cos, sin)
+        q, k = q.view(s, b, self.local_heads, d), k.view(s, b, self.local_kv_heads, d)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = v.view(s, b, self.local_kv_heads, d)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_number, k, v)
@@ -295,7 +329,9 @@ class LlamaModel(PipelineStage):
             self.embedding = VocabParallelEmbedding(
                 config.vocab_size, config.hidden_size, **embedding_kwargs
             )
-        self.rotary = RotaryEmbedding(config.head_dim, config.rotary_base)
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.rotary_base, config.rope_scaling, config.max_position_embeddings
+        )
         self.layers = nn.ModuleList(DecoderLayer(config, n, self.inventory) for n in layer_numbers)
         if self.post_process:
             self.final_norm = RMSNorm(config)
