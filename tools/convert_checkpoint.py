@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "hf-to-engine":
             sub.add_argument(
                 "--checkpoint-type", choices=["hf", "meta"], default="hf",
-                help="hf: a transformers directory; meta: params.json + consolidated.00.pth",
+                help="hf: a transformers directory; meta: params.json + consolidated.*.pth",
             )  # fmt: skip
             sub.add_argument(
                 "--make-vocab-size-divisible-by", type=int, default=128,

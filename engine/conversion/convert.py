@@ -62,7 +62,7 @@ def hf_to_engine(
     checkpoint_type: str = "hf",
 ) -> Path:
     """Convert a HF model directory (``checkpoint_type="meta"``: Meta's ``params.json`` +
-    ``consolidated.00.pth``, read by the family that knows the format) into an engine
+    ``consolidated.*.pth``, read by the family that knows the format) into an engine
     checkpoint at TP x PP (``dtype``: as stored when None); returns its directory."""
     source, family = _open_source(load_dir, checkpoint_type)
     assert family.hf is not None  # _open_source only picks families with an HF adapter

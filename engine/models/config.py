@@ -283,7 +283,7 @@ def layout_errors(
     if model.head_dim % 2 != 0:
         errors.append(f"the head width ({model.head_dim}) must be even for rotary embeddings")
     if model.rope_scaling is not None:
-        errors += model.rope_scaling.errors()
+        errors += [f"rope scaling: {e}" for e in model.rope_scaling.errors()]
     if heads % groups != 0:
         errors.append(
             f"--num-attention-heads ({heads}) must be divisible by --num-query-groups ({groups})"

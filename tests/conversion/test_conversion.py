@@ -205,7 +205,7 @@ def edit_config(directory: Path, **changes) -> None:
         ),
         (
             {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
-            "rope_scaling.low_freq_factor is required for rope_type 'llama3'",
+            "low_freq_factor is required for rope_type 'llama3'",
         ),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"intermediate_size": 180}, "model.layers.0.mlp.gate_proj.weight has shape (176, 64)"),

@@ -27,6 +27,7 @@ from engine.checkpointing import open_checkpoint
 from engine.conversion.convert import ConversionError, hf_to_engine
 from engine.models import ModelConfig
 from engine.models.llama.meta import MetaCheckpoint, meta_ffn_hidden_size
+from engine.models.rope import RopeScaling
 from tests.paths import REPO
 from tools.convert_checkpoint import main as convert_main
 
@@ -211,3 +212,22 @@ def test_a_split_that_fits_no_merge_is_named(tmp_path, four_shards):
     message = refusal(write_meta(tmp_path / "meta", params, shards))
     assert "tensor layers.0.attention.wo.weight has shards consolidated.00.pth (16, 64)" in message
     assert "(64, 64), the shape params.json implies" in message
+
+
+@pytest.mark.parametrize("factor", [None, 32.0])
+def test_llama3_1_scaled_rope_converts_with_meta_s_fixed_parameters(tmp_path, factor):
+    """``use_scaled_rope`` (LLaMA-3.1/3.2): the factors Meta's reference code fixes (factor 8,
+    or the ``rope_scaling_factor`` 3.2's small models name), low 1, high 4, context 8192."""
+    params = {**meta_params(4, True), "use_scaled_rope": True, "rope_theta": 500000.0}
+    if factor is not None:
+        params["rope_scaling_factor"] = factor
+    shards = split_like_meta(random_meta_state(params), 2, 0)
+    assert convert_main(convert_args(write_meta(tmp_path / "meta", params, shards),
+                                     tmp_path / "engine")) == 0  # fmt: skip
+    _, metadata = open_checkpoint(tmp_path / "engine")
+    config = ModelConfig.from_dict(metadata["model"])
+    assert config.rope_scaling == RopeScaling(
+        "llama3", factor or 8.0, original_max_position_embeddings=8192, low_freq_factor=1.0,
+        high_freq_factor=4.0,
+    )  # fmt: skip
+    assert config.rotary_base == 500000.0

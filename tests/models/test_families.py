@@ -216,7 +216,8 @@ TINY_OPTIONS = {
     "llama3.2": dict(tie_word_embeddings=True, rope_scaling=RopeScaling(
         "llama3", 32.0, original_max_position_embeddings=ORIGINAL_CONTEXT, low_freq_factor=1.0,
         high_freq_factor=4.0)),
-    "qwen2.5": dict(qkv_bias=True, num_query_groups=2, family="qwen2", rope_scaling=RopeScaling(
+    # One K/V head: at TP=2 the K|V weight and its bias are replicated, gradients partial.
+    "qwen2.5": dict(qkv_bias=True, num_query_groups=1, family="qwen2", rope_scaling=RopeScaling(
         "yarn", 4.0, original_max_position_embeddings=ORIGINAL_CONTEXT)),
     "qwen3": dict(qk_layernorm=True, kv_channels=32, num_query_groups=2, family="qwen3"),
 }  # fmt: skip

@@ -155,7 +155,13 @@ class MetaCheckpoint:
             full = {t.meta: t.shape for t in inventory.canonical_tensors() if t.meta}
             self._merge_dim = {name: self._merge_dim_of(name, full) for name in self._shards[0]}
         if params.get("use_scaled_rope"):
-            self.hf_config["rope_scaling"] = {"rope_type": "llama3"}  # refused by the converter
+            # LLaMA-3.1/3.2: Meta's reference code fixes these (the factor is 32 for 3.2's
+            # small models, which name it in params.json).
+            self.hf_config["rope_scaling"] = {
+                "rope_type": "llama3", "factor": float(params.get("rope_scaling_factor", 8.0)),
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            }  # fmt: skip
 
     def names(self) -> list[str]:
         return list(self._meta_name)

@@ -130,12 +130,11 @@ class ReplicatedKeyValue(nn.Module):
             x = gather_from_sequence_parallel_region(x)
         else:
             x = copy_to_tensor_model_parallel_region(x)
-        return F.linear(x, self._head_rows(self.weight), self._head_rows(self.bias))
+        bias = None if self.bias is None else self._head_rows(self.bias)
+        return F.linear(x, self._head_rows(self.weight), bias)
 
-    def _head_rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
+    def _head_rows(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's K head and V head rows of the K|V weight or bias."""
-        if t is None:
-            return None
         d, start = self.head_dim, self.head * self.head_dim
         v_start = self.kv_heads * d + start
         return torch.cat([t[start : start + d], t[v_start : v_start + d]])
