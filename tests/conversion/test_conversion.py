@@ -36,7 +36,7 @@ from engine.conversion.convert import (
     hf_to_engine,
     reshard,
 )
-from engine.models import LlamaModel, ModelConfig
+from engine.models import ModelConfig, family_of
 from engine.tensor_parallel import gather_from_tensor_model_parallel_region
 from tests.paths import REPO
 from tests.rank_pool import module_pool
@@ -84,7 +84,7 @@ def engine_logits_at_tp2_pp2(checkpoint: str, tokens: torch.Tensor, resave: str)
     try:
         directory, metadata = open_checkpoint(checkpoint)
         config = ModelConfig.from_dict(metadata["model"])
-        model = LlamaModel(config)
+        model = family_of(config).model(config)
         # Same layout as converted, RNG wanted: a weights-only checkpoint has none to restore.
         load_checkpoint(checkpoint, [model], load_rng=True)
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()

@@ -4,11 +4,12 @@ family's real options, float32, no download), on real gloo ranks:
 - LLaMA-3.1 (rope scaling "llama3", GQA), LLaMA-3.2 (tied embeddings, rope factor 32),
   Qwen2.5 (Q/K/V biases, "yarn" rope scaling), Qwen3 (Q/K RMSNorm, head width != h/heads),
   Mistral v0.3;
-- each converts with ``tools/convert_checkpoint.py hf-to-engine`` to TP=2 x PP=2, loads
-  (resharded) at TP=2 with HF's logits within 1e-4 over positions past the original context,
-  exports back to a directory the HF class reads with every tensor identical, and decodes
-  greedily as ``generate`` does, token for token;
-- options the engine cannot build are refused by name.
+- each converts with ``tools/convert_checkpoint.py hf-to-engine`` to TP=2 x PP=2, runs there
+  (two stages) and resharded to TP=2 with HF's logits within 1e-4, positions past the original
+  context included, exports back to a directory the HF class reads with every tensor
+  identical, and decodes greedily as ``generate`` does, token for token;
+- options the engine cannot build are refused by name; the Megatron flags set the options;
+- each tiny family trains at TP=2 x PP=2 x DP=2 with the losses of one process.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from engine.models.config import ModelConfig
 from engine.models.families import family_for_hf
 from engine.models.rope import RopeScaling
 from engine.tensor_parallel import gather_from_tensor_model_parallel_region
+from tests.conversion.test_conversion import engine_logits_at_tp2_pp2
 from tests.rank_pool import module_pool
 from tests.training.test_training import corpus, make_job  # noqa: F401 (a fixture)
 from tools.convert_checkpoint import main as convert_main
@@ -152,6 +154,22 @@ def test_logits_and_greedy_decoding_match_transformers_at_tp2(pool, converted):
         late = (logits[:, ORIGINAL_CONTEXT:] - expected[:, ORIGINAL_CONTEXT:]).abs().max()
         assert late <= 1e-4, f"{name}: past the original context {late:.2e}"
         assert ours == theirs, name
+
+
+pool4 = module_pool(4)
+
+
+def test_logits_at_tp2_pp2_as_converted_match_transformers(pool4, converted, tmp_path):
+    """The checkpoint at the layout it was written in: two stages of two TP ranks each."""
+    name, hf, root = converted
+    with torch.no_grad():
+        expected = hf(TOKENS).logits
+    results = pool4.run(engine_logits_at_tp2_pp2, str(root / "engine"), TOKENS, str(tmp_path))
+    last_stage = [r["logits"] for r in results if r["logits"] is not None]
+    assert len(last_stage) == 2
+    for logits in last_stage:
+        worst = (logits - expected).abs().max().item()
+        assert worst <= 1e-4, f"{name}: max |logits - HF logits| at TP=2 x PP=2 = {worst:.2e}"
 
 
 def test_export_loads_in_the_hf_class_with_identical_tensors(converted):
