@@ -231,6 +231,10 @@ solo = module_pool(1)
 
 TINY_OPTIONS = {
     # The options each family adds to the LLaMA decoder, on the byte-token tiny model.
+    "llama3.1": dict(num_query_groups=2, rope_scaling=RopeScaling(
+        "llama3", 8.0, original_max_position_embeddings=ORIGINAL_CONTEXT, low_freq_factor=1.0,
+        high_freq_factor=4.0)),
+    "mistral": dict(num_query_groups=2, rotary_base=1e6, family="mistral"),
     "llama3.2": dict(tie_word_embeddings=True, rope_scaling=RopeScaling(
         "llama3", 32.0, original_max_position_embeddings=ORIGINAL_CONTEXT, low_freq_factor=1.0,
         high_freq_factor=4.0)),
