@@ -41,6 +41,7 @@ setup(
             "pytest>=7",
             "pytest-timeout>=2",
             "transformers>=4.40",
+            "peft>=0.13",  # tests/peft: the engine's LoRA against PEFT's on transformers models
             "sentencepiece>=0.1.99",
             "tensorboard>=2.14",  # torch.utils.tensorboard writes --tensorboard-dir with it
             "safetensors>=0.4",
