@@ -8,7 +8,8 @@ Qwen2 models from local configs, float32, no download), on real gloo ranks:
 - the adapters' gradients at TP=2 with sequence parallelism (after `finalize_model_grads`)
   equal TP=1's within 1e-5; base parameters are frozen and get no gradient;
 - `merge_lora` gives the logits and the weights of PEFT's ``merge_and_unload()``;
-- the initialisation gathers to the same A at TP=1 and TP=2 (B zero); bad flags are named.
+- the initialisation gathers to the same A at TP=1 and TP=2 (B zero), and on a pipeline chunk
+  of one layer to that layer's; dropout acts in training only; bad flags are named.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from engine.models.llama.hf import canonical_from_hf
 from engine.models.weights import gather_full_state, load_full_state
 from engine.peft import LoraConfig, apply_lora, load_lora_state, lora_state, merge_lora
 from engine.peft.lora import is_lora_parameter
-from engine.tensor_parallel import gather_from_tensor_model_parallel_region
+from engine.tensor_parallel import gather_from_tensor_model_parallel_region, model_parallel_seed
 from tests.rank_pool import module_pool
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
@@ -176,12 +177,15 @@ def test_merge_equals_peft_merge_and_unload(pool, name, tp):
             torch.testing.assert_close(weight, expected_weights[key], atol=1e-6, rtol=0, msg=key)
 
 
-def initial_adapters(hf_config, tp, sp):
+def initial_adapters(hf_config, tp, sp, layer_numbers=None):
+    """The gathered A and B of a fresh `apply_lora` (on a chunk of ``layer_numbers`` only, the
+    last pipeline stage's, if given)."""
     family = family_for_hf(hf_config["model_type"])
     config = dataclasses.replace(family.hf.config_from_hf(hf_config, 1), sequence_parallel=sp)
     parallel_state.initialize_model_parallel(tp)
     try:
-        model = family.model(config)
+        chunk = {} if layer_numbers is None else dict(pre_process=False, post_process=True)
+        model = family.model(config, layer_numbers=layer_numbers, **chunk)
         apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA))
         return lora_state(model)
     finally:
@@ -206,6 +210,36 @@ def test_initialisation_is_the_same_at_any_tp(pool, name):
             assert sorted(result) == sorted(reference)
             for key, tensor in result.items():
                 torch.testing.assert_close(tensor, reference[key], atol=0, rtol=0, msg=key)
+    # A pipeline chunk holding layer 1 alone: its adapters, seeded by the global layer number.
+    for result in pool.run(initial_adapters, hf_config, 2, True, [1]):
+        assert sorted(result) == sorted(k for k in reference if ".layers.1." in k)
+        for key, tensor in result.items():
+            torch.testing.assert_close(tensor, reference[key], atol=0, rtol=0, msg=key)
+
+
+def dropout_changes_training_only(hf_config, tp, sp):
+    """With --lora-dropout 0.5, two training forwards differ from each other and from eval's
+    (the dropout of sharded inputs draws from the per-TP-rank stream, seeded here)."""
+    family = family_for_hf(hf_config["model_type"])
+    config = dataclasses.replace(family.hf.config_from_hf(hf_config, 1), sequence_parallel=sp)
+    parallel_state.initialize_model_parallel(tp)
+    try:
+        model_parallel_seed(1234)
+        model = family.model(config)
+        for param in apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.5)):
+            with torch.no_grad():
+                param.fill_(0.1)
+        with torch.no_grad():
+            first, second = model.train()(TOKENS), model(TOKENS)
+            evaluated = model.eval()(TOKENS)
+        return not torch.equal(first, second) and not torch.equal(first, evaluated)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_dropout_applies_in_training_at_tp2_with_sequence_parallelism(pool):
+    hf_config, _, _ = random_peft_model("llama", HF_TARGETS)
+    assert all(pool.run(dropout_changes_training_only, hf_config, 2, True))
 
 
 def test_config_errors_name_each_flag():
