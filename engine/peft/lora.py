@@ -43,6 +43,7 @@ from engine.models.weights import global_name
 from engine.peft.config import LoraConfig
 from engine.tensor_parallel import (
     ColumnParallelLinear,
+    InitMethod,
     RowParallelLinear,
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -101,7 +102,7 @@ class LoraAdapter(nn.Module):
             param.lora_adapter = True  # type: ignore[attr-defined]
 
 
-def _kaiming_uniform(seed: int) -> Any:
+def _kaiming_uniform(seed: int) -> InitMethod:
     """PEFT's A init, ``kaiming_uniform_(a=sqrt(5))`` on the full ``[r, in]``, from its own
     generator (so the full A is the same at any TP)."""
 
@@ -171,10 +172,10 @@ class LoraLinear(nn.Module):
                     mark_partial_over_tp(adapter.lora_B)
             self.adapters[block.name] = adapter
 
-    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A [n*r, in(/tp)]`` and the block-placed ``B [rows, n*r]`` of this rank."""
+    def _placed_b(self) -> torch.Tensor:
+        """This rank's B of every targeted block, placed in the layer's rows: ``[rows, n*r]``,
+        block j's B in its rows and columns ``j*r : (j+1)*r``, zeros elsewhere."""
         adapters = self._adapters()
-        a = torch.cat([adapter.lora_A for adapter in adapters])
         r, n = adapters[0].lora_A.shape[0], len(adapters)
         rows, column = [], 0
         for block in self.blocks:
@@ -183,8 +184,8 @@ class LoraLinear(nn.Module):
                 rows.append(nn.functional.pad(b, (column, (n - 1) * r - column)))
                 column += r
             else:
-                rows.append(a.new_zeros(block.rows, n * r))
-        return a, torch.cat(rows)
+                rows.append(adapters[0].lora_B.new_zeros(block.rows, n * r))
+        return torch.cat(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = torch.cat([self._drop(x) @ a.lora_A.t() for a in self._adapters()], dim=-1)
@@ -198,7 +199,7 @@ class LoraLinear(nn.Module):
             u = gather_from_sequence_parallel_region(u)
         else:
             u = copy_to_tensor_model_parallel_region(u)
-        _, b = self._stacked()
+        b = self._placed_b()
         if self.select_rows is not None:
             b = self.select_rows(b)
         return (u @ b.t()) * self.scaling
@@ -218,8 +219,8 @@ class LoraLinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """``B A * scale`` in this rank's weight layout (what merging adds)."""
-        a, b = self._stacked()
-        return (b @ a) * self.scaling
+        a = torch.cat([adapter.lora_A for adapter in self._adapters()])  # [n*r, in(/tp)]
+        return (self._placed_b() @ a) * self.scaling
 
 
 def _add_lora_update(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
