@@ -39,6 +39,7 @@ from engine.checkpointing.rng import rng_state, save_pickle
 from engine.models.chunk import config_of
 from engine.optimizer.lr_schedule import OptimizerParamScheduler
 from engine.optimizer.optimizer import MixedPrecisionOptimizer
+from engine.peft import is_lora_parameter
 from engine.wrappers import unwrap
 
 Shards = dict[str, tuple[torch.Tensor, Placement]]
@@ -173,6 +174,8 @@ def placements(
     for chunk in model_chunks:
         module = unwrap(chunk)
         for name, param in module.named_parameters():
+            if is_lora_parameter(param):
+                continue  # not in the inventory: the base's checkpoint holds no adapters
             if with_tied_copy or not is_tied_copy(module, name):
                 out.append((placement_of(module, name, param, tp_rank, tp_size), param))
     return out

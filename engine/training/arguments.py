@@ -44,6 +44,7 @@ from engine.models.config import (
 from engine.models.families import MODEL_PROVIDER_HELP, ModelFamily, load_model_provider
 from engine.optimizer.config import OptimizerConfig
 from engine.parallel_state import ParallelConfig
+from engine.peft.config import LoraConfig
 from engine.training.config import JobConfig, TrainingConfig
 
 SECTIONS: dict[str, type] = {
@@ -186,6 +187,15 @@ _SPECIAL_FLAGS: list[tuple[str, dict[str, Any], str]] = [
     ("--use-rope-scaling", {"type": bool},
      "Rope scaling of rope_type 'llama3' (original context 8192, low / high frequency "
      "factors 1 and 4), by --rope-scaling-factor."),
+    ("--lora-rank", {"type": int},
+     "Train LoRA adapters of this rank on a frozen base (engine.peft); without it every "
+     "parameter trains."),
+    ("--lora-alpha", {"type": float}, "LoRA's alpha: the update is scaled by alpha / rank "
+     "(default 16)."),
+    ("--lora-dropout", {"type": float}, "Dropout on the adapters' input (default 0)."),
+    ("--lora-target-modules", {},
+     "Comma-separated projections with adapters: qkv, out, gate_up, down (every block), or "
+     "HF's q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (default: all)."),
     ("--rope-scaling-factor", {"type": float},
      "The factor of --use-rope-scaling (default 8; the 3.2 models use 32)."),
 ]  # fmt: skip
@@ -363,6 +373,7 @@ def _build_job(given: dict[str, Any]) -> JobConfig:
     parallel = ParallelConfig(**fields["parallel"])
     parallel.virtual_pipeline_model_parallel_size = _virtual_size(given, model, parallel)
     return JobConfig(
+        lora=_lora_config(given),
         model=model,
         parallel=parallel,
         optimizer=OptimizerConfig(**fields["optimizer"]),
@@ -371,6 +382,25 @@ def _build_job(given: dict[str, Any]) -> JobConfig:
         data=DataConfig(**fields["data"]),
         checkpoint=CheckpointConfig(**fields["checkpoint"]),
     )
+
+
+def _lora_config(given: dict[str, Any]) -> LoraConfig | None:
+    """``--lora-rank`` and its siblings; the siblings alone are a usage error."""
+    siblings = [f"--lora-{k}" for k in ("alpha", "dropout", "target-modules")
+                if given.get("lora_" + k.replace("-", "_")) is not None]  # fmt: skip
+    if given.get("lora_rank") is None:
+        if siblings:
+            raise ValueError(f"{', '.join(siblings)} need --lora-rank")
+        return None
+    values: dict[str, Any] = {"rank": given["lora_rank"]}
+    if given.get("lora_alpha") is not None:
+        values["alpha"] = given["lora_alpha"]
+    if given.get("lora_dropout") is not None:
+        values["dropout"] = given["lora_dropout"]
+    if given.get("lora_target_modules") is not None:
+        names = given["lora_target_modules"].split(",")
+        values["target_modules"] = tuple(n.strip() for n in names if n.strip())
+    return LoraConfig(**values)
 
 
 def _check_used(family: ModelFamily, model_fields: dict[str, Any]) -> None:
@@ -464,6 +494,8 @@ def job_to_dict(job: JobConfig) -> dict[str, dict[str, Any]]:
     """The job as plain values by section (dtypes as their names), e.g. for a checkpoint's
     metadata or a printed summary."""
     out = {}
+    if job.lora is not None:
+        out["lora"] = dataclasses.asdict(job.lora)
     for name in SECTIONS:
         section = dataclasses.asdict(getattr(job, name))
         out[name] = {

@@ -13,6 +13,7 @@ from engine.distributed.config import DistributedDataParallelConfig
 from engine.models.config import ModelConfig, layout_errors
 from engine.optimizer.config import OptimizerConfig
 from engine.parallel_state import ParallelConfig
+from engine.peft.config import LoraConfig
 
 
 @dataclass
@@ -135,6 +136,9 @@ class JobConfig:
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    lora: LoraConfig | None = None
+    """Train LoRA adapters on a frozen base (``--lora-rank`` and its siblings); None: every
+    parameter trains."""
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP = world size / (TP x PP)."""
@@ -175,5 +179,19 @@ class JobConfig:
         errors += self.ddp.errors()
         errors += self.data.errors()
         errors += self.checkpoint.errors()
+        if self.lora is not None:
+            errors += self.lora.errors()
+            if self.checkpoint.save is not None:
+                # The checkpoint format holds the inventory's parameters only: adapters would
+                # be silently dropped.
+                errors.append(
+                    "--save with --lora-rank: LoRA adapters are not saved in checkpoints yet "
+                    "(train without --save, or fine-tune every parameter)"
+                )
+            if self.checkpoint.load is not None and not self.checkpoint.finetune:
+                errors.append(
+                    "--load with --lora-rank needs --finetune: the checkpoint is the frozen "
+                    "base, its optimizer state and iteration are not the adapters'"
+                )
         if errors:
             raise ValueError("; ".join(errors))

@@ -16,6 +16,7 @@ from engine.distributed import DistributedDataParallel, finalize_model_grads
 from engine.models.build import build_model_chunks
 from engine.models.config import ModelConfig
 from engine.optimizer import build_lr_scheduler, build_optimizer
+from engine.peft import apply_lora
 from engine.pipeline_parallel.schedules import ForwardStepFunc, get_forward_backward_func
 from engine.tensor_parallel.random import model_parallel_seed
 from engine.training.config import JobConfig
@@ -63,10 +64,13 @@ class TrainingRun:
             timeout=timedelta(minutes=t.distributed_timeout_minutes),
         )
         model_parallel_seed(t.seed)
-        self.chunks = [
-            DistributedDataParallel(chunk.to(device), job.ddp)
-            for chunk in build_model_chunks(self.model_config)
-        ]
+        chunks = [chunk.to(device) for chunk in build_model_chunks(self.model_config)]
+        if job.lora is not None:
+            # Before DDP: what requires a gradient (the adapters only) decides what DDP
+            # buckets and the optimizer steps; the frozen base gets neither.
+            for chunk in chunks:
+                apply_lora(chunk, job.lora)
+        self.chunks = [DistributedDataParallel(chunk, job.ddp) for chunk in chunks]
         self.optimizer = build_optimizer(job.optimizer, self.chunks)
         if t.train_samples is not None:
             self.scheduler = build_lr_scheduler(
