@@ -7,6 +7,9 @@ Takes the trainer's flags (or ``--config``) plus ``--world-size``::
         --micro-batch-size 1 --global-batch-size 256 --seq-length 4096 \
         --device-memory-gb 80
 
+With ``--lora-rank 16`` (and the other ``--lora-*`` flags) it plans LoRA fine-tuning: the frozen
+base plus the adapters, gradients and optimizer state for the adapters only.
+
 See docs/plan.md for what each number means.
 """
 

@@ -17,6 +17,10 @@ Memory per rank is the sum of
   distributed optimizer's all-gather work in place in the DDP buffers, and TP collectives write
   tensors already counted as activations.
 
+With LoRA (``--lora-rank``, `engine.planning.lora`) the weights are the frozen base plus the
+adapters, both in the model's dtype; gradients, DDP buffers and optimizer state exist for the
+adapters only; the activations add the adapters' own (`lora_activation_bytes_per_layer`).
+
 Allocator fragmentation, the CUDA context and library workspaces are not counted.
 """
 
@@ -30,6 +34,12 @@ import torch
 
 from engine.models.config import ModelConfig
 from engine.models.flops import flops_parameters, flops_per_token
+from engine.planning.lora import (
+    lora_activation_bytes_per_layer,
+    lora_parameters,
+    lora_parameters_per_rank,
+    targeted_modules,
+)
 from engine.tensor_parallel import pad_vocab_size
 from engine.training.config import JobConfig
 
@@ -126,6 +136,17 @@ def output_activation_bytes(
     return 2 * s * b * h // sp * bytes_per_value + 4 * s * b * vocab_shard
 
 
+def rank_trainable_parameters(job: JobConfig) -> list[int]:
+    """Parameters each pipeline rank trains on one TP rank (its gradients and optimizer
+    state): all of them, or with LoRA only the adapters."""
+    model = job.model
+    tp = job.parallel.tensor_model_parallel_size
+    pp = job.parallel.pipeline_model_parallel_size
+    if job.lora is None:
+        return rank_parameters(model, tp, pp)
+    return [lora_parameters_per_rank(model, job.lora, tp, n) for n in stage_layers(model, pp)]
+
+
 def in_flight_microbatches(pp: int, vpp: int | None, num_microbatches: int, rank: int) -> int:
     """Model-chunk forwards whose activations pipeline rank ``rank`` holds at its peak.
 
@@ -148,7 +169,7 @@ def communication_bytes(job: JobConfig, world_size: int) -> dict[str, int]:
       the same total); a ring all-reduce sends ``2·(t-1)/t`` of the tensor.
     - ``data``: the gradients once per iteration, ``2·(d-1)/d`` of their bytes (all-reduce), or
       with the distributed optimizer a reduce-scatter of the gradients plus an all-gather of the
-      16-bit parameters, ``(d-1)/d`` each.
+      16-bit parameters, ``(d-1)/d`` each; with LoRA only the adapters'.
     - ``pipeline``: each microbatch's activations forward and their gradients backward across
       a stage boundary, ``s·b·h`` values (``/t`` with sequence parallelism) each way.
     """
@@ -161,7 +182,7 @@ def communication_bytes(job: JobConfig, world_size: int) -> dict[str, int]:
     grad_bytes = 4 if job.ddp.grad_reduce_in_fp32 else value_bytes
     tokens = t.seq_length * t.micro_batch_size
     layers = max(stage_layers(model, pp))
-    params = max(rank_parameters(model, tp, pp))
+    params = max(rank_trainable_parameters(job))
     tensor = 4 * 2 * (tp - 1) * tokens * model.hidden_size // tp * value_bytes * layers * m
     if job.ddp.use_distributed_optimizer:
         data = (dp - 1) * params * (grad_bytes + value_bytes) // dp
@@ -179,6 +200,9 @@ class RankPlan:
     pipeline_rank: int
     layers: int
     parameters: int
+    """The base model's parameters on one TP rank (frozen under LoRA)."""
+    adapter_parameters: int
+    """LoRA's A and B on one TP rank (0 without LoRA)."""
     weight_bytes: int
     grad_bytes: int
     optimizer_bytes: int
@@ -204,6 +228,8 @@ class Plan:
     num_microbatches: int
     global_batch_size: int
     total_parameters: int
+    lora_parameters: int | None
+    """Every adapter parameter of the model (no TP); None without LoRA."""
     flops_parameters: int
     flops_per_iteration: int
     activation_bytes_per_layer: int
@@ -242,20 +268,30 @@ def plan(job: JobConfig, world_size: int) -> Plan:
     state_bytes = 8 + (4 if sixteen_bit else 0)
     state_shards = dp if job.ddp.use_distributed_optimizer else 1
     per_layer = activation_bytes_per_layer(model, t.seq_length, t.micro_batch_size, tp, value_bytes)
-    # Full recompute re-runs one layer at a time in backward: its activations come back, once.
+    adapter_bytes = 0
+    if job.lora is not None:
+        adapter_bytes = lora_activation_bytes_per_layer(
+            model, job.lora, t.seq_length, t.micro_batch_size, tp, value_bytes
+        )
+    # Full recompute re-runs one layer at a time in backward: its activations come back, once
+    # (the adapters' with them); otherwise every layer keeps the adapters' too.
     recompute_bytes = 0
     if model.recompute_granularity == "full":
-        recompute_bytes = activation_bytes_per_layer(
+        recompute_bytes = adapter_bytes + activation_bytes_per_layer(
             dataclasses.replace(model, recompute_granularity=None),
             t.seq_length, t.micro_batch_size, tp, value_bytes,
         )  # fmt: skip
+    else:
+        per_layer += adapter_bytes
     sp = tp if model.sequence_parallel else 1
     # Forward and backward receive buffers of the activations crossing a stage boundary.
     p2p_bytes = 2 * t.seq_length * t.micro_batch_size * model.hidden_size // sp * value_bytes
 
     ranks = []
     layer_counts = stage_layers(model, pp)
+    trainable = rank_trainable_parameters(job)
     for rank, params in enumerate(rank_parameters(model, tp, pp)):
+        adapters = 0 if job.lora is None else trainable[rank]
         in_flight = in_flight_microbatches(pp, vpp, m, rank)
         activations = in_flight * layer_counts[rank] // (vpp or 1) * per_layer + recompute_bytes
         if rank == pp - 1:
@@ -268,9 +304,10 @@ def plan(job: JobConfig, world_size: int) -> Plan:
                 pipeline_rank=rank,
                 layers=layer_counts[rank],
                 parameters=params,
-                weight_bytes=params * value_bytes,
-                grad_bytes=params * grad_bytes,
-                optimizer_bytes=math.ceil(params / state_shards) * state_bytes,
+                adapter_parameters=adapters,
+                weight_bytes=(params + adapters) * value_bytes,
+                grad_bytes=trainable[rank] * grad_bytes,
+                optimizer_bytes=math.ceil(trainable[rank] / state_shards) * state_bytes,
                 activation_bytes=activations,
                 comm_bytes=p2p_bytes if pp > 1 else 0,
                 in_flight=in_flight,
@@ -287,6 +324,7 @@ def plan(job: JobConfig, world_size: int) -> Plan:
         num_microbatches=m,
         global_batch_size=global_batch,
         total_parameters=model.num_parameters(),
+        lora_parameters=None if job.lora is None else lora_parameters(model, job.lora),
         flops_parameters=flops_parameters(model),
         flops_per_iteration=flops_per_token(model, t.seq_length) * global_batch * t.seq_length,
         communication_bytes=communication_bytes(job, world_size),
@@ -318,13 +356,23 @@ def format_plan(job: JobConfig, world_size: int) -> str:
         f"activations per layer per microbatch: {p.activation_bytes_per_layer / 2**20:.1f} MiB "
         f"(recompute {model.recompute_granularity or 'none'}, sequence parallel "
         f"{'on' if model.sequence_parallel else 'off'})",
+    ]
+    if job.lora is not None and p.lora_parameters is not None:
+        lines.append(
+            f"LoRA r={job.lora.rank} on {targeted_modules(job.lora)}: {p.lora_parameters:,} "
+            f"adapter parameters ({100 * p.lora_parameters / p.total_parameters:.2f}% of the "
+            "model); base frozen: gradients and optimizer state for the adapters only"
+        )
+    adapters_header = "     adapters |" if job.lora is not None else ""
+    lines += [
         "",
-        "pipeline rank | layers |   parameters |     weights |       grads |   optimizer |"
-        "   activations (in flight) |        comm |       total",
+        "pipeline rank | layers |   parameters |" + adapters_header + "     weights |       grads |"
+        "   optimizer |   activations (in flight) |        comm |       total",
     ]
     for r in p.ranks:
+        adapters = f" {r.adapter_parameters:12,d} |" if job.lora is not None else ""
         lines.append(
-            f"{r.pipeline_rank:13d} | {r.layers:6d} | {r.parameters:12,d} | "
+            f"{r.pipeline_rank:13d} | {r.layers:6d} | {r.parameters:12,d} |{adapters} "
             f"{_gb(r.weight_bytes)} | {_gb(r.grad_bytes)} | {_gb(r.optimizer_bytes)} | "
             f"{_gb(r.activation_bytes)} ({r.in_flight:4d} chunks) | {_gb(r.comm_bytes)} | "
             f"{_gb(r.total_bytes)}"
