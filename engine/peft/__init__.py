@@ -1,7 +1,9 @@
 """Parameter-efficient fine-tuning: LoRA adapters on the tensor-parallel layers
-(`engine.peft.lora`), configured by `LoraConfig` (`engine.peft.config`)."""
+(`engine.peft.lora`), configured by `LoraConfig` (`engine.peft.config`), saved and read as
+HuggingFace PEFT adapter directories (`engine.peft.interop`)."""
 
 from engine.peft.config import LoraConfig
+from engine.peft.interop import read_peft_adapter, save_peft_adapter
 from engine.peft.lora import (
     apply_lora,
     is_lora_parameter,
@@ -17,4 +19,6 @@ __all__ = [
     "load_lora_state",
     "lora_state",
     "merge_lora",
+    "read_peft_adapter",
+    "save_peft_adapter",
 ]
