@@ -162,6 +162,8 @@ def test_saved_adapter_loads_into_peft_with_the_engines_logits(
     assert ours["task_type"] == "CAUSAL_LM" and ours["base_model_name_or_path"] == base_path
     resaved = load_file(tmp_path / "resaved" / ADAPTER_WEIGHTS_FILE)
     assert sorted(resaved) == sorted(adapters)
+    for key, tensor in adapters.items():
+        torch.testing.assert_close(resaved[key], tensor, atol=0, rtol=0, msg=key)
 
     # And back: our own reader gives the config and tensors we saved.
     config, tensors = read_peft_adapter(directory)
