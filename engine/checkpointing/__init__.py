@@ -14,6 +14,7 @@ from engine.checkpointing.metadata import (
     FORMAT_VERSION,
     METADATA_FILE,
     check_architecture,
+    checkpoint_digest,
     open_checkpoint,
 )
 from engine.checkpointing.protocol import load_checkpoint, read_full_state, save_checkpoint
@@ -34,6 +35,7 @@ __all__ = [
     "check_architecture",
     "iteration_dir",
     "load_checkpoint",
+    "checkpoint_digest",
     "open_checkpoint",
     "read_full_state",
     "read_latest_iteration",

@@ -13,6 +13,9 @@ class CheckpointConfig:
     """Directory to save checkpoints in (``--save``)."""
     load: str | None = None
     """Directory to load the latest checkpoint from (``--load``)."""
+    pretrained_checkpoint: str | None = None
+    """The frozen base of a LoRA run (``--pretrained-checkpoint``, Megatron-Bridge's name):
+    its weights are loaded first; ``--load`` / ``--save`` then hold the adapters only."""
     save_interval: int | None = None
     """Save every this many steps (``--save-interval``); needs ``save``."""
     keep_last_n: int | None = None

@@ -45,6 +45,7 @@ from engine.checkpointing.storage import CheckpointError
 from engine.models.chunk import inventory_of
 from engine.models.inventory import ParameterSpec
 from engine.models.weights import global_name
+from engine.peft.lora import adapter_spec, is_lora_parameter
 from engine.tensor_parallel.sharding import shard_tensor, unshard_tensor
 
 MODEL_STATE = "model"
@@ -83,8 +84,12 @@ def is_tied_copy(module: nn.Module, name: str) -> bool:
 def placement_of(
     module: nn.Module, name: str, param: nn.Parameter, tp_rank: int, tp_size: int
 ) -> Placement:
-    """The placement of ``module``'s parameter ``name`` (one model chunk), from its inventory."""
-    spec = inventory_of(module).spec(global_name(module, name))
+    """The placement of ``module``'s parameter ``name`` (one model chunk), from its inventory
+    (a LoRA adapter's from its own declaration, `engine.peft.lora.adapter_spec`)."""
+    if is_lora_parameter(param):
+        spec = adapter_spec(module, name, param)
+    else:
+        spec = inventory_of(module).spec(global_name(module, name))
     placement = spec_placement(spec, tp_rank, tp_size)
     if placement.local_shape != list(param.shape):
         raise ValueError(

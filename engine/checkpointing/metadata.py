@@ -5,6 +5,7 @@ checking that it fits the model that loads it."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import platform
 import time
@@ -49,6 +50,7 @@ def metadata_record(
     grad_scaler: dict[str, Any] | None = None,
     skipped_steps: int = 0,
     checksums: dict[str, Any] | None = None,
+    lora_adapters: bool = False,
 ) -> dict[str, Any]:
     """The contents of ``metadata.json`` (the defaults: a weights-only checkpoint, as
     conversion writes). ``checksums``: every file's, as
@@ -60,6 +62,7 @@ def metadata_record(
         "layout": layout,
         "use_distributed_optimizer": use_distributed_optimizer,
         "has_optimizer_state": has_optimizer_state,
+        "lora_adapters": lora_adapters,
         "model": model,
         "config": config,
         "lr_scheduler": lr_scheduler,
@@ -134,6 +137,13 @@ def open_checkpoint(load_dir: str | Path, iteration: int | None = None) -> tuple
             f"are missing, e.g. {missing[0]}"
         )
     return directory, metadata
+
+
+def checkpoint_digest(load_dir: str | Path, iteration: int | None = None) -> str:
+    """SHA-256 of a checkpoint's ``metadata.json``, which holds every file's checksums: the
+    identity a LoRA checkpoint records of its base."""
+    directory, _ = open_checkpoint(load_dir, iteration)
+    return hashlib.sha256((directory / "metadata.json").read_bytes()).hexdigest()
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:

@@ -255,6 +255,7 @@ def _metadata(
         grad_scaler=meta.get("grad_scaler"),
         skipped_steps=meta.get("skipped_steps", 0),
         checksums=checksums_record(checksums),
+        lora_adapters=snapshot.lora_adapters,
     )
 
 
@@ -271,6 +272,7 @@ def load_checkpoint(
     iteration: int | None = None,
     *,
     verify: bool = True,
+    adapters: bool | None = None,
 ) -> tuple[int, int]:
     """Load a checkpoint saved under any layout into this rank's chunks (collective).
 
@@ -282,6 +284,9 @@ def load_checkpoint(
         verify: check every file this rank reads against the checksums in ``metadata.json``
             before using it. Off only to measure what verifying costs
             (benchmarks/checkpoint_io.py); the trainer always verifies.
+        adapters: the checkpoint holds LoRA adapters (a LoRA run's), loaded into the chunks'
+            adapters; False: a base model's, loaded into the frozen base. Default: as the
+            checkpoint's metadata says.
 
     Returns:
         ``(iteration, consumed_samples)`` to resume from.
@@ -302,7 +307,16 @@ def load_checkpoint(
     # A tied output head's copy (last stage) loads the embedding, which is what was saved.
     tied = {"output_layer.weight": "embedding.weight"} if metadata["model"].get(
         "tie_word_embeddings") else {}  # fmt: skip
-    placements = snapshot_placements(model_chunks, with_tied_copy=True)
+    saved_adapters = bool(metadata.get("lora_adapters"))
+    if adapters is None:
+        adapters = saved_adapters
+    if adapters != saved_adapters:
+        what = "LoRA adapters" if saved_adapters else "a model without adapters"
+        raise CheckpointError(
+            f"checkpoint {directory} holds {what}; expected "
+            f"{'LoRA adapters' if adapters else 'a base model'}"
+        )
+    placements = snapshot_placements(model_chunks, with_tied_copy=True, adapters=adapters)
     with _on_every_rank(f"reading the shard headers of {directory}"):
         model_files = _shard_headers(directory, metadata, "model_", verify)
         readers = {MODEL_STATE: ShardReader(model_files, MODEL_STATE, tied)}

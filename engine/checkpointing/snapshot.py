@@ -61,6 +61,8 @@ class RankSnapshot:
     layout: dict[str, int | None]
     use_distributed_optimizer: bool
     has_optimizer_state: bool
+    lora_adapters: bool = False
+    """The model state is the LoRA adapters (the frozen base is another checkpoint's)."""
 
     def nbytes(self) -> int:
         """Bytes of tensor data this rank writes."""
@@ -113,6 +115,7 @@ def take_snapshot(
         layout=layout_record(),
         use_distributed_optimizer=distributed,
         has_optimizer_state=optimizer is not None,
+        lora_adapters=has_adapters(model_chunks),
     )
 
 
@@ -137,7 +140,7 @@ def model_tensors(model_chunks: Sequence[nn.Module], tp: int) -> Shards:
     """This rank's weights to save: TP-sharded ones on every TP rank, replicated ones on TP
     rank 0 only, never the tied output head's copy."""
     out = {}
-    for placement, param in placements(model_chunks):
+    for placement, param in placements(model_chunks, adapters=has_adapters(model_chunks)):
         if placement.partition_dim is None and tp != 0:
             continue
         out[f"{MODEL_STATE}/{placement.param}/0"] = (param.detach(), placement)
@@ -163,20 +166,26 @@ def optimizer_tensors(
     return out, meta
 
 
+def has_adapters(model_chunks: Sequence[nn.Module]) -> bool:
+    """The chunks carry LoRA adapters: their checkpoints hold the adapters, not the base."""
+    return any(is_lora_parameter(p) for chunk in model_chunks for p in chunk.parameters())
+
+
 def placements(
-    model_chunks: Sequence[nn.Module], with_tied_copy: bool = False
+    model_chunks: Sequence[nn.Module], with_tied_copy: bool = False, adapters: bool = False
 ) -> list[tuple[Placement, nn.Parameter]]:
     """(placement, parameter) of every parameter of this rank, the tied head's copy (saved
-    never, loaded from the embedding) only ``with_tied_copy``."""
+    never, loaded from the embedding) only ``with_tied_copy``; ``adapters``: the LoRA
+    adapters only, else the model's own parameters only (the frozen base)."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     out = []
     for chunk in model_chunks:
         module = unwrap(chunk)
         for name, param in module.named_parameters():
-            if is_lora_parameter(param):
-                continue  # not in the inventory: the base's checkpoint holds no adapters
-            if with_tied_copy or not is_tied_copy(module, name):
+            if is_lora_parameter(param) != adapters:
+                continue
+            if adapters or with_tied_copy or not is_tied_copy(module, name):
                 out.append((placement_of(module, name, param, tp_rank, tp_size), param))
     return out
 
@@ -196,7 +205,7 @@ def optimizer_placements(
     for opt_name, param in optimizer.named_parameters():
         module, name = owner[id(param)]
         placement = placement_of(module, name, param, tp_rank, tp_size)
-        out[opt_name] = (placement, is_tied_copy(module, name))
+        out[opt_name] = (placement, not is_lora_parameter(param) and is_tied_copy(module, name))
     return out
 
 

@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from engine import parallel_state
 from engine.models.chunk import config_of, inventory_of
-from engine.models.inventory import CanonicalTensor
+from engine.models.inventory import CanonicalTensor, ParameterSpec
 from engine.models.llama.model import ReplicatedKeyValue
 from engine.models.weights import global_name
 from engine.peft.config import LoraConfig
@@ -51,6 +51,7 @@ from engine.tensor_parallel import (
     reduce_scatter_to_sequence_parallel_region,
 )
 from engine.tensor_parallel.attributes import (
+    is_partial_over_tp,
     is_tensor_parallel,
     mark_partial_over_tp,
     mark_tensor_parallel,
@@ -67,6 +68,24 @@ PEFT_PREFIX = "base_model.model."
 def is_lora_parameter(param: nn.Parameter) -> bool:
     """``param`` is a LoRA A or B (trainable; not in the model's inventory)."""
     return bool(getattr(param, "lora_adapter", False))
+
+
+def adapter_spec(model: nn.Module, name: str, param: nn.Parameter) -> ParameterSpec:
+    """The declaration of the adapter parameter ``name`` of one chunk, as the model's
+    inventory declares its own (what checkpoints place, save and reshard by): the canonical
+    name ``layers.{n}.attention.q.lora_A`` (its block's, global layer number), the full shape
+    over TP, and the dimension TP splits (None: replicated)."""
+    projection, _, adapter = global_name(model, name).partition(".lora.adapters.")
+    block, kind = adapter.split(".")
+    canonical = f"{projection.rsplit('.', 1)[0]}.{block}.{kind}"
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    shape, tp_dim, sizes = tuple(param.shape), None, ()
+    if is_tensor_parallel(param) and tp > 1:
+        tp_dim, sizes = param.partition_dim, tuple(param.partition_sizes)  # type: ignore[attr-defined]
+        shape = tuple(n * tp if d == tp_dim else n for d, n in enumerate(shape))
+    tensor = CanonicalTensor(canonical, shape)
+    return ParameterSpec(canonical, (tensor,), shape, tp_dim, sizes,
+                         partial_grad_over_tp=is_partial_over_tp(param))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,7 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     # Checkpoints.
     ("--save", "checkpoint", "save", {}),
     ("--load", "checkpoint", "load", {}),
+    ("--pretrained-checkpoint", "checkpoint", "pretrained_checkpoint", {}),
     ("--save-interval", "checkpoint", "save_interval", {"type": int}),
     ("--keep-last-n", "checkpoint", "keep_last_n", {"type": int}),
     ("--finetune", "checkpoint", "finetune", {"type": bool}),

@@ -46,7 +46,7 @@ def save(run: TrainingRun) -> str | None:
         None if config.no_save_optim else run.optimizer,
         run.scheduler,
         run.consumed_samples,
-        dataclasses.asdict(run.job),
+        _config_record(run),
         config.keep_last_n,
         not config.no_save_rng,
     )
@@ -58,6 +58,17 @@ def save(run: TrainingRun) -> str | None:
     except checkpointing.NonFiniteStateError as error:
         _log_not_saved(run, error)
         return None
+
+
+def _config_record(run: TrainingRun) -> dict:
+    """The job as saved in ``metadata.json``; a LoRA run's also names its frozen base (path
+    and `checkpointing.checkpoint_digest`), which its adapters are only valid on."""
+    record = dataclasses.asdict(run.job)
+    if run.job.lora is not None:
+        record["lora_base"] = {
+            "path": run.job.checkpoint.pretrained_checkpoint, "digest": run.base_digest,
+        }  # fmt: skip
+    return record
 
 
 _pending: tuple[TrainingRun, checkpointing.AsyncSave] | None = None
@@ -123,6 +134,8 @@ def load(run: TrainingRun, finetuning: bool) -> str | None:
     A fine-tuning run that has already saved to ``--save`` resumes from there, fully; its
     first start takes only the weights of ``--load``.
     """
+    if run.job.lora is not None:
+        return _load_lora(run)
     config = run.job.checkpoint
     directory, weights_only = config.load, config.finetune
     if finetuning:
@@ -150,3 +163,44 @@ def load(run: TrainingRun, finetuning: bool) -> str | None:
         run.optimizer.reload_model_params()  # 16-bit models: main params follow the weights
     run.iteration, run.consumed_samples = iteration, consumed
     return str(Path(directory))
+
+
+def _load_lora(run: TrainingRun) -> str | None:
+    """A LoRA run: the frozen base from ``--pretrained-checkpoint`` (weights only), then the
+    adapters, their optimizer state and the run's position from ``--load`` when it holds a
+    checkpoint, which must have been trained on this very base (its recorded digest)."""
+    config = run.job.checkpoint
+    loaded = []
+    if config.pretrained_checkpoint is not None:
+        checkpointing.load_checkpoint(
+            config.pretrained_checkpoint, run.chunks, finetune=True, load_rng=False,
+            adapters=False,
+        )  # fmt: skip
+        run.base_digest = checkpointing.checkpoint_digest(config.pretrained_checkpoint)
+        loaded.append(f"the base {config.pretrained_checkpoint}")
+    directory = config.load
+    if directory is None or checkpointing.read_latest_iteration(directory) is None:
+        if directory is not None and run.rank == 0:
+            logger.warning("no checkpoint in --load %s yet: new adapters", directory)
+        return ", ".join(loaded) or None
+    found, metadata = checkpointing.open_checkpoint(directory)
+    base = metadata["config"].get("lora_base") or {}
+    if base.get("digest") != run.base_digest:
+        recorded = base.get("path") or "a randomly initialised base"
+        given = config.pretrained_checkpoint or "none"
+        raise checkpointing.CheckpointError(
+            f"checkpoint {found} holds LoRA adapters trained on {recorded} (digest "
+            f"{base.get('digest')}); this run's --pretrained-checkpoint is {given} (digest "
+            f"{run.base_digest}): give the base the adapters were trained on"
+        )
+    iteration, consumed = checkpointing.load_checkpoint(
+        directory,
+        run.chunks,
+        None if config.no_load_optim else run.optimizer,
+        None if config.finetune else run.scheduler,
+        finetune=config.finetune,
+        load_rng=not config.no_load_rng,
+        adapters=True,
+    )
+    run.iteration, run.consumed_samples = iteration, consumed
+    return ", ".join([*loaded, f"the adapters {found}"])

@@ -181,17 +181,7 @@ class JobConfig:
         errors += self.checkpoint.errors()
         if self.lora is not None:
             errors += self.lora.errors()
-            if self.checkpoint.save is not None:
-                # The checkpoint format holds the inventory's parameters only: adapters would
-                # be silently dropped.
-                errors.append(
-                    "--save with --lora-rank: LoRA adapters are not saved in checkpoints yet "
-                    "(train without --save, or fine-tune every parameter)"
-                )
-            if self.checkpoint.load is not None and not self.checkpoint.finetune:
-                errors.append(
-                    "--load with --lora-rank needs --finetune: the checkpoint is the frozen "
-                    "base, its optimizer state and iteration are not the adapters'"
-                )
+        elif self.checkpoint.pretrained_checkpoint is not None:
+            errors.append("--pretrained-checkpoint is the base of a LoRA run: give --lora-rank")
         if errors:
             raise ValueError("; ".join(errors))

@@ -82,6 +82,8 @@ class TrainingRun:
                 self.optimizer, job.optimizer, train_iters=self.train_iters
             )
             self.scheduler_increment = 1
+        self.base_digest: str | None = None
+        """The ``--pretrained-checkpoint`` a LoRA run's adapters train on (its digest)."""
         self.iteration, self.consumed_samples = 0, 0
         self.nan_iterations = 0
         self.phase = "setting up"

@@ -19,6 +19,7 @@ import dataclasses
 import pytest
 import torch
 
+from engine.checkpointing import read_full_state
 from engine.peft import LoraConfig, is_lora_parameter, lora_state
 from engine.training.arguments import parse_args
 from tests.rank_pool import module_pool
@@ -168,11 +169,71 @@ def test_flags_build_the_config_and_bad_combinations_are_refused(capsys):
     for extra, message in [
         (["--lora-alpha", "8"], "--lora-alpha need --lora-rank"),
         (["--lora-rank", "4", "--lora-target-modules", "qkv,attn"], "--lora-target-modules attn"),
-        (["--lora-rank", "4", "--save", "out"], "LoRA adapters are not saved in checkpoints"),
-        (["--lora-rank", "4", "--load", "base"], "--load with --lora-rank needs --finetune"),
+        (["--pretrained-checkpoint", "base"], "--pretrained-checkpoint is the base of a LoRA"),
     ]:
         with pytest.raises(SystemExit):
             parse_args([*FLAGS, *extra], world_size=1)  # the trainer's up-front checks
         assert message in capsys.readouterr().err, extra
-    assert parse_args([*FLAGS, "--lora-rank", "4", "--load", "base", "--finetune"],
-                      world_size=1).lora.rank == 4  # fmt: skip
+    job = parse_args([*FLAGS, "--lora-rank", "4", "--pretrained-checkpoint", "base", "--save",
+                      "out", "--load", "out"], world_size=1)  # fmt: skip
+    assert (job.checkpoint.pretrained_checkpoint, job.lora.rank) == ("base", 4)
+
+
+# Checkpoints ----------------------------------------------------------------------------------
+
+
+def train_job(job) -> dict[int, float]:
+    from engine.training.loop import pretrain
+
+    return pretrain(job).losses
+
+
+def with_checkpoints(job, **checkpoint):
+    return dataclasses.replace(job, checkpoint=dataclasses.replace(job.checkpoint, **checkpoint))
+
+
+@pytest.fixture(scope="module")
+def bases(solo, corpus, tmp_path_factory):  # noqa: F811
+    """Two base checkpoints of the tiny model (full training runs of 3 and 4 steps)."""
+    out = []
+    for steps in (3, 4):
+        save = str(tmp_path_factory.mktemp(f"base{steps}"))
+        job = make_job(corpus, 1, 1, train_iters=steps)
+        job = dataclasses.replace(job, training=dataclasses.replace(job.training, eval_iters=0))
+        solo.run(train_job, with_checkpoints(job, save=save))
+        out.append(save)
+    return out
+
+
+def test_adapters_checkpoint_resume_bit_for_bit_and_reshard(pool8, solo, corpus, bases, tmp_path):  # noqa: E501, F811
+    """LoRA on a base checkpoint at TP=2 x PP=2 x DP=2: stopped at 2 and resumed, iterations 3
+    and 4 repeat the uninterrupted run exactly; the checkpoint holds adapters only; resharded
+    to one process the adapters continue within float32 tolerance."""
+    job = dataclasses.replace(lora_job(corpus, 2, 2), training=dataclasses.replace(
+        lora_job(corpus, 2, 2).training, train_iters=4))  # fmt: skip
+    job = with_checkpoints(job, pretrained_checkpoint=bases[0])
+    uninterrupted = pool8.run(train_job, job)[0]
+    stop = with_checkpoints(job, save=str(tmp_path))
+    stop = dataclasses.replace(stop, training=dataclasses.replace(job.training, exit_interval=2))
+    pool8.run(train_job, stop)
+    saved = read_full_state(tmp_path / "iter_0000002")["model"]
+    assert saved and all(".lora_A" in name or ".lora_B" in name for name in saved)
+    assert len(saved) == 2 * 7 * 2  # A and B of 7 modules, 2 layers: no base tensor
+    resumed = pool8.run(train_job, with_checkpoints(job, load=str(tmp_path)))[0]
+    assert resumed == {i: uninterrupted[i] for i in (3, 4)}
+    one_rank = dataclasses.replace(job.parallel, tensor_model_parallel_size=1,
+                                   pipeline_model_parallel_size=1)  # fmt: skip
+    solo_job = dataclasses.replace(job, parallel=one_rank)
+    one = solo.run(train_job, with_checkpoints(solo_job, load=str(tmp_path)))[0]
+    for i in (3, 4):
+        assert one[i] == pytest.approx(uninterrupted[i], rel=1e-5), i
+
+
+def test_adapters_without_their_base_are_refused(solo, corpus, bases, tmp_path):  # noqa: F811
+    job = with_checkpoints(lora_job(corpus, 1, 1), pretrained_checkpoint=bases[0])
+    solo.run(train_job, with_checkpoints(job, save=str(tmp_path)))
+    for base in (None, bases[1]):
+        resume = with_checkpoints(job, load=str(tmp_path), pretrained_checkpoint=base)
+        with pytest.raises(Exception, match="holds LoRA adapters trained on") as error:
+            solo.run(train_job, resume)
+        assert bases[0] in str(error.value) and str(base or "none") in str(error.value)
