@@ -117,13 +117,15 @@ class _SequenceParallelLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        full_x = all_gather_along_first_dim(x, ctx.group)
         # Each rank's input gradient covers the whole sequence but only its output columns:
         # reduce-scatter sums the partials and hands back this rank's sequence shard.
         grad_x = reduce_scatter_along_first_dim(grad_out.matmul(weight), ctx.group)
         rows_out = grad_out.reshape(-1, grad_out.size(-1))
-        grad_weight = rows_out.t().matmul(full_x.reshape(-1, full_x.size(-1)))
-        grad_bias = rows_out.sum(0) if ctx.has_bias else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:  # a frozen weight (a LoRA base) costs no gather or GEMM
+            full_x = all_gather_along_first_dim(x, ctx.group)
+            grad_weight = rows_out.t().matmul(full_x.reshape(-1, full_x.size(-1)))
+        grad_bias = rows_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None
 
 
