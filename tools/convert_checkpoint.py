@@ -1,4 +1,4 @@
-"""Convert checkpoints between HuggingFace LLaMA and the engine, or between layouts.
+"""Convert checkpoints between HuggingFace and the engine, between layouts, and LoRA adapters out.
 
     python tools/convert_checkpoint.py hf-to-engine --load-dir hf/Llama-2-7b-hf \
         --save-dir ckpt/llama2-7b --target-tensor-parallel-size 2 --target-pipeline-parallel-size 2
@@ -6,6 +6,10 @@
         --tokenizer-dir hf/Llama-2-7b-hf
     python tools/convert_checkpoint.py reshard --load-dir ckpt/run --save-dir ckpt/tp4 \
         --target-tensor-parallel-size 4 --target-pipeline-parallel-size 1
+    # a LoRA run's adapters (any layout): folded into their base, or as a PEFT adapter
+    python tools/convert_checkpoint.py lora-merge --load-dir ckpt/lora --save-dir ckpt/merged
+    python tools/convert_checkpoint.py lora-to-peft --load-dir ckpt/lora --save-dir peft/out \
+        --base-model-name-or-path meta-llama/Llama-2-7b-hf
 
 One process, no GPU, memory bounded by a few copies of the largest tensor (see
 docs/conversion.md). The logic is `engine.conversion.convert`.
@@ -21,6 +25,7 @@ import torch
 
 from engine.checkpointing.storage import CheckpointError
 from engine.conversion.convert import ConversionError, engine_to_hf, hf_to_engine, reshard
+from engine.conversion.lora import lora_to_peft, merge_lora_checkpoint
 from engine.models.families import add_model_provider_flag
 
 
@@ -31,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("hf-to-engine", "HF model directory -> engine checkpoint at the target layout"),
         ("engine-to-hf", "engine checkpoint (any layout) -> HF model directory"),
         ("reshard", "engine checkpoint -> engine checkpoint at the target layout"),
+        ("lora-merge", "LoRA adapters checkpoint -> its base with the adapters merged (TP=1)"),
+        ("lora-to-peft", "LoRA adapters checkpoint -> PEFT adapter directory"),
     ):
         sub = commands.add_parser(name, help=help)
         sub.add_argument("--load-dir", required=True, help="the source directory")
@@ -45,7 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
                 "--ckpt-step", type=int, default=None,
                 help="iteration to read (default: the latest)",
             )  # fmt: skip
-        if name != "engine-to-hf":
+        if name == "lora-merge":
+            sub.add_argument(
+                "--pretrained-checkpoint", default=None,
+                help="the base (default: the one the adapters' checkpoint records)",
+            )  # fmt: skip
+        if name == "lora-to-peft":
+            sub.add_argument(
+                "--base-model-name-or-path", default=None,
+                help="recorded in adapter_config.json (the HF base PEFT loads it onto)",
+            )  # fmt: skip
+        if name in ("hf-to-engine", "reshard"):
             sub.add_argument("--target-tensor-parallel-size", type=int, default=1)
             sub.add_argument("--target-pipeline-parallel-size", type=int, default=1)
         if name == "hf-to-engine":
@@ -80,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.target_pipeline_parallel_size, dtype, args.make_vocab_size_divisible_by,
                 args.checkpoint_type,
             )  # fmt: skip
+        elif args.command == "lora-merge":
+            out = merge_lora_checkpoint(
+                args.load_dir, args.save_dir, args.pretrained_checkpoint, args.ckpt_step, dtype
+            )
+        elif args.command == "lora-to-peft":
+            out = lora_to_peft(
+                args.load_dir, args.save_dir, args.base_model_name_or_path, args.ckpt_step
+            )
         elif args.command == "reshard":
             out = reshard(
                 args.load_dir, args.save_dir, args.target_tensor_parallel_size,

@@ -1,0 +1,111 @@
+"""A LoRA run's checkpoint (adapters only, `engine.training.checkpoint`) out of the engine:
+merged into its frozen base as a plain engine checkpoint (which ``engine-to-hf`` exports),
+or as a PEFT adapter directory (``PeftModel.from_pretrained`` loads it onto the HF base).
+
+Both build the model once in this process (one rank, TP=1: every tensor whole), load the
+base and the adapters through the checkpoint protocol (which reshards any saved layout), and
+write from the live model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine import parallel_state
+from engine.checkpointing import (
+    checkpoint_digest,
+    load_checkpoint,
+    open_checkpoint,
+    save_checkpoint,
+)
+from engine.conversion.errors import ConversionError
+from engine.device import init_distributed
+from engine.models.config import ModelConfig
+from engine.models.families import family_of
+from engine.peft import LoraConfig, apply_lora, merge_lora, save_peft_adapter
+
+
+def _lora_record(adapters_dir: str | Path, iteration: int | None) -> tuple[Path, dict]:
+    """The adapters checkpoint's directory and metadata; ConversionError if it holds none."""
+    directory, metadata = open_checkpoint(adapters_dir, iteration)
+    if not metadata.get("lora_adapters") or not metadata["config"].get("lora"):
+        raise ConversionError(f"checkpoint {directory} holds no LoRA adapters")
+    return directory, metadata
+
+
+def _model_with_adapters(metadata: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
+    """The checkpoint's model at TP=1 with its adapters attached (fresh weights)."""
+    init_distributed()
+    parallel_state.initialize_model_parallel(1, 1)
+    config = ModelConfig.from_dict(metadata["model"])
+    if dtype is not None:
+        config.params_dtype = dtype
+    model = family_of(config).model(config)
+    saved = dict(metadata["config"]["lora"])
+    saved["target_modules"] = tuple(saved["target_modules"])
+    apply_lora(model, LoraConfig(**saved))
+    return model
+
+
+def merge_lora_checkpoint(
+    adapters_dir: str | Path,
+    save_dir: str | Path,
+    base_dir: str | Path | None = None,
+    iteration: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write the base with ``B A * alpha / r`` added to every adapted block, as an engine
+    checkpoint (TP=1, weights only) under ``save_dir``; returns its directory.
+
+    ``base_dir``: the base (default: the path the adapters' checkpoint records); its digest
+    must be the recorded one."""
+    directory, metadata = _lora_record(adapters_dir, iteration)
+    recorded = metadata["config"].get("lora_base") or {}
+    base = base_dir or recorded.get("path")
+    if base is None:
+        raise ConversionError(
+            f"checkpoint {directory} records no base checkpoint (it was trained on a randomly "
+            "initialised one): nothing to merge into"
+        )
+    if checkpoint_digest(base) != recorded.get("digest"):
+        raise ConversionError(
+            f"{base} is not the base the adapters in {directory} were trained on (digest "
+            f"{checkpoint_digest(base)}, recorded {recorded.get('digest')})"
+        )
+    try:
+        model = _model_with_adapters(metadata, dtype)
+        load_checkpoint(base, [model], finetune=True, load_rng=False, adapters=False)
+        load_checkpoint(adapters_dir, [model], finetune=True, load_rng=False,
+                        iteration=iteration, adapters=True)  # fmt: skip
+        merge_lora(model)
+        source = {"format": "engine+lora", "path": str(directory), "base": str(base)}
+        return save_checkpoint(
+            save_dir, 0, [model], None, None, 0, {"converted_from": source}, save_rng=False
+        )
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def lora_to_peft(
+    adapters_dir: str | Path,
+    save_dir: str | Path,
+    base_model_name_or_path: str | None = None,
+    iteration: int | None = None,
+) -> Path:
+    """Write the adapters of an engine LoRA checkpoint as a PEFT adapter directory; returns
+    ``save_dir``. The base is not read: PEFT's files hold the adapters alone."""
+    directory, metadata = _lora_record(adapters_dir, iteration)
+    try:
+        model = _model_with_adapters(metadata, None)
+        load_checkpoint(adapters_dir, [model], finetune=True, load_rng=False,
+                        iteration=iteration, adapters=True)  # fmt: skip
+        saved = dict(metadata["config"]["lora"])
+        saved["target_modules"] = tuple(saved["target_modules"])
+        save_peft_adapter([model], save_dir, LoraConfig(**saved), base_model_name_or_path)
+        return Path(save_dir)
+    finally:
+        parallel_state.destroy_model_parallel()

@@ -1,0 +1,90 @@
+"""A LoRA run from a HF model to PEFT and back to HF, through the tools as users run them:
+
+random ``transformers`` LLaMA -> ``hf-to-engine`` (the base) -> LoRA training at TP=2 x PP=2 x
+DP=2 with ``--pretrained-checkpoint`` (adapters saved) -> ``lora-to-peft``: ``PeftModel
+.from_pretrained`` on the HF model gives the logits of ``lora-merge`` -> ``engine-to-hf`` (the
+engine's merged model) within 1e-4, and PEFT's ``merge_and_unload()`` gives its weights within
+1e-6; ``lora-merge`` onto another base is refused naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from tests.peft.test_lora_training import lora_job, train_job, with_checkpoints
+from tests.rank_pool import module_pool
+from tests.training.test_training import corpus  # noqa: F401 (a fixture)
+from tools.convert_checkpoint import main as convert_main
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
+peft = pytest.importorskip("peft", reason="peft is a test extra")
+
+pool8 = module_pool(8)
+
+
+def hf_base(seed: int):
+    """A random LLaMA with the architecture of the engine's ``tiny`` preset (vocab 256, the
+    byte corpus' ids)."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def convert(*args: str) -> None:
+    assert convert_main(list(args)) == 0, args
+
+
+@pytest.fixture(scope="module")
+def trained(pool8, corpus, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("lora")
+    hf_base(0).save_pretrained(root / "hf")
+    convert("hf-to-engine", "--load-dir", str(root / "hf"), "--save-dir", str(root / "base"))
+    job = with_checkpoints(lora_job(corpus, 2, 2), pretrained_checkpoint=str(root / "base"),
+                           save=str(root / "adapters"))  # fmt: skip
+    job = dataclasses.replace(job, optimizer=dataclasses.replace(job.optimizer, lr=3e-2))
+    pool8.run(train_job, job)
+    return root
+
+
+TOKENS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def test_peft_loads_the_adapters_and_merges_as_the_engine(trained):
+    root = trained
+    convert("lora-to-peft", "--load-dir", str(root / "adapters"), "--save-dir",
+            str(root / "peft"), "--base-model-name-or-path", str(root / "hf"))  # fmt: skip
+    config = json.loads((root / "peft" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (4, 8.0, "LORA")
+    convert("lora-merge", "--load-dir", str(root / "adapters"), "--save-dir", str(root / "merged"))
+    convert("engine-to-hf", "--load-dir", str(root / "merged"), "--save-dir",
+            str(root / "merged_hf"))  # fmt: skip
+    merged = transformers.LlamaForCausalLM.from_pretrained(root / "merged_hf").eval()
+    base = transformers.LlamaForCausalLM.from_pretrained(root / "hf").eval()
+    with_adapters = peft.PeftModel.from_pretrained(base, root / "peft").eval()
+    with torch.no_grad():
+        theirs, ours = with_adapters(TOKENS).logits, merged(TOKENS).logits
+        plain = transformers.LlamaForCausalLM.from_pretrained(root / "hf")(TOKENS).logits
+    assert (ours - plain).abs().max() > 1e-3  # the adapters trained: they change the logits
+    assert (theirs - ours).abs().max() <= 1e-4
+    unloaded = with_adapters.merge_and_unload().state_dict()
+    for name, tensor in merged.state_dict().items():
+        torch.testing.assert_close(tensor, unloaded[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_merging_onto_another_base_is_refused(trained, capsys):
+    root = trained
+    hf_base(1).save_pretrained(root / "other_hf")
+    convert("hf-to-engine", "--load-dir", str(root / "other_hf"), "--save-dir",
+            str(root / "other"))  # fmt: skip
+    refused = ["lora-merge", "--load-dir", str(root / "adapters"), "--save-dir",
+               str(root / "bad"), "--pretrained-checkpoint", str(root / "other")]  # fmt: skip
+    assert convert_main(refused) == 1
+    assert f"{root / 'other'} is not the base the adapters" in capsys.readouterr().err
