@@ -18,33 +18,17 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launch_env.sh"
 
-SFT_DATA="${SFT_DATA:-data/sft.jsonl}"
-TOKENIZER_MODEL="${TOKENIZER_MODEL:-tokenizer.model}"
-PRETRAINED_CHECKPOINT="${PRETRAINED_CHECKPOINT:-$HOME/engine-runs/llama2-7b/checkpoints}"
 OUTPUT_DIR="${OUTPUT_DIR:-$HOME/engine-runs/llama2-7b-sft}"
 FINETUNE_DIR="${FINETUNE_DIR:-$OUTPUT_DIR/checkpoints}"
-TENSORBOARD_DIR="${TENSORBOARD_DIR:-$OUTPUT_DIR/tensorboard}"
+source "$RECIPE_DIR/finetune_env.sh"  # the inputs and the flags shared with finetune_lora_7b.sh
 TP="${TP:-$(( GPUS_PER_NODE < 8 ? GPUS_PER_NODE : 8 ))}"
 PP_GIVEN="${PP:+1}"
 PP="${PP:-$(( NNODES % 2 == 0 ? 2 : 1 ))}"
-MICRO_BATCH_SIZE="${MICRO_BATCH_SIZE:-1}"
-GLOBAL_BATCH_SIZE="${GLOBAL_BATCH_SIZE:-128}"
-TRAIN_ITERS="${TRAIN_ITERS:-2000}"
 
 ARGS=(
-    --model-preset llama2-7b
-    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-    --sequence-parallel --recompute-granularity selective
-    --bf16 --use-distributed-optimizer --overlap-grad-reduce
-    --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
-    --seq-length 4096
-    --lr 2e-5 --min-lr 0 --lr-decay-style cosine --lr-warmup-iters 50
-    --weight-decay 0.0 --adam-beta2 0.95 --clip-grad 1.0 --train-iters "$TRAIN_ITERS"
-    --sft --data-path "$SFT_DATA" --chat-template llama2 --split 98,2,0
-    --tokenizer-type Llama2Tokenizer --tokenizer-model "$TOKENIZER_MODEL"
-    --load "$PRETRAINED_CHECKPOINT" --save "$FINETUNE_DIR" --save-interval 200
-    --eval-interval 200 --eval-iters 10 --log-interval 10
-    --tensorboard-dir "$TENSORBOARD_DIR"
+    "${FINETUNE_ARGS[@]}"
+    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --sequence-parallel
+    --lr 2e-5 --load "$PRETRAINED_CHECKPOINT" --save "$FINETUNE_DIR"
 )
 say "outputs: checkpoints in $FINETUNE_DIR, tensorboard in $TENSORBOARD_DIR"
 launch "$RECIPE_DIR/pretrain.py" "${ARGS[@]}" "$@"

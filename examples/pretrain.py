@@ -9,7 +9,8 @@ Megatron-LM's flags (`engine.training.arguments`), checked before any process gr
         --tokenizer-model tokenizer.model --save ckpt --load ckpt
 
 ``--dry-run`` prints the memory / FLOPs plan for the world size and exits without training;
-it exits with 1 if a data file or the tokenizer model is missing (naming it).
+it exits with 1 if a data file, the tokenizer model or a LoRA run's base checkpoint is
+missing (naming it).
 With ``--sft`` and ``--load`` it fine-tunes (`engine.training.loop.finetune`): weights from
 ``--load`` on the first start, its own checkpoints in ``--save`` after that.
 """
@@ -28,7 +29,9 @@ from engine.training.config import JobConfig  # noqa: E402
 def missing_inputs(job: JobConfig) -> list[str]:
     """The inputs that ``--dry-run`` finds missing: each ``--data-path`` prefix's ``.bin`` and
     ``.idx`` (every prefix of a blend; for ``--sft`` a JSONL file, or the tokens and loss-mask
-    datasets of a prefix) and the ``--tokenizer-model``; each named with its flag."""
+    datasets of a prefix), the ``--tokenizer-model`` and a LoRA run's
+    ``--pretrained-checkpoint`` (a directory holding a checkpoint); each named with its flag."""
+    from engine.checkpointing import read_latest_iteration
     from engine.data.blended_dataset import parse_data_path
 
     data, paths = job.data, job.data.data_path
@@ -49,6 +52,11 @@ def missing_inputs(job: JobConfig) -> list[str]:
             )
     if data.tokenizer_model is not None and not os.path.exists(data.tokenizer_model):
         missing.append(f"--tokenizer-model: {data.tokenizer_model} not found")
+    base = job.checkpoint.pretrained_checkpoint
+    if base is not None and not os.path.isdir(base):
+        missing.append(f"--pretrained-checkpoint: {base} not found")
+    elif base is not None and read_latest_iteration(base) is None:
+        missing.append(f"--pretrained-checkpoint: {base} holds no checkpoint")
     return missing
 
 
