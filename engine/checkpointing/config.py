@@ -16,6 +16,9 @@ class CheckpointConfig:
     pretrained_checkpoint: str | None = None
     """The frozen base of a LoRA run (``--pretrained-checkpoint``, Megatron-Bridge's name):
     its weights are loaded first; ``--load`` / ``--save`` then hold the adapters only."""
+    load_peft_adapter: str | None = None
+    """A PEFT LoRA adapter directory to start a LoRA run's adapters from
+    (``--load-peft-adapter``), when ``--load`` holds no checkpoint yet."""
     save_interval: int | None = None
     """Save every this many steps (``--save-interval``); needs ``save``."""
     keep_last_n: int | None = None

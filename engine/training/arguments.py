@@ -160,6 +160,7 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--save", "checkpoint", "save", {}),
     ("--load", "checkpoint", "load", {}),
     ("--pretrained-checkpoint", "checkpoint", "pretrained_checkpoint", {}),
+    ("--load-peft-adapter", "checkpoint", "load_peft_adapter", {}),
     ("--save-interval", "checkpoint", "save_interval", {"type": int}),
     ("--keep-last-n", "checkpoint", "keep_last_n", {"type": int}),
     ("--finetune", "checkpoint", "finetune", {"type": bool}),

@@ -20,7 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine import checkpointing
+from engine.peft import load_lora_state, read_peft_adapter
+from engine.peft.interop import hf_target_modules
 from engine.training.state import TrainingRun
+from engine.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +183,10 @@ def _load_lora(run: TrainingRun) -> str | None:
         loaded.append(f"the base {config.pretrained_checkpoint}")
     directory = config.load
     if directory is None or checkpointing.read_latest_iteration(directory) is None:
-        if directory is not None and run.rank == 0:
+        if config.load_peft_adapter is not None:
+            _load_peft_adapter(run, config.load_peft_adapter)
+            loaded.append(f"the PEFT adapter {config.load_peft_adapter}")
+        elif directory is not None and run.rank == 0:
             logger.warning("no checkpoint in --load %s yet: new adapters", directory)
         return ", ".join(loaded) or None
     found, metadata = checkpointing.open_checkpoint(directory)
@@ -204,3 +210,25 @@ def _load_lora(run: TrainingRun) -> str | None:
     )
     run.iteration, run.consumed_samples = iteration, consumed
     return ", ".join([*loaded, f"the adapters {found}"])
+
+
+def _load_peft_adapter(run: TrainingRun, directory: str) -> None:
+    """Start the adapters from a PEFT adapter directory, which must have been made with the
+    run's LoRA settings (rank, alpha, the same modules)."""
+    lora = run.job.lora
+    assert lora is not None
+    try:
+        config, tensors = read_peft_adapter(directory)
+    except (OSError, ValueError) as error:
+        raise checkpointing.CheckpointError(f"--load-peft-adapter {directory}: {error}") from None
+    mine = (lora.rank, lora.alpha, sorted(hf_target_modules(lora)))
+    theirs = (config.rank, config.alpha, sorted(hf_target_modules(config)))
+    if mine != theirs:
+        raise checkpointing.CheckpointError(
+            f"--load-peft-adapter {directory} has rank {theirs[0]}, alpha {theirs[1]:g} on "
+            f"{', '.join(theirs[2])}; this run: --lora-rank {mine[0]}, --lora-alpha "
+            f"{mine[1]:g}, --lora-target-modules {','.join(mine[2])}"
+        )
+    for chunk in run.chunks:
+        load_lora_state(unwrap(chunk), tensors)
+    run.optimizer.reload_model_params()  # 16-bit adapters: the main copies follow

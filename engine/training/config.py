@@ -181,7 +181,11 @@ class JobConfig:
         errors += self.checkpoint.errors()
         if self.lora is not None:
             errors += self.lora.errors()
-        elif self.checkpoint.pretrained_checkpoint is not None:
-            errors.append("--pretrained-checkpoint is the base of a LoRA run: give --lora-rank")
+        else:
+            c = self.checkpoint
+            for flag, value in (("--pretrained-checkpoint", c.pretrained_checkpoint),
+                                ("--load-peft-adapter", c.load_peft_adapter)):  # fmt: skip
+                if value is not None:
+                    errors.append(f"{flag} is for a LoRA run: give --lora-rank")
         if errors:
             raise ValueError("; ".join(errors))

@@ -88,3 +88,28 @@ def test_merging_onto_another_base_is_refused(trained, capsys):
                str(root / "bad"), "--pretrained-checkpoint", str(root / "other")]  # fmt: skip
     assert convert_main(refused) == 1
     assert f"{root / 'other'} is not the base the adapters" in capsys.readouterr().err
+
+
+def first_loss(job) -> float:
+    return train_job(job)[1]
+
+
+def test_a_peft_adapter_continues_training_at_another_layout(pool8, corpus, trained):  # noqa: F811
+    """Started from the PEFT export at TP=2 + SP (DP=4), the first iteration's loss is the one
+    the engine's own adapters give on the same batch (weights-only load of their checkpoint),
+    and not the base's."""
+    root = trained
+    job = with_checkpoints(lora_job(corpus, 2, 1, sequence_parallel=True),
+                           pretrained_checkpoint=str(root / "base"))  # fmt: skip
+    if not (root / "peft").exists():
+        convert("lora-to-peft", "--load-dir", str(root / "adapters"), "--save-dir",
+                str(root / "peft"))  # fmt: skip
+    from_peft = pool8.run(first_loss, with_checkpoints(job, load_peft_adapter=str(root / "peft")))
+    from_engine = pool8.run(first_loss, with_checkpoints(job, load=str(root / "adapters"),
+                                                         finetune=True))  # fmt: skip
+    fresh = pool8.run(first_loss, job)[0]
+    assert from_peft[0] == pytest.approx(from_engine[0], rel=1e-6)
+    assert abs(from_peft[0] - fresh) > 1e-4  # the adapters were loaded
+    other_rank = dataclasses.replace(job, lora=dataclasses.replace(job.lora, rank=8))
+    with pytest.raises(Exception, match="has rank 4, alpha 8 on .*this run: --lora-rank 8"):
+        pool8.run(first_loss, with_checkpoints(other_rank, load_peft_adapter=str(root / "peft")))
