@@ -6,6 +6,9 @@
   paths relative to the caller's directory and writing under ``$HOME``, not the checkout;
 - ``DRY_RUN=1`` names a missing ``.bin`` / ``.idx`` of any prefix of a blend, a missing
   tokenizer model or SFT file, and exits non-zero; with everything there it plans and exits 0;
+- ``finetune_lora_7b.sh`` plans TP 2 x PP 1 x DP with rank-16 adapters on every projection,
+  names a missing ``--pretrained-checkpoint``, and under torchrun trains adapters on a tiny
+  base, then resumes them with the same command;
 - node counts whose DP does not divide the global batch fail before torchrun starts, naming the
   batch sizes and node counts that work;
 - the SLURM script writes its log into the submit directory, which exists when SLURM opens it.
@@ -29,6 +32,7 @@ from tests.paths import REPO
 from tests.training.test_training import corpus  # noqa: F401 (a fixture)
 
 PRETRAIN, FINETUNE = REPO / "examples" / "pretrain_7b.sh", REPO / "examples" / "finetune_7b.sh"
+LORA = REPO / "examples" / "finetune_lora_7b.sh"
 LINE = re.compile(r"^iteration (\d+)/(\d+) \| loss (\S+) \|", re.MULTILINE)
 TINY = [
     "--model-preset", "tiny", "--seq-length", "32", "--micro-batch-size", "2",
@@ -155,3 +159,67 @@ def test_the_slurm_log_goes_where_slurm_can_open_it():
     assert "$0" not in text.split("\n#SBATCH --output", 1)[1]
     check = subprocess.run(["bash", "-n", str(REPO / "examples" / "slurm_pretrain_7b.sbatch")])
     assert check.returncode == 0
+
+
+def test_lora_dry_run_plans_the_adapters_and_names_a_missing_base(tokenizer, tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"prompt": "2 + 2?", "response": "4"}) + "\n")
+    run = dry_run(LORA, tmp_path, SFT_DATA=chats, TOKENIZER_MODEL=tokenizer)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "layout: world 8 = TP 2 x PP 1 x DP 4" in run.stdout
+    assert "sequence parallel on" in run.stdout
+    assert "LoRA r=16 on q,k,v,o,gate,up,down: " in run.stdout
+    base = tmp_path / "home" / "engine-runs" / "llama2-7b" / "checkpoints"  # pretrain's
+    assert run.stderr.splitlines() == [f"error: --pretrained-checkpoint: {base} not found"]
+
+    # One GPU a node: TP 1, so no sequence parallelism; a directory without a checkpoint.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = dry_run(LORA, tmp_path, NNODES=2, GPUS_PER_NODE=1, SFT_DATA=chats,
+                  TOKENIZER_MODEL=tokenizer, PRETRAINED_CHECKPOINT=empty)  # fmt: skip
+    assert "layout: world 2 = TP 1 x PP 1 x DP 2" in run.stdout, run.stdout + run.stderr
+    assert "sequence parallel off" in run.stdout
+    assert f"error: --pretrained-checkpoint: {empty} holds no checkpoint" in run.stderr
+
+
+def test_torchrun_trains_lora_adapters_on_a_base_and_resumes_them(corpus, tokenizer, tmp_path):  # noqa: F811
+    home, base = tmp_path / "home", tmp_path / "base"
+    env = recipe_env(home)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    pretrain = [*torchrun, "--nproc-per-node", "1", str(REPO / "examples" / "pretrain.py"),
+                *TINY, "--train-iters", "2", "--data-path", corpus, "--tokenizer-type",
+                "Llama2Tokenizer", "--tokenizer-model", tokenizer, "--save", str(base)]  # fmt: skip
+    run = subprocess.run(pretrain, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+
+    chats = tmp_path / "chats.jsonl"
+    topics = list(pydoc_data.topics.topics.items())[:64]
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {name}?"},
+        {"role": "assistant", "content": text[:200]},
+    ]}) + "\n" for name, text in topics))  # fmt: skip
+    env = recipe_env(home, SFT_DATA=chats, TOKENIZER_MODEL=tokenizer, PRETRAINED_CHECKPOINT=base)
+    # Two iterations a start: the second start resumes at 2 and goes on to 4.
+    command = [*torchrun, "--nproc-per-node", "2", str(LORA), *TINY,
+               "--train-iters", "4", "--exit-interval", "2"]  # fmt: skip
+    adapters = home / "engine-runs" / "llama2-7b-lora" / "adapters"
+    for start, iterations in ((1, [1, 2]), (2, [3, 4])):
+        run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+        log = run.stdout + run.stderr
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+        assert sorted(losses(run.stdout)) == iterations, run.stdout
+        assert f"outputs: adapters in {adapters}" in run.stderr
+        assert f"the base {base}" in log
+        resumed = f"the adapters {adapters / 'iter_0000002'} at iteration 2"
+        assert (resumed in log) == (start == 2), log
+        assert (f"no checkpoint in --load {adapters} yet: new adapters" in log) == (start == 1)
+        latest = iterations[-1]
+        assert (adapters / "latest_checkpointed_iteration.txt").read_text() == str(latest)
+        metadata = json.loads((adapters / f"iter_{latest:07d}" / "metadata.json").read_text())
+        assert metadata["lora_adapters"] is True
+        # The recipe's layout: TP from torchrun's LOCAL_WORLD_SIZE, with sequence parallelism.
+        config = metadata["config"]
+        assert config["parallel"]["tensor_model_parallel_size"] == 2
+        assert config["model"]["sequence_parallel"] and config["lora"]["rank"] == 16
