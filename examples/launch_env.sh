@@ -1,6 +1,6 @@
-# Sourced by the multi-node recipes (pretrain_7b.sh, finetune_7b.sh): where this node sits in
-# the job, the layout check, and `launch` to start one torchrun per node. Nothing here is
-# model-specific.
+# Sourced by the multi-node recipes (pretrain_7b.sh, finetune_7b.sh, finetune_lora_7b.sh):
+# where this node sits in the job, the layout check, and `launch` to start one torchrun per
+# node. Nothing here is model-specific.
 #
 # Node placement comes from the environment, or from SLURM's variables under srun:
 #   NNODES        (SLURM_JOB_NUM_NODES)       nodes in the job
