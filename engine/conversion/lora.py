@@ -9,10 +9,13 @@ write from the live model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from engine import parallel_state
@@ -23,7 +26,7 @@ from engine.checkpointing import (
     save_checkpoint,
 )
 from engine.conversion.errors import ConversionError
-from engine.device import init_distributed
+from engine.device import leave_distributed
 from engine.models.config import ModelConfig
 from engine.models.families import family_of
 from engine.peft import LoraConfig, apply_lora, merge_lora, save_peft_adapter
@@ -37,10 +40,24 @@ def _lora_record(adapters_dir: str | Path, iteration: int | None) -> tuple[Path,
     return directory, metadata
 
 
+@contextmanager
+def _one_rank() -> Iterator[None]:
+    """Model-parallel state of one rank (TP=PP=1) for the duration; a process group of one
+    when there is none, destroyed after (the caller's process is left as it was)."""
+    created = not dist.is_initialized()
+    if created:  # in memory, on the CPU: conversion is one process, whatever the machine
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if created:
+            leave_distributed(together=False)
+
+
 def _model_with_adapters(metadata: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
     """The checkpoint's model at TP=1 with its adapters attached (fresh weights)."""
-    init_distributed()
-    parallel_state.initialize_model_parallel(1, 1)
     config = ModelConfig.from_dict(metadata["model"])
     if dtype is not None:
         config.params_dtype = dtype
@@ -76,7 +93,7 @@ def merge_lora_checkpoint(
             f"{base} is not the base the adapters in {directory} were trained on (digest "
             f"{checkpoint_digest(base)}, recorded {recorded.get('digest')})"
         )
-    try:
+    with _one_rank():
         model = _model_with_adapters(metadata, dtype)
         load_checkpoint(base, [model], finetune=True, load_rng=False, adapters=False)
         load_checkpoint(adapters_dir, [model], finetune=True, load_rng=False,
@@ -86,8 +103,6 @@ def merge_lora_checkpoint(
         return save_checkpoint(
             save_dir, 0, [model], None, None, 0, {"converted_from": source}, save_rng=False
         )
-    finally:
-        parallel_state.destroy_model_parallel()
 
 
 def lora_to_peft(
@@ -99,7 +114,7 @@ def lora_to_peft(
     """Write the adapters of an engine LoRA checkpoint as a PEFT adapter directory; returns
     ``save_dir``. The base is not read: PEFT's files hold the adapters alone."""
     directory, metadata = _lora_record(adapters_dir, iteration)
-    try:
+    with _one_rank():
         model = _model_with_adapters(metadata, None)
         load_checkpoint(adapters_dir, [model], finetune=True, load_rng=False,
                         iteration=iteration, adapters=True)  # fmt: skip
@@ -107,5 +122,3 @@ def lora_to_peft(
         saved["target_modules"] = tuple(saved["target_modules"])
         save_peft_adapter([model], save_dir, LoraConfig(**saved), base_model_name_or_path)
         return Path(save_dir)
-    finally:
-        parallel_state.destroy_model_parallel()

@@ -102,19 +102,31 @@ def load_full_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
     Raises KeyError naming the first missing tensor and ValueError on a shape mismatch.
     """
-    group = parallel_state.get_tensor_model_parallel_group()
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
     for name, param, spec in named_specs(model):
         full = join_parts([_take(tensors, part.name) for part in spec.parts], spec)
-        if spec.tp_dim is not None:
-            full = shard_tensor(full, spec.tp_dim, spec.partition_sizes, rank, world)
-        if full.shape != param.shape:
-            raise ValueError(
-                f"tensor {name}: expected shape {tuple(param.shape)} on this rank, got "
-                f"{tuple(full.shape)}"
-            )
-        with torch.no_grad():
-            param.copy_(full)
+        copy_shard(param, full, spec.tp_dim, spec.partition_sizes, f"tensor {name}")
+
+
+def copy_shard(
+    param: nn.Parameter,
+    full: torch.Tensor,
+    tp_dim: int | None,
+    partition_sizes: Sequence[int],
+    what: str,
+) -> None:
+    """Set ``param`` to this TP rank's shard of ``full`` (split along ``tp_dim`` in blocks of
+    ``partition_sizes``; None: the whole of it); ValueError naming ``what`` when the shapes
+    differ."""
+    if tp_dim is not None:
+        group = parallel_state.get_tensor_model_parallel_group()
+        full = shard_tensor(full, tp_dim, partition_sizes, dist.get_rank(group),
+                            dist.get_world_size(group))  # fmt: skip
+    if full.shape != param.shape:
+        raise ValueError(
+            f"{what}: expected shape {tuple(param.shape)} on this rank, got {tuple(full.shape)}"
+        )
+    with torch.no_grad():
+        param.copy_(full)
 
 
 def _take(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:

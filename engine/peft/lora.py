@@ -39,7 +39,7 @@ from engine import parallel_state
 from engine.models.chunk import config_of, inventory_of
 from engine.models.inventory import CanonicalTensor, ParameterSpec
 from engine.models.llama.model import ReplicatedKeyValue
-from engine.models.weights import global_name
+from engine.models.weights import copy_shard, global_name
 from engine.peft.config import LoraConfig
 from engine.tensor_parallel import (
     ColumnParallelLinear,
@@ -58,7 +58,7 @@ from engine.tensor_parallel.attributes import (
 )
 from engine.tensor_parallel.layers import initialise_shard
 from engine.tensor_parallel.random import MODEL_PARALLEL_RNG_NAME, get_rng_tracker
-from engine.tensor_parallel.sharding import gather_tensor, shard_tensor
+from engine.tensor_parallel.sharding import gather_tensor
 from engine.wrappers import unwrap
 
 PEFT_PREFIX = "base_model.model."
@@ -327,22 +327,14 @@ def lora_state(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]
 def load_lora_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Set this chunk's adapters from full A and B under PEFT's names (the inverse of
     `lora_state`; keys of other chunks are ignored). KeyError naming a missing tensor."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
     for _, _, path in _lora_layers(model):
         for name, param in _adapter_tensors(path):
             if name not in tensors:
                 raise KeyError(f"LoRA tensor {name} is missing from the adapters being loaded")
-            full = tensors[name]
-            if is_tensor_parallel(param):
-                full = shard_tensor(full, param.partition_dim, param.partition_sizes, rank, world)  # type: ignore[attr-defined]
-            if full.shape != param.shape:
-                raise ValueError(
-                    f"LoRA tensor {name}: expected shape {tuple(param.shape)} on this rank, "
-                    f"got {tuple(full.shape)}"
-                )
-            with torch.no_grad():
-                param.copy_(full)
+            sharded = is_tensor_parallel(param)
+            dim = param.partition_dim if sharded else None  # type: ignore[attr-defined]
+            sizes = param.partition_sizes if sharded else ()  # type: ignore[attr-defined]
+            copy_shard(param, tensors[name], dim, sizes, f"LoRA tensor {name}")
 
 
 @torch.no_grad()

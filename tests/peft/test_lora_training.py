@@ -169,7 +169,10 @@ def test_flags_build_the_config_and_bad_combinations_are_refused(capsys):
     for extra, message in [
         (["--lora-alpha", "8"], "--lora-alpha need --lora-rank"),
         (["--lora-rank", "4", "--lora-target-modules", "qkv,attn"], "--lora-target-modules attn"),
-        (["--pretrained-checkpoint", "base"], "--pretrained-checkpoint is the base of a LoRA"),
+        (
+            ["--pretrained-checkpoint", "base"],
+            "--pretrained-checkpoint is for a LoRA run: give --lora-rank",
+        ),
     ]:
         with pytest.raises(SystemExit):
             parse_args([*FLAGS, *extra], world_size=1)  # the trainer's up-front checks
