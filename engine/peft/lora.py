@@ -284,7 +284,18 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> list[nn.Parameter]:
     adapters = [p for p in model.parameters() if is_lora_parameter(p)]
     for param in model.parameters():
         param.requires_grad_(is_lora_parameter(param))
+    embedding = getattr(model, "embedding", None)
+    if embedding is not None:
+        # The frozen embedding's output needs no gradient, so a recomputed (checkpointed)
+        # decoder layer would see no input requiring one and its adapters would get none:
+        # mark it, as PEFT's ``enable_input_require_grads`` does for HF models.
+        embedding.register_forward_hook(_output_requires_grad)
     return adapters
+
+
+def _output_requires_grad(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_(True)
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoraTarget, LoraLinear]]:

@@ -32,9 +32,11 @@ LORA = LoraConfig(rank=4, alpha=8.0, target_modules=("qkv", "out", "gate_up", "d
 ITERS = 3
 
 
-def lora_job(corpus: str, tp: int, pp: int, sequence_parallel: bool = False):  # noqa: F811
+def lora_job(corpus: str, tp: int, pp: int, sequence_parallel: bool = False,  # noqa: F811
+             recompute: str | None = None):  # fmt: skip
     job = make_job(corpus, tp, pp, train_iters=ITERS)
-    model = dataclasses.replace(job.model, sequence_parallel=sequence_parallel)
+    model = dataclasses.replace(job.model, sequence_parallel=sequence_parallel,
+                                recompute_granularity=recompute)  # fmt: skip
     training = dataclasses.replace(job.training, eval_iters=0, log_interval=ITERS)
     return dataclasses.replace(job, model=model, training=training, lora=LORA)
 
@@ -99,11 +101,13 @@ def reference(solo, corpus) -> dict:  # noqa: F811
 
 
 @pytest.mark.parametrize(
-    "tp, pp, sequence_parallel", [(2, 1, True), (1, 2, False), (2, 2, False)],
-    ids=["tp2-sp-dp4", "pp2-dp4", "tp2-pp2-dp2-zero1"],
+    "tp, pp, sequence_parallel, recompute",
+    [(2, 1, True, "full"), (1, 2, False, "selective"), (2, 2, False, None)],
+    ids=["tp2-sp-dp4-full-recompute", "pp2-dp4-selective-recompute", "tp2-pp2-dp2-zero1"],
 )  # fmt: skip
-def test_lora_training_matches_one_process(pool8, corpus, reference, tp, pp, sequence_parallel):  # noqa: E501, F811
-    results = pool8.run(train_with_lora, lora_job(corpus, tp, pp, sequence_parallel))
+def test_lora_training_matches_one_process(pool8, corpus, reference, tp, pp, sequence_parallel,  # noqa: F811
+                                           recompute):  # fmt: skip
+    results = pool8.run(train_with_lora, lora_job(corpus, tp, pp, sequence_parallel, recompute))
     for rank, out in enumerate(results):
         assert out["base_unchanged"] and out["base_without_grad"], f"rank {rank}"
         assert out["losses"] == results[0]["losses"]
