@@ -2,10 +2,11 @@
 parameter, DDP buckets and the optimizer steps the adapters only, and every parallel layout
 gives the single process' losses and adapters.
 
-- TP=2 with sequence parallelism (DP=4), PP=2 (DP=4) and TP=2 x PP=2 x DP=2 with the
-  distributed optimizer: per-iteration losses and the trained adapters (gathered over TP,
-  by PEFT name) equal one process' within 1e-5; every base shard is bit-identical before and
-  after training and has no gradient;
+- TP=2 with sequence parallelism and full recompute (DP=4), PP=2 with selective recompute
+  (DP=4) and TP=2 x PP=2 x DP=2 with the distributed optimizer: per-iteration losses and the
+  trained adapters (gathered over TP, by PEFT name) equal one process' within 1e-5; every base
+  shard is bit-identical before and after training and has no gradient; SFT data at TP=2 + SP
+  and PP=2 (DP=1) likewise;
 - bf16 base: the optimizer holds exactly 12 bytes per adapter parameter (float32 main copy
   and two Adam moments), DDP's gradient buffer exactly the adapters' elements;
 - the flags: ``--lora-*`` build the config, a sibling without ``--lora-rank``, ``--save`` and
@@ -23,7 +24,7 @@ from engine.checkpointing import read_full_state
 from engine.peft import LoraConfig, is_lora_parameter, lora_state
 from engine.training.arguments import parse_args
 from tests.rank_pool import module_pool
-from tests.training.test_training import corpus, make_job  # noqa: F401 (a fixture)
+from tests.training.test_training import corpus, make_job, sft_corpus  # noqa: F401 (fixtures)
 
 pool8 = module_pool(8)
 solo = module_pool(1)
@@ -41,10 +42,18 @@ def lora_job(corpus: str, tp: int, pp: int, sequence_parallel: bool = False,  # 
     return dataclasses.replace(job, model=model, training=training, lora=LORA)
 
 
+def sft_lora_job(prefix: str, tp: int, pp: int, sequence_parallel: bool = False,
+                 recompute: str | None = None):  # fmt: skip
+    """`lora_job` on SFT data (loss on the answers only), trained by `finetune`."""
+    job = lora_job(prefix, tp, pp, sequence_parallel, recompute)
+    data = dataclasses.replace(job.data, data_path=[prefix], split="80,20,0", sft=True)
+    return dataclasses.replace(job, data=data)
+
+
 def train_with_lora(job) -> dict:
-    """Train; return the losses, the adapters (full, by PEFT name) and whether each base
-    shard of this rank is unchanged and without a gradient."""
-    from engine.training.loop import pretrain
+    """Train (SFT data: `finetune`); return the losses, the adapters (full, by PEFT name) and
+    whether each base shard of this rank is unchanged and without a gradient."""
+    from engine.training.loop import finetune, pretrain
     from engine.training.step import forward_step
 
     seen: dict[int, object] = {}
@@ -72,7 +81,7 @@ def train_with_lora(job) -> dict:
 
     loop._loop = loop_then_gather
     try:
-        result = pretrain(job, forward_step_func=recording_step)
+        result = (finetune if job.data.sft else pretrain)(job, forward_step_func=recording_step)
     finally:
         loop._loop = original_loop
     base_unchanged, base_without_grad, adapters_moved = True, True, False
@@ -122,6 +131,35 @@ def test_lora_training_matches_one_process(pool8, corpus, reference, tp, pp, seq
     for name, tensor in adapters.items():
         torch.testing.assert_close(tensor, reference["adapters"][name], rtol=1e-5, atol=1e-6,
                                    msg=name)  # fmt: skip
+
+
+pool2 = module_pool(2)
+
+
+@pytest.mark.parametrize(
+    "tp, pp, sequence_parallel, recompute", [(2, 1, True, "full"), (1, 2, False, None)],
+    ids=["tp2-sp-full-recompute", "pp2"],
+)  # fmt: skip
+def test_lora_sft_matches_one_process(pool2, solo, sft_corpus, tp, pp, sequence_parallel,  # noqa: F811
+                                      recompute):  # fmt: skip
+    """SFT (loss on the answers only) at DP=1: its shuffled sampler buckets samples by DP rank
+    (as Megatron's), so only layouts of the same DP size see the same microbatches."""
+    one = solo.run(train_with_lora, sft_lora_job(sft_corpus, 1, 1))[0]
+    results = pool2.run(train_with_lora, sft_lora_job(sft_corpus, tp, pp, sequence_parallel,
+                                                      recompute))  # fmt: skip
+    for out in results:
+        assert (
+            out["base_unchanged"]
+            and out["base_without_grad"]
+            and out["losses"] == results[0]["losses"]
+        )
+    torch.testing.assert_close(
+        torch.tensor(results[0]["losses"], dtype=torch.float64),
+        torch.tensor(one["losses"], dtype=torch.float64), rtol=1e-5, atol=0,
+    )  # fmt: skip
+    adapters = {k: v for out in results for k, v in out["adapters"].items()}
+    for name, tensor in adapters.items():
+        torch.testing.assert_close(tensor, one["adapters"][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def optimizer_and_buffers(job) -> dict:
