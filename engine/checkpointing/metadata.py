@@ -143,7 +143,7 @@ def checkpoint_digest(load_dir: str | Path, iteration: int | None = None) -> str
     """SHA-256 of a checkpoint's ``metadata.json``, which holds every file's checksums: the
     identity a LoRA checkpoint records of its base."""
     directory, _ = open_checkpoint(load_dir, iteration)
-    return hashlib.sha256((directory / "metadata.json").read_bytes()).hexdigest()
+    return hashlib.sha256((directory / METADATA_FILE).read_bytes()).hexdigest()
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:

@@ -96,8 +96,10 @@ def take_snapshot(
     own = (lambda t: t.detach().to("cpu", copy=True)) if copy_to_host else (lambda t: t.detach())
     shards: dict[str, Shards] = {}
     optimizer_meta: dict[str, Any] = {}
+    adapters = has_adapters(model_chunks)
     if dp == 0:  # weights are replicated over DP
-        model = {k: (own(t), p) for k, (t, p) in model_tensors(model_chunks, tp).items()}
+        weights = model_tensors(model_chunks, tp, adapters)
+        model = {k: (own(t), p) for k, (t, p) in weights.items()}
         shards[f"model_tp{tp:02d}_pp{pp:02d}.safetensors"] = model
     distributed = optimizer is not None and is_distributed(optimizer)
     if optimizer is not None and (distributed or dp == 0):
@@ -115,7 +117,7 @@ def take_snapshot(
         layout=layout_record(),
         use_distributed_optimizer=distributed,
         has_optimizer_state=optimizer is not None,
-        lora_adapters=has_adapters(model_chunks),
+        lora_adapters=adapters,
     )
 
 
@@ -136,11 +138,11 @@ def write_snapshot(tmp: Path, snapshot: RankSnapshot) -> WrittenFiles:
 # What this rank saves ------------------------------------------------------------------------
 
 
-def model_tensors(model_chunks: Sequence[nn.Module], tp: int) -> Shards:
+def model_tensors(model_chunks: Sequence[nn.Module], tp: int, adapters: bool = False) -> Shards:
     """This rank's weights to save: TP-sharded ones on every TP rank, replicated ones on TP
-    rank 0 only, never the tied output head's copy."""
+    rank 0 only, never the tied output head's copy; ``adapters``: the LoRA adapters only."""
     out = {}
-    for placement, param in placements(model_chunks, adapters=has_adapters(model_chunks)):
+    for placement, param in placements(model_chunks, adapters=adapters):
         if placement.partition_dim is None and tp != 0:
             continue
         out[f"{MODEL_STATE}/{placement.param}/0"] = (param.detach(), placement)

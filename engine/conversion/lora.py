@@ -56,15 +56,20 @@ def _one_rank() -> Iterator[None]:
             leave_distributed(together=False)
 
 
+def _saved_lora(metadata: dict[str, Any]) -> LoraConfig:
+    """The `LoraConfig` a LoRA run's checkpoint records (``dataclasses.asdict`` as JSON)."""
+    saved = dict(metadata["config"]["lora"])
+    saved["target_modules"] = tuple(saved["target_modules"])
+    return LoraConfig(**saved)
+
+
 def _model_with_adapters(metadata: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
     """The checkpoint's model at TP=1 with its adapters attached (fresh weights)."""
     config = ModelConfig.from_dict(metadata["model"])
     if dtype is not None:
         config.params_dtype = dtype
     model = family_of(config).model(config)
-    saved = dict(metadata["config"]["lora"])
-    saved["target_modules"] = tuple(saved["target_modules"])
-    apply_lora(model, LoraConfig(**saved))
+    apply_lora(model, _saved_lora(metadata))
     return model
 
 
@@ -88,10 +93,11 @@ def merge_lora_checkpoint(
             f"checkpoint {directory} records no base checkpoint (it was trained on a randomly "
             "initialised one): nothing to merge into"
         )
-    if checkpoint_digest(base) != recorded.get("digest"):
+    digest = checkpoint_digest(base)
+    if digest != recorded.get("digest"):
         raise ConversionError(
             f"{base} is not the base the adapters in {directory} were trained on (digest "
-            f"{checkpoint_digest(base)}, recorded {recorded.get('digest')})"
+            f"{digest}, recorded {recorded.get('digest')})"
         )
     with _one_rank():
         model = _model_with_adapters(metadata, dtype)
@@ -118,7 +124,5 @@ def lora_to_peft(
         model = _model_with_adapters(metadata, None)
         load_checkpoint(adapters_dir, [model], finetune=True, load_rng=False,
                         iteration=iteration, adapters=True)  # fmt: skip
-        saved = dict(metadata["config"]["lora"])
-        saved["target_modules"] = tuple(saved["target_modules"])
-        save_peft_adapter([model], save_dir, LoraConfig(**saved), base_model_name_or_path)
+        save_peft_adapter([model], save_dir, _saved_lora(metadata), base_model_name_or_path)
         return Path(save_dir)

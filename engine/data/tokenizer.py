@@ -79,15 +79,13 @@ class Tokenizer(ABC):
         """`tokenize` of each text; subclasses use the library's threaded batch encoder."""
         return [self.tokenize(text) for text in texts]
 
+    @abstractmethod
     def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids of `text` as written, and each token's character span ``[start, end)``.
 
         Nothing is added around the text (a chat template writes its own BOS), and the text of
         a special token inside it (``<|im_end|>``, ``</s>``) encodes to that token's id.
         """
-        raise NotImplementedError(
-            f"{type(self).__name__} gives no character offsets; Jinja chat templates need them"
-        )
 
 
 class SentencePieceTokenizer(Tokenizer):

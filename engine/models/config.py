@@ -159,7 +159,7 @@ class ModelConfig:
         return cls(**values, params_dtype=getattr(torch, dtype))
 
 
-def flag_rope_scaling(factor: float) -> RopeScaling:
+def flag_rope_scaling(factor: float = 8.0) -> RopeScaling:
     """The rope scaling of Megatron's ``--use-rope-scaling``: LLaMA-3.1/3.2's published one
     (``rope_type`` "llama3") with ``factor`` (8 for 3.1, 32 for 3.2)."""
     return RopeScaling(

@@ -171,6 +171,9 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--async-save", "checkpoint", "async_save", {"type": bool}),
 ]  # fmt: skip
 
+_FLAG_ROPE = flag_rope_scaling()
+"""What ``--use-rope-scaling`` builds (its help is written from it)."""
+
 # Flags that are not one field: they are turned into fields by `_build_job`.
 _SPECIAL_FLAGS: list[tuple[str, dict[str, Any], str]] = [
     ("--model-preset", {"choices": sorted(PRESETS)},
@@ -187,8 +190,10 @@ _SPECIAL_FLAGS: list[tuple[str, dict[str, Any], str]] = [
      "Virtual pipeline chunks per pipeline rank (the same setting counted directly)."),
     ("--model-provider", {}, MODEL_PROVIDER_HELP),
     ("--use-rope-scaling", {"type": bool},
-     "Rope scaling of rope_type 'llama3' (original context 8192, low / high frequency "
-     "factors 1 and 4), by --rope-scaling-factor."),
+     f"Rope scaling of rope_type {_FLAG_ROPE.rope_type!r} (original context "
+     f"{_FLAG_ROPE.original_max_position_embeddings}, low / high frequency factors "
+     f"{_FLAG_ROPE.low_freq_factor:g} and {_FLAG_ROPE.high_freq_factor:g}), by "
+     "--rope-scaling-factor."),
     ("--lora-rank", {"type": int},
      "Train LoRA adapters of this rank on a frozen base (engine.peft); without it every "
      "parameter trains."),
@@ -361,7 +366,8 @@ def _build_job(given: dict[str, Any]) -> JobConfig:
     if "seed" in training:
         model_fields["init_seed"] = training["seed"]
     if given.get("use_rope_scaling"):
-        model_fields["rope_scaling"] = flag_rope_scaling(given.get("rope_scaling_factor") or 8.0)
+        factor = given.get("rope_scaling_factor") or _FLAG_ROPE.factor
+        model_fields["rope_scaling"] = flag_rope_scaling(factor)
     elif given.get("rope_scaling_factor") is not None:
         raise ValueError("--rope-scaling-factor needs --use-rope-scaling")
     if given.get("model_provider"):
