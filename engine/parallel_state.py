@@ -1,12 +1,19 @@
-"""Process groups for tensor (TP), pipeline (PP) and data (DP) parallelism.
+"""Process groups for tensor (TP), context (CP), data (DP) and pipeline (PP) parallelism.
 
-Rank order follows Megatron-LM's default: TP ranks are adjacent (fastest varying), then DP,
-then PP. With world size W = TP x DP x PP, global rank ``g`` has
+Rank order follows Megatron-LM's default: TP ranks are adjacent (fastest varying), then CP,
+then DP, then PP. With world size W = TP x CP x DP x PP, global rank ``g`` has
 
-    tp_rank = g % TP,   dp_rank = (g // TP) % DP,   pp_rank = g // (TP x DP).
+    tp_rank = g % TP,   cp_rank = (g // TP) % CP,   dp_rank = (g // (TP x CP)) % DP,
+    pp_rank = g // (TP x CP x DP).
 
 TP ranks are adjacent because TP all-reduces run inside every layer and want the fastest
-links (one node's NVLink); PP sends point to point once per microbatch, so it can span nodes.
+links (one node's NVLink); CP passes K/V blocks around a ring in every attention, so it comes
+next; PP sends point to point once per microbatch, so it can span nodes.
+
+Context parallelism splits each sequence, not the model: CP ranks hold the same weights and
+see different tokens of the same samples, so gradients are reduced over DP x CP together
+(``get_data_parallel_group(with_context_parallel=True)``), while the data loader shards
+samples over DP alone.
 
 Every group is created by every rank, in the same order (``new_group`` is collective).
 All state lives in one `_ParallelState` object; the getters read it.
@@ -28,27 +35,47 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    """Ranks each sequence is split over (``--context-parallel-size``)."""
 
     def invalid_sizes(self) -> bool:
         """A size below 1 (nothing else about the layout can then be computed)."""
         vpp = self.virtual_pipeline_model_parallel_size or 1
-        return min(self.tensor_model_parallel_size, self.pipeline_model_parallel_size, vpp) < 1
+        sizes = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size, vpp,
+                 self.context_parallel_size)  # fmt: skip
+        return min(sizes) < 1
+
+    @property
+    def replica_size(self) -> int:
+        """TP x CP x PP: the ranks one data-parallel replica spans."""
+        return (
+            self.tensor_model_parallel_size
+            * self.context_parallel_size
+            * self.pipeline_model_parallel_size
+        )
 
     def errors(self, world_size: int | None = None) -> list[str]:
         """What is wrong with the sizes themselves, or with them on ``world_size`` ranks."""
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        cp = self.context_parallel_size
         if self.invalid_sizes():
             return [
                 f"parallel sizes must be at least 1: --tensor-model-parallel-size {tp}, "
-                f"--pipeline-model-parallel-size {pp}, virtual pipeline size "
-                f"{self.virtual_pipeline_model_parallel_size or 1}"
+                f"--pipeline-model-parallel-size {pp}, --context-parallel-size {cp}, virtual "
+                f"pipeline size {self.virtual_pipeline_model_parallel_size or 1}"
             ]
-        if world_size is not None and world_size % (tp * pp) != 0:
-            return [
-                f"world size ({world_size}) must be divisible by --tensor-model-parallel-size "
-                f"({tp}) x --pipeline-model-parallel-size ({pp}) = {tp * pp}"
-            ]
+        if world_size is not None and world_size % self.replica_size != 0:
+            product = _product_of_sizes(tp, pp, cp)
+            return [f"world size ({world_size}) must be divisible by {product}"]
         return []
+
+
+def _product_of_sizes(tp: int, pp: int, cp: int) -> str:
+    """``--tensor-model-parallel-size (2) x ... = 8``, naming CP only when it is used."""
+    parts = [f"--tensor-model-parallel-size ({tp})", f"--pipeline-model-parallel-size ({pp})"]
+    if cp > 1:
+        parts.insert(1, f"--context-parallel-size ({cp})")
+    return " x ".join(parts) + f" = {tp * pp * cp}"
 
 
 @dataclass
@@ -56,10 +83,14 @@ class _ParallelState:
     tensor_model_parallel_size: int
     pipeline_model_parallel_size: int
     data_parallel_size: int
+    context_parallel_size: int
     virtual_pipeline_model_parallel_size: int | None
     tensor_model_parallel_group: dist.ProcessGroup
     pipeline_model_parallel_group: dist.ProcessGroup
     data_parallel_group: dist.ProcessGroup
+    context_parallel_group: dist.ProcessGroup
+    data_context_parallel_group: dist.ProcessGroup
+    context_global_ranks: list[int]
     model_parallel_group: dist.ProcessGroup
     embedding_group: dist.ProcessGroup | None
     pipeline_global_ranks: list[int]
@@ -71,34 +102,40 @@ _STATE: _ParallelState | None = None
 
 
 def rank_layout(
-    world_size: int, tensor_model_parallel_size: int, pipeline_model_parallel_size: int
+    world_size: int,
+    tensor_model_parallel_size: int,
+    pipeline_model_parallel_size: int,
+    context_parallel_size: int = 1,
 ) -> dict[str, list[list[int]]]:
-    """The global ranks of every TP, DP, PP and model-parallel (TP x PP) group.
+    """The global ranks of every TP, CP, DP, DP x CP ("data_context"), PP and model-parallel
+    (TP x PP) group.
 
     Pure arithmetic (no communication), so plans and tests can inspect a layout without
-    starting it. Raises ValueError when the world size does not factor into TP x PP x DP.
+    starting it. Raises ValueError when the world size does not factor into TP x CP x DP x PP.
     """
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
+    tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
+    if min(tp, pp, cp) < 1:
         raise ValueError(
-            f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size ({pp}) "
-            "must be at least 1"
+            f"--tensor-model-parallel-size ({tp}), --pipeline-model-parallel-size ({pp}) and "
+            f"--context-parallel-size ({cp}) must be at least 1"
         )
-    if world_size % (tp * pp) != 0:
+    if world_size % (tp * pp * cp) != 0:
         raise ValueError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) "
-            f"x --pipeline-model-parallel-size ({pp}) = {tp * pp}"
+            f"world size {world_size} is not divisible by {_product_of_sizes(tp, pp, cp)}"
         )
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
+    tps, cps, dps, pps = range(tp), range(cp), range(dp), range(pp)
 
-    def rank(t: int, d: int, p: int) -> int:
-        return t + d * tp + p * tp * dp
+    def rank(t: int, c: int, d: int, p: int) -> int:
+        return t + c * tp + d * tp * cp + p * tp * cp * dp
 
     return {
-        "tensor": [[rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
-        "data": [[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
-        "pipeline": [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
-        "model": [[rank(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)],
+        "tensor": [[rank(t, c, d, p) for t in tps] for p in pps for d in dps for c in cps],
+        "context": [[rank(t, c, d, p) for c in cps] for p in pps for d in dps for t in tps],
+        "data": [[rank(t, c, d, p) for d in dps] for p in pps for c in cps for t in tps],
+        "data_context": [[rank(t, c, d, p) for d in dps for c in cps] for p in pps for t in tps],
+        "pipeline": [[rank(t, c, d, p) for p in pps] for d in dps for c in cps for t in tps],
+        "model": [[rank(t, c, d, p) for p in pps for t in tps] for d in dps for c in cps],
     }
 
 
@@ -107,8 +144,10 @@ def initialize_model_parallel(
     pipeline_model_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: int | None = None,
     timeout: timedelta | None = None,
+    context_parallel_size: int = 1,
 ) -> None:
-    """Build the TP, PP, DP, model-parallel and embedding groups of the running job.
+    """Build the TP, CP, PP, DP, DP x CP, model-parallel and embedding groups of the running
+    job.
 
     The default process group must already be initialised (see `engine.device.init_distributed`).
     The embedding group holds the first and last pipeline stage of each pipeline, which both
@@ -137,7 +176,9 @@ def initialize_model_parallel(
             )
 
     world_size, me = dist.get_world_size(), dist.get_rank()
-    layout = rank_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size)
+    layout = rank_layout(
+        world_size, tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
+    )
 
     def my_group(rank_lists: list[list[int]]) -> tuple[dist.ProcessGroup | None, list[int]]:
         mine: tuple[dist.ProcessGroup | None, list[int]] = (None, [])
@@ -148,11 +189,14 @@ def initialize_model_parallel(
         return mine
 
     tp_group, _ = my_group(layout["tensor"])
+    cp_group, cp_ranks = my_group(layout["context"])
     dp_group, _ = my_group(layout["data"])
+    dp_cp_group, _ = my_group(layout["data_context"])
     pp_group, pp_ranks = my_group(layout["pipeline"])
     mp_group, _ = my_group(layout["model"])
     # Each layout partitions the world: every rank is in one of its groups.
     assert tp_group is not None and dp_group is not None
+    assert cp_group is not None and dp_cp_group is not None
     assert pp_group is not None and mp_group is not None
     # First and last stage of each pipeline (one rank when PP=1); None on middle stages.
     embedding_group, embedding_ranks = my_group(
@@ -163,10 +207,14 @@ def initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         data_parallel_size=len(layout["data"][0]),
+        context_parallel_size=context_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         tensor_model_parallel_group=tp_group,
         pipeline_model_parallel_group=pp_group,
         data_parallel_group=dp_group,
+        context_parallel_group=cp_group,
+        data_context_parallel_group=dp_cp_group,
+        context_global_ranks=cp_ranks,
         model_parallel_group=mp_group,
         embedding_group=embedding_group,
         pipeline_global_ranks=pp_ranks,
@@ -295,19 +343,46 @@ def is_pipeline_last_stage(ignore_virtual: bool = False) -> bool:
     return get_pipeline_model_parallel_rank() == state.pipeline_model_parallel_size - 1
 
 
+# Context parallel -----------------------------------------------------------------------------
+
+
+def get_context_parallel_group() -> dist.ProcessGroup:
+    """The ranks that split each sequence of this rank's samples (same TP, DP and PP rank)."""
+    return _state().context_parallel_group
+
+
+def get_context_parallel_world_size() -> int:
+    return _state().context_parallel_size
+
+
+def get_context_parallel_rank() -> int:
+    return dist.get_rank(get_context_parallel_group())
+
+
+def get_context_parallel_global_ranks() -> list[int]:
+    """Global ranks of this rank's CP group, CP rank 0 first (the ring's order)."""
+    return list(_state().context_global_ranks)
+
+
 # Data parallel --------------------------------------------------------------------------------
 
 
-def get_data_parallel_group() -> dist.ProcessGroup:
-    return _state().data_parallel_group
+def get_data_parallel_group(with_context_parallel: bool = False) -> dist.ProcessGroup:
+    """The replicas of this rank's weights over which samples are split (DP), or with
+    ``with_context_parallel`` also the CP ranks that split them: the group gradients are
+    averaged over and the distributed optimizer shards over (DP x CP)."""
+    state = _state()
+    return state.data_context_parallel_group if with_context_parallel else state.data_parallel_group
 
 
-def get_data_parallel_world_size() -> int:
-    return _state().data_parallel_size
+def get_data_parallel_world_size(with_context_parallel: bool = False) -> int:
+    state = _state()
+    cp = state.context_parallel_size if with_context_parallel else 1
+    return state.data_parallel_size * cp
 
 
-def get_data_parallel_rank() -> int:
-    return dist.get_rank(get_data_parallel_group())
+def get_data_parallel_rank(with_context_parallel: bool = False) -> int:
+    return dist.get_rank(get_data_parallel_group(with_context_parallel))
 
 
 # Model parallel (TP x PP) and embedding --------------------------------------------------------

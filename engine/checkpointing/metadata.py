@@ -104,6 +104,7 @@ def layout_record() -> dict[str, int | None]:
             parallel_state.get_virtual_pipeline_model_parallel_world_size()
         ),
         "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+        "context_parallel_size": parallel_state.get_context_parallel_world_size(),
     }
 
 

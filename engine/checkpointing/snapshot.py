@@ -212,11 +212,12 @@ def optimizer_placements(
 
 
 def coordinates() -> tuple[int, int, int]:
-    """This rank's (TP, PP, DP) ranks."""
+    """This rank's (TP, PP, DP x CP) ranks: context-parallel ranks hold the same weights as
+    their data-parallel peers, and the distributed optimizer shards over both."""
     return (
         parallel_state.get_tensor_model_parallel_rank(),
         parallel_state.get_pipeline_model_parallel_rank(),
-        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_rank(with_context_parallel=True),
     )
 
 

@@ -219,7 +219,9 @@ class DistributedDataParallel(nn.Module):
     Args:
         module: the model chunk (this rank's TP/PP share).
         config: see `DistributedDataParallelConfig`.
-        data_parallel_group: defaults to `parallel_state.get_data_parallel_group()`.
+        data_parallel_group: defaults to the data-parallel group with the context-parallel
+            ranks (`parallel_state.get_data_parallel_group(with_context_parallel=True)`):
+            CP ranks compute gradients of the same weights on different tokens.
 
     The forward is the wrapped module's. Typical iteration::
 
@@ -242,7 +244,9 @@ class DistributedDataParallel(nn.Module):
         self.config = config or DistributedDataParallelConfig()
         if self.config.overlap_param_gather and not self.config.use_distributed_optimizer:
             raise ValueError("--overlap-param-gather needs --use-distributed-optimizer")
-        self.data_parallel_group = data_parallel_group or parallel_state.get_data_parallel_group()
+        self.data_parallel_group = data_parallel_group or parallel_state.get_data_parallel_group(
+            with_context_parallel=True
+        )
         self.is_last_microbatch = True
 
         by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}

@@ -23,6 +23,10 @@ from engine.pipeline_parallel.layout import virtual_stage_layers
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 """``--recompute-granularity``: whole decoder layers, or core attention only."""
 
+CP_COMM_TYPES = ("p2p", "a2a")
+"""``--cp-comm-type``: K/V blocks passed around a ring (p2p), or heads scattered and the
+sequence gathered around attention (a2a, Ulysses)."""
+
 
 @dataclass
 class ModelConfig:
@@ -77,6 +81,9 @@ class ModelConfig:
     """Shard norms and residuals along the sequence over TP (``--sequence-parallel``)."""
     recompute_granularity: str | None = None
     """None, "full" (recompute whole layers) or "selective" (core attention only)."""
+    cp_comm_type: str = "p2p"
+    """How attention communicates under context parallelism (``--cp-comm-type``): "p2p"
+    (ring attention) or "a2a" (all-to-all over heads); see `engine.context_parallel`."""
     attention_backend: str = "auto"
     """"torch" (scaled_dot_product_attention), "triton" (kernels.flash_attention) or "auto"
     (Triton on CUDA, PyTorch elsewhere) (``--attention-backend``)."""
@@ -313,6 +320,7 @@ def layout_errors(
             f"--seq-length ({seq_length}) must be divisible by --tensor-model-parallel-size "
             f"({tp}) with --sequence-parallel"
         )
+    errors += context_parallel_errors(model, parallel, seq_length)
     if seq_length is not None and seq_length > model.max_position_embeddings:
         errors.append(
             f"--seq-length ({seq_length}) exceeds --max-position-embeddings "
@@ -328,6 +336,51 @@ def layout_errors(
             errors.append(
                 f"--{name.replace('_', '-')} must be {_one_of(BACKEND_CHOICES)}, got "
                 f"{getattr(model, name)!r}"
+            )
+    return errors
+
+
+def context_parallel_errors(
+    model: ModelConfig, parallel: ParallelConfig, seq_length: int | None
+) -> list[str]:
+    """Why the sequence cannot be split over ``--context-parallel-size`` ranks as
+    ``--cp-comm-type`` says (empty: it can)."""
+    cp, tp = parallel.context_parallel_size, parallel.tensor_model_parallel_size
+    if model.cp_comm_type not in CP_COMM_TYPES:
+        return [f"--cp-comm-type must be {_one_of(CP_COMM_TYPES)}, got {model.cp_comm_type!r}"]
+    if cp == 1:
+        return []
+    errors = []
+    sp = tp if model.sequence_parallel else 1
+    if seq_length is not None and seq_length % (2 * cp * sp) != 0:
+        sp_part = f" x --tensor-model-parallel-size ({tp})" if sp > 1 else ""
+        sp_why = ", each sharded over TP by --sequence-parallel" if sp > 1 else ""
+        errors.append(
+            f"--seq-length ({seq_length}) must be divisible by 2 x --context-parallel-size "
+            f"({cp}){sp_part} = {2 * cp * sp}: each CP rank holds two chunks of the "
+            f"load-balanced split{sp_why}"
+        )
+    if model.attention_dropout > 0:
+        errors.append(
+            f"--attention-dropout ({model.attention_dropout}) is not supported with "
+            f"--context-parallel-size ({cp}): use --attention-dropout 0"
+        )
+    if model.cp_comm_type == "a2a" and model.num_attention_heads % tp == 0:
+        heads = model.num_attention_heads // tp
+        kv_heads = model.kv_heads // tp if model.kv_heads >= tp else 1
+        if heads % cp != 0:
+            errors.append(
+                f"--cp-comm-type a2a scatters attention heads over --context-parallel-size "
+                f"({cp}): the {heads} query heads per TP rank (--num-attention-heads "
+                f"{model.num_attention_heads} / --tensor-model-parallel-size {tp}) must be "
+                "divisible by it; use --cp-comm-type p2p"
+            )
+        elif kv_heads % cp != 0:
+            errors.append(
+                f"--cp-comm-type a2a scatters attention heads over --context-parallel-size "
+                f"({cp}): the {kv_heads} K/V heads per TP rank (--num-query-groups "
+                f"{model.kv_heads}, --tensor-model-parallel-size {tp}) must be divisible by "
+                "it; use --cp-comm-type p2p"
             )
     return errors
 

@@ -141,16 +141,11 @@ class JobConfig:
     parameter trains."""
 
     def data_parallel_size(self, world_size: int) -> int:
-        """DP = world size / (TP x PP)."""
-        model_parallel = (
-            self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
-        )
-        if world_size % model_parallel != 0:
-            raise ValueError(
-                f"world size ({world_size}) must be divisible by --tensor-model-parallel-size x "
-                f"--pipeline-model-parallel-size ({model_parallel})"
-            )
-        return world_size // model_parallel
+        """DP = world size / (TP x CP x PP)."""
+        problems = self.parallel.errors(world_size)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return world_size // self.parallel.replica_size
 
     def global_batch_size(self, world_size: int) -> int:
         """``--global-batch-size``, or micro batch x DP when it is not given."""
