@@ -16,8 +16,9 @@ divided by ``num_microbatches`` before backward, so gradients are those of the m
 
 Point-to-point messages are fixed for the run. By default one tensor
 ``[s/tp if sequence parallel else s, b, h]`` in the chunk's ``config.pipeline_dtype`` (if set,
-else ``config.params_dtype``); a chunk with a ``pipeline_message(seq_length,
-micro_batch_size)`` method declares its own, a list of ``(shape, dtype)`` (see
+else ``config.params_dtype``), with ``s`` this rank's ``seq_length / cp`` tokens under context
+parallelism; a chunk with a ``pipeline_message(seq_length, micro_batch_size)`` method (given
+that local length) declares its own, a list of ``(shape, dtype)`` (see
 `engine.pipeline_parallel.p2p`): the stage's output is then a tuple of tensors in that order,
 and ``set_input_tensor`` receives such a tuple (a message of one tensor stays a plain tensor).
 Once a stage's output has been sent downstream only its autograd graph is needed, so its data
@@ -235,6 +236,15 @@ def _message_spec(
     """The run's messages: what the chunks declare (`p2p.declared_message`; every chunk the
     same), else one tensor ``[s(/tp), b, h]`` from the first chunk's config."""
     device = next(model[0].parameters()).device
+    # Under context parallelism each rank's stages carry its s/cp tokens of the sequence.
+    cp = 1
+    if parallel_state.model_parallel_is_initialized():
+        cp = parallel_state.get_context_parallel_world_size()
+    if seq_length % cp != 0:
+        raise ValueError(
+            f"--seq-length ({seq_length}) must be divisible by --context-parallel-size ({cp})"
+        )
+    seq_length //= cp
     declared = [p2p.declared_message(chunk, seq_length, micro_batch_size) for chunk in model]
     if any(message != declared[0] for message in declared):
         shown = ["none (default)" if m is None else p2p.describe(m) for m in declared]

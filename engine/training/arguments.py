@@ -36,6 +36,7 @@ from engine.data.tokenizer import build_tokenizer
 from engine.distributed.config import DistributedDataParallelConfig
 from engine.models.backends import BACKEND_CHOICES
 from engine.models.config import (
+    CP_COMM_TYPES,
     PRESETS,
     RECOMPUTE_GRANULARITIES,
     ModelConfig,
@@ -89,6 +90,8 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--tensor-model-parallel-size", "parallel", "tensor_model_parallel_size", {"type": int}),
     ("--pipeline-model-parallel-size", "parallel", "pipeline_model_parallel_size",
      {"type": int}),
+    ("--context-parallel-size", "parallel", "context_parallel_size", {"type": int}),
+    ("--cp-comm-type", "model", "cp_comm_type", {"choices": CP_COMM_TYPES}),
     # Optimizer, precision, schedule.
     ("--lr", "optimizer", "lr", {"type": float}),
     ("--min-lr", "optimizer", "min_lr", {"type": float}),

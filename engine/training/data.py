@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.context_parallel import split_batch
 from engine.data.blended_dataset import build_blended_gpt_datasets
 from engine.data.config import DataConfig
 from engine.data.gpt_dataset import GPTDatasetConfig, parse_split
@@ -154,11 +155,15 @@ def batch_iterator(
     seed: int,
     num_workers: int,
     device: torch.device,
+    context_parallel: tuple[int, int] = (0, 1),
 ) -> Iterator[Batch]:
     """This rank's micro-batches from ``consumed_samples`` on, moved to ``device``.
 
     ``shuffle`` (SFT) draws epoch after epoch from seeded permutations; otherwise the
-    (pre-shuffled) dataset is walked in order.
+    (pre-shuffled) dataset is walked in order. ``context_parallel`` is this rank's (CP rank,
+    CP size): every CP rank reads the same samples and keeps its chunks of each sequence
+    (`engine.context_parallel.split_batch`); ``loss_tokens`` is the whole sequence's count
+    of loss tokens, which the loss divides by.
     """
     loader = build_data_loader(
         _ModelInputs(dataset), consumed_samples, micro_batch_size, data_parallel_rank,
@@ -169,6 +174,7 @@ def batch_iterator(
     with torch.random.fork_rng(devices=[]):
         batches = iter(loader)
     for batch in batches:
+        batch = split_batch(batch, *context_parallel)
         yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 

@@ -62,6 +62,7 @@ class TrainingRun:
             p.pipeline_model_parallel_size,
             p.virtual_pipeline_model_parallel_size,
             timeout=timedelta(minutes=t.distributed_timeout_minutes),
+            context_parallel_size=p.context_parallel_size,
         )
         model_parallel_seed(t.seed)
         chunks = [chunk.to(device) for chunk in build_model_chunks(self.model_config)]
@@ -93,6 +94,10 @@ class TrainingRun:
         self.forward_step_func = forward_step_func or forward_step
 
     @property
+    def cp_size(self) -> int:
+        return parallel_state.get_context_parallel_world_size()
+
+    @property
     def dp_rank(self) -> int:
         return parallel_state.get_data_parallel_rank()
 
@@ -112,6 +117,7 @@ class TrainingRun:
                 self.job.training.seed,
                 self.job.data.num_workers,
                 self.device,
+                (parallel_state.get_context_parallel_rank(), self.cp_size),
             )
             for _ in self.chunks
         ]
@@ -135,7 +141,9 @@ class TrainingRun:
 
     def global_loss(self, logged: list[torch.Tensor]) -> float:
         """Mean over microbatches and DP replicas of the microbatch losses (what the gradient
-        is the gradient of). The last stage's TP rank 0 contributes; one world all-reduce."""
+        is the gradient of). The last stage's TP rank 0 contributes; one world all-reduce.
+        Under context parallelism each CP rank logs CP x its share of the loss
+        (`engine.training.step`), so their mean is the whole sequence's."""
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         if logged and parallel_state.get_tensor_model_parallel_rank() == 0:
             total[0] = sum(float(loss) for loss in logged)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from engine import parallel_state
 from engine.training.data import Batch
 from engine.wrappers import unwrap
 
@@ -19,6 +20,11 @@ def forward_step(
     Every chunk reads the batch (so all chunks' iterators stay in step); the first stage uses
     the tokens, the last the labels and loss mask. The loss of a microbatch is the mean of its
     per-token losses over the loss mask (what Megatron's GPT loss is).
+
+    Under context parallelism a rank sees its chunks of each sequence only: it divides its
+    share of the sum by the whole sequence's ``loss_tokens`` and multiplies by CP, because
+    the gradients are averaged over DP x CP; the CP ranks' losses then average to the
+    microbatch's.
     """
     batch = next(data_iterator)
     inner = unwrap(model)
@@ -28,10 +34,12 @@ def forward_step(
         labels=batch["labels"] if inner.post_process else None,
     )
     mask = batch["loss_mask"].float()
+    tokens = batch["loss_tokens"].float() if "loss_tokens" in batch else mask.sum()
+    cp = parallel_state.get_context_parallel_world_size()
 
     def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # A row with no loss tokens (possible in SFT) gives 0, not 0/0.
-        loss = (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        loss = (per_token.float() * mask).sum() * cp / tokens.clamp(min=1.0)
         return loss, loss.detach()
 
     return output, loss_func

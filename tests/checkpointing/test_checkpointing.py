@@ -192,6 +192,7 @@ def test_round_trip_restores_weights_optimizer_schedule_and_rng(saved_3d):
     assert metadata["layout"] == {
         "world_size": 8, "tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
         "virtual_pipeline_model_parallel_size": None, "data_parallel_size": 2,
+        "context_parallel_size": 1,
     }  # fmt: skip
     assert metadata["use_distributed_optimizer"] and metadata["consumed_samples"] == CONSUMED
     assert metadata["config"]["optimizer"]["lr"] == OPTIMIZER.lr

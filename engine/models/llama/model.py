@@ -24,6 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import parallel_state
+from engine.context_parallel import (
+    BLOCK_BACKENDS,
+    all_to_all_attention,
+    local_positions,
+    ring_attention,
+)
 from engine.models.backends import ATTENTION_BACKENDS, NORM_BACKENDS, resolve_backend
 from engine.models.config import ModelConfig
 from engine.models.init import blocks_init, output_std, seeded_init
@@ -154,7 +160,10 @@ class Attention(nn.Module):
         self.local_kv_heads = groups // tp if self.kv_sharded else 1
         self.dropout = config.attention_dropout
         self.recompute_core = config.recompute_granularity == "selective"
-        self.attention_fn = ATTENTION_BACKENDS[resolve_backend(config.attention_backend)]
+        self.backend = resolve_backend(config.attention_backend)
+        self.attention_fn = ATTENTION_BACKENDS[self.backend]
+        self.context_parallel = parallel_state.get_context_parallel_world_size() > 1
+        self.cp_comm_type = config.cp_comm_type
 
         prefix = f"layers.{layer_number}.attention"
         q_init = (heads * d, seeded_init(config, f"{prefix}.q"))
@@ -222,13 +231,22 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """q ``[s, b, hq/tp, d]``, k/v ``[s_kv, b, hkv', d]`` -> ``[s, b, hq/tp * d]``; an
-        explicit boolean ``mask [b, 1, s, s_kv]`` (True: attend) replaces the causal one."""
+        explicit boolean ``mask [b, 1, s, s_kv]`` (True: attend) replaces the causal one.
+        Under context parallelism ``s`` is this rank's ``s/cp`` tokens of the sequence."""
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # SDPA's [b, heads, s, d]
         if mask is not None:
             # Decoding (cached prefix, padded prompts) needs an arbitrary mask, which only SDPA
             # takes; the training backends keep their causal fast path.
             gqa = k.size(1) != q.size(1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif self.context_parallel:
+            # The sequence is split over the CP group (this rank holds two of its chunks):
+            # attention runs across the split (engine.context_parallel).
+            group = parallel_state.get_context_parallel_group()
+            if self.cp_comm_type == "a2a":
+                out = all_to_all_attention(q, k, v, self.attention_fn, group)
+            else:
+                out = ring_attention(q, k, v, BLOCK_BACKENDS[self.backend], group)
         elif self.training and self.dropout > 0:
             # Heads are sharded over TP, so dropout draws from the per-TP-rank RNG stream.
             with get_rng_tracker().fork(MODEL_PARALLEL_RNG_NAME):
@@ -372,9 +390,8 @@ class LlamaModel(PipelineStage):
             raise ValueError("this pipeline stage has no embedding: pass decoder_input")
         else:
             x = decoder_input
-        seq = x.size(0) * (self.tp if self.config.sequence_parallel else 1)
         if position_ids is None:
-            position_ids = torch.arange(seq, device=x.device).unsqueeze(0).expand(x.size(1), -1)
+            position_ids = self._default_positions(x).unsqueeze(0).expand(x.size(1), -1)
         cos, sin = self.rotary(position_ids, x.dtype)
 
         for layer in self.layers:
@@ -387,6 +404,16 @@ class LlamaModel(PipelineStage):
             return x
 
         return self.head(self.final_norm(x), labels)
+
+    def _default_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """``0..s-1`` for the hidden states ``x [s(/tp)(/cp), b, h]``; under context
+        parallelism the positions of this rank's chunks of the sequence."""
+        seq = x.size(0) * (self.tp if self.config.sequence_parallel else 1)
+        cp = parallel_state.get_context_parallel_world_size()
+        if cp == 1:
+            return torch.arange(seq, device=x.device)
+        rank = parallel_state.get_context_parallel_rank()
+        return local_positions(seq * cp, rank, cp, x.device)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[b, s]`` ids -> ``[s(/tp), b, h]``."""
