@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from engine.context_parallel.split import gather_order
+from engine.context_parallel.split import gather_order, sequence_major
 
 
 def _all_to_all(
@@ -31,16 +31,43 @@ def _all_to_all(
     return torch.cat(received.unbind(0), dim=gather_dim)
 
 
-class _AllToAll(torch.autograd.Function):
+def _heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``[b, h, s/cp, d]`` (this rank's chunks) -> ``[b, h/cp, s, d]`` in position order."""
+    gathered = _all_to_all(x, group, scatter_dim=1, gather_dim=2)
+    order = gather_order(gathered.size(2), dist.get_world_size(group), x.device)
+    return gathered.index_select(2, torch.argsort(order))
+
+
+def _sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """The inverse: ``[b, h/cp, s, d]`` in position order -> ``[b, h, s/cp, d]``, in the
+    ``[s, b, h, d]`` memory layout the model reshapes attention outputs from."""
+    order = gather_order(x.size(2), dist.get_world_size(group), x.device)
+    return sequence_major(_all_to_all(x.index_select(2, order), group, scatter_dim=2, gather_dim=1))
+
+
+class _HeadsToSequence(torch.autograd.Function):
+    """`_heads_to_sequence`, whose backward is `_sequence_to_heads` (nothing is saved: the
+    reordering is recomputed from the shape)."""
+
     @staticmethod
-    def forward(ctx, x, group, scatter_dim: int, gather_dim: int):
-        ctx.group, ctx.dims = group, (scatter_dim, gather_dim)
-        return _all_to_all(x, group, scatter_dim, gather_dim)
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _heads_to_sequence(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        scatter_dim, gather_dim = ctx.dims
-        return _all_to_all(grad, ctx.group, gather_dim, scatter_dim), None, None, None
+        return _sequence_to_heads(grad, ctx.group), None
+
+
+class _SequenceToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _sequence_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_sequence(grad, ctx.group), None
 
 
 def all_to_all_attention(
@@ -56,13 +83,5 @@ def all_to_all_attention(
     order) -> ``[b, hq, s/cp, d]``. ``attention_fn(q, k, v, is_causal=True)`` is the model's
     attention backend.
     """
-    size = dist.get_world_size(group)
-    seq = q.size(2) * size
-    gathered = gather_order(seq, size, q.device)  # position of each gathered token
-    to_true = torch.argsort(gathered)
-
-    def heads_to_sequence(x: torch.Tensor) -> torch.Tensor:
-        return _AllToAll.apply(x, group, 1, 2).index_select(2, to_true)
-
-    out = attention_fn(*(heads_to_sequence(t) for t in (q, k, v)), is_causal=True)
-    return _AllToAll.apply(out.index_select(2, gathered), group, 2, 1)
+    out = attention_fn(*(_HeadsToSequence.apply(t, group) for t in (q, k, v)), is_causal=True)
+    return _SequenceToHeads.apply(out, group)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from engine.context_parallel.blocks import BlockAttention, merge_block
+from engine.context_parallel.split import sequence_major
 
 _KV_TAG, _DKV_TAG = 0, 1  # two exchanges may be in flight at once between the same peers
 
@@ -115,7 +116,7 @@ class _RingAttention(torch.autograd.Function):
             if i + 1 < size:
                 _wait(requests)
                 kv = incoming
-        out = torch.cat([early[0], late[0]], dim=2).to(q.dtype)
+        out = sequence_major(torch.cat([early[0], late[0]], dim=2), q.dtype)
         lse = torch.cat([early[1], late[1]], dim=-1)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.block, ctx.group = scale, block, group

@@ -62,6 +62,15 @@ def split_sequence(
     return x.index_select(dim, index)
 
 
+def sequence_major(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x [b, h, s, d]`` copied (to ``dtype``) into ``[s, b, h, d]`` memory, same shape: the
+    model reshapes attention outputs to ``[s, b, h·d]``, which is then a view, so the output
+    projection saves the very tensor attention saved (one copy, as with SDPA's output)."""
+    b, h, s, d = x.shape
+    out = torch.empty((s, b, h, d), dtype=dtype or x.dtype, device=x.device)
+    return out.permute(1, 2, 0, 3).copy_(x)
+
+
 def split_batch(
     batch: dict[str, torch.Tensor], cp_rank: int, cp_size: int
 ) -> dict[str, torch.Tensor]:

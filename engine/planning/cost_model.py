@@ -17,6 +17,11 @@ Memory per rank is the sum of
   distributed optimizer's all-gather work in place in the DDP buffers, and TP collectives write
   tensors already counted as activations.
 
+With context parallelism (``--context-parallel-size``) every rank holds ``s/cp`` tokens of each
+sequence: activations and pipeline messages shrink by CP, the gradients are reduced and the
+distributed optimizer shards over DP x CP, and attention sends K/V around the ring (or runs
+all-to-alls) every layer (`context_parallel_bytes`).
+
 With LoRA (``--lora-rank``, `engine.planning.lora`) the weights are the frozen base plus the
 adapters, both in the model's dtype; gradients, DDP buffers and optimizer state exist for the
 adapters only; the activations add the adapters' own (`lora_activation_bytes_per_layer`).
@@ -75,12 +80,18 @@ def rank_parameters(model: ModelConfig, tp: int, pp: int) -> list[int]:
 
 
 def activation_bytes_per_layer(
-    model: ModelConfig, seq_length: int, micro_batch_size: int, tp: int, bytes_per_value: int = 2
+    model: ModelConfig,
+    seq_length: int,
+    micro_batch_size: int,
+    tp: int,
+    bytes_per_value: int = 2,
+    cp: int = 1,
 ) -> int:
-    """Bytes one decoder layer keeps for backward, for one microbatch, on one TP rank.
+    """Bytes one decoder layer keeps for backward, for one microbatch, on one TP (and CP) rank.
 
-    ``s`` sequence, ``b`` micro batch, ``h`` hidden, ``f`` FFN, ``t`` TP, ``kv`` the K/V heads
-    of this rank, ``d`` the head dim; values counted in elements, times ``bytes_per_value``:
+    ``s`` this rank's tokens (``seq_length / cp``), ``b`` micro batch, ``h`` hidden, ``f`` FFN,
+    ``t`` TP, ``kv`` the K/V heads of this rank, ``d`` the head dim; values counted in elements,
+    times ``bytes_per_value``:
 
     - two RMSNorms keep their normalised input, ``s·b·h`` each (``/t`` with sequence
       parallelism), and float32 ``1/rms`` per token;
@@ -95,15 +106,25 @@ def activation_bytes_per_layer(
     Selective recompute re-runs core attention, which drops only the log-sum-exp: with flash
     attention the ``5·a·s²·b`` term it exists to remove is already gone. Full recompute keeps
     only the layer input ``s·b·h`` (``/t`` with sequence parallelism).
+
+    Ring attention (``--cp-comm-type p2p``) keeps what flash attention keeps. All-to-all
+    (``a2a``) keeps the gathered Q ``s·b·h/t``, K and V ``s·b·kv·d`` each (``h/cp`` heads of
+    ``cp·s`` tokens: the same count) and the output before and after the return all-to-all,
+    ``s·b·h/t`` each, instead of the rotated Q/K and the fused QKV output.
     """
     s, b, h, f, d = (
-        seq_length, micro_batch_size, model.hidden_size, model.ffn_hidden_size, model.head_dim,
+        seq_length // cp, micro_batch_size, model.hidden_size, model.ffn_hidden_size,
+        model.head_dim,
     )  # fmt: skip
     sp = tp if model.sequence_parallel else 1
     if model.recompute_granularity == "full":
         return s * b * h // sp * bytes_per_value
     groups = model.kv_heads
-    if groups >= tp:
+    all_to_all = cp > 1 and model.cp_comm_type == "a2a"
+    if all_to_all and model.recompute_granularity != "selective" and groups >= tp:
+        # Gathered Q, K, V; the output gathered and returned.
+        attention = 3 * s * b * h // tp + 2 * s * b * (groups // tp) * d
+    elif groups >= tp:
         # Q, K, the fused QKV output and the attention output.
         attention = 3 * s * b * h // tp + 3 * s * b * (groups // tp) * d
     else:
@@ -125,12 +146,18 @@ def activation_bytes_per_layer(
 
 
 def output_activation_bytes(
-    model: ModelConfig, seq_length: int, micro_batch_size: int, tp: int, bytes_per_value: int = 2
+    model: ModelConfig,
+    seq_length: int,
+    micro_batch_size: int,
+    tp: int,
+    bytes_per_value: int = 2,
+    cp: int = 1,
 ) -> int:
     """What the last stage keeps after the decoder layers, per microbatch: the final norm's
     input, the output head's input (the sequence shard with sequence parallelism) and the cross
-    entropy's float32 softmax over this rank's vocabulary slice."""
-    s, b, h = seq_length, micro_batch_size, model.hidden_size
+    entropy's float32 softmax over this rank's vocabulary slice, for its ``seq_length / cp``
+    tokens."""
+    s, b, h = seq_length // cp, micro_batch_size, model.hidden_size
     sp = tp if model.sequence_parallel else 1
     vocab_shard = pad_vocab_size(model.vocab_size, tp, model.make_vocab_size_divisible_by) // tp
     return 2 * s * b * h // sp * bytes_per_value + 4 * s * b * vocab_shard
@@ -161,6 +188,33 @@ def in_flight_microbatches(pp: int, vpp: int | None, num_microbatches: int, rank
     return min(num_microbatches * v, 2 * (pp - rank - 1) + (v - 1) * pp + 1)
 
 
+def context_parallel_bytes(job: JobConfig) -> int:
+    """Bytes one rank sends for context parallelism per layer and microbatch (``S = s/cp``
+    tokens, ``kv·d`` this TP rank's K/V width, ``v`` bytes per value).
+
+    - ring (p2p): the forward passes the K|V block, ``2·S·b·kv·d`` values, ``cp - 1`` hops;
+      the backward passes it again and the float32 dK|dV accumulator ``cp`` hops (the last
+      takes it home); recomputation (selective or full) runs the forward ring once more.
+    - all-to-all (a2a): Q, K, V and the output each move ``(cp-1)/cp`` of their
+      ``S·b·(h/t)`` or ``S·b·kv·d`` values, forward and (reversed) backward; recomputation
+      repeats the forward's.
+    """
+    model, t = job.model, job.training
+    cp, tp = job.parallel.context_parallel_size, job.parallel.tensor_model_parallel_size
+    if cp == 1:
+        return 0
+    value_bytes = 2 if job.optimizer.bf16 or job.optimizer.fp16 else 4
+    tokens = t.seq_length // cp * t.micro_batch_size
+    kv_width = (model.kv_heads // tp if model.kv_heads >= tp else 1) * model.head_dim
+    forwards = 2 if model.recompute_granularity is not None else 1
+    if model.cp_comm_type == "a2a":
+        q_width = model.num_attention_heads // tp * model.head_dim
+        values = 2 * tokens * q_width + 2 * tokens * kv_width  # Q and output, K and V
+        return (forwards + 1) * (cp - 1) * values * value_bytes // cp
+    block = 2 * tokens * kv_width
+    return (forwards + 1) * (cp - 1) * block * value_bytes + cp * block * 4
+
+
 def communication_bytes(job: JobConfig, world_size: int) -> dict[str, int]:
     """Bytes one rank sends per iteration (ring algorithms), by kind of parallelism.
 
@@ -172,15 +226,20 @@ def communication_bytes(job: JobConfig, world_size: int) -> dict[str, int]:
       16-bit parameters, ``(d-1)/d`` each; with LoRA only the adapters'.
     - ``pipeline``: each microbatch's activations forward and their gradients backward across
       a stage boundary, ``s·b·h`` values (``/t`` with sequence parallelism) each way.
+    - ``context``: `context_parallel_bytes` per layer and microbatch.
+
+    With context parallelism ``s`` is the rank's ``s/cp`` tokens and ``d`` counts DP x CP
+    (gradients are reduced over both).
     """
     model, t = job.model, job.training
     tp = job.parallel.tensor_model_parallel_size
     pp = job.parallel.pipeline_model_parallel_size
-    dp = job.data_parallel_size(world_size)
+    cp = job.parallel.context_parallel_size
+    dp = job.data_parallel_size(world_size) * cp
     m = job.num_microbatches(world_size)
     value_bytes = 2 if job.optimizer.bf16 or job.optimizer.fp16 else 4
     grad_bytes = 4 if job.ddp.grad_reduce_in_fp32 else value_bytes
-    tokens = t.seq_length * t.micro_batch_size
+    tokens = t.seq_length // cp * t.micro_batch_size
     layers = max(stage_layers(model, pp))
     params = max(rank_trainable_parameters(job))
     tensor = 4 * 2 * (tp - 1) * tokens * model.hidden_size // tp * value_bytes * layers * m
@@ -190,7 +249,8 @@ def communication_bytes(job: JobConfig, world_size: int) -> dict[str, int]:
         data = 2 * (dp - 1) * params * grad_bytes // dp
     sp = tp if model.sequence_parallel else 1
     pipeline = 2 * tokens * model.hidden_size // sp * value_bytes * m if pp > 1 else 0
-    return {"tensor": tensor, "data": data, "pipeline": pipeline}
+    context = context_parallel_bytes(job) * layers * m
+    return {"tensor": tensor, "data": data, "pipeline": pipeline, "context": context}
 
 
 @dataclass
@@ -258,6 +318,7 @@ def plan(job: JobConfig, world_size: int) -> Plan:
     tp = job.parallel.tensor_model_parallel_size
     pp = job.parallel.pipeline_model_parallel_size
     vpp = job.parallel.virtual_pipeline_model_parallel_size
+    cp = job.parallel.context_parallel_size
     dp = job.data_parallel_size(world_size)
     m = job.num_microbatches(world_size)
     sixteen_bit = job.optimizer.bf16 or job.optimizer.fp16
@@ -266,12 +327,14 @@ def plan(job: JobConfig, world_size: int) -> Plan:
     # Adam's exp_avg and exp_avg_sq, plus float32 main parameters unless the model is float32
     # itself (then the main parameters are the model's).
     state_bytes = 8 + (4 if sixteen_bit else 0)
-    state_shards = dp if job.ddp.use_distributed_optimizer else 1
-    per_layer = activation_bytes_per_layer(model, t.seq_length, t.micro_batch_size, tp, value_bytes)
+    state_shards = dp * cp if job.ddp.use_distributed_optimizer else 1
+    per_layer = activation_bytes_per_layer(
+        model, t.seq_length, t.micro_batch_size, tp, value_bytes, cp
+    )
     adapter_bytes = 0
     if job.lora is not None:
         adapter_bytes = lora_activation_bytes_per_layer(
-            model, job.lora, t.seq_length, t.micro_batch_size, tp, value_bytes
+            model, job.lora, t.seq_length // cp, t.micro_batch_size, tp, value_bytes
         )
     # Full recompute re-runs one layer at a time in backward: its activations come back, once
     # (the adapters' with them); otherwise every layer keeps the adapters' too.
@@ -279,13 +342,13 @@ def plan(job: JobConfig, world_size: int) -> Plan:
     if model.recompute_granularity == "full":
         recompute_bytes = adapter_bytes + activation_bytes_per_layer(
             dataclasses.replace(model, recompute_granularity=None),
-            t.seq_length, t.micro_batch_size, tp, value_bytes,
+            t.seq_length, t.micro_batch_size, tp, value_bytes, cp,
         )  # fmt: skip
     else:
         per_layer += adapter_bytes
     sp = tp if model.sequence_parallel else 1
     # Forward and backward receive buffers of the activations crossing a stage boundary.
-    p2p_bytes = 2 * t.seq_length * t.micro_batch_size * model.hidden_size // sp * value_bytes
+    p2p_bytes = 2 * t.seq_length // cp * t.micro_batch_size * model.hidden_size // sp * value_bytes
 
     ranks = []
     layer_counts = stage_layers(model, pp)
@@ -297,7 +360,7 @@ def plan(job: JobConfig, world_size: int) -> Plan:
         if rank == pp - 1:
             # The head runs in the last chunk only: one in flight per v chunk forwards.
             activations += math.ceil(in_flight / (vpp or 1)) * output_activation_bytes(
-                model, t.seq_length, t.micro_batch_size, tp, value_bytes
+                model, t.seq_length, t.micro_batch_size, tp, value_bytes, cp
             )
         ranks.append(
             RankPlan(
@@ -342,8 +405,10 @@ def format_plan(job: JobConfig, world_size: int) -> str:
     """The plan as a printable report (what ``--dry-run`` and ``tools/plan.py`` show)."""
     p = plan(job, world_size)
     model, t, par = job.model, job.training, job.parallel
+    cp = par.context_parallel_size
+    context = f" x CP {cp} ({model.cp_comm_type})" if cp > 1 else ""
     lines = [
-        f"layout: world {world_size} = TP {par.tensor_model_parallel_size} x PP "
+        f"layout: world {world_size} = TP {par.tensor_model_parallel_size}{context} x PP "
         f"{par.pipeline_model_parallel_size} x DP {p.data_parallel_size}"
         + (
             f" (virtual {par.virtual_pipeline_model_parallel_size})"
@@ -351,7 +416,8 @@ def format_plan(job: JobConfig, world_size: int) -> str:
             else ""
         ),
         f"batch: global {p.global_batch_size} = micro {t.micro_batch_size} x DP "
-        f"{p.data_parallel_size} x {p.num_microbatches} microbatches; seq {t.seq_length}",
+        f"{p.data_parallel_size} x {p.num_microbatches} microbatches; seq {t.seq_length}"
+        + (f" ({t.seq_length // cp} tokens per CP rank)" if cp > 1 else ""),
         f"parameters: {p.total_parameters:,} total, {p.flops_parameters:,} in matmuls",
         f"activations per layer per microbatch: {p.activation_bytes_per_layer / 2**20:.1f} MiB "
         f"(recompute {model.recompute_granularity or 'none'}, sequence parallel "

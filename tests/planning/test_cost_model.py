@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine import parallel_state
+from engine.context_parallel import split_sequence
 from engine.models import LlamaModel
 from engine.models.config import ModelConfig
 from engine.models.llama.model import DecoderLayer, RotaryEmbedding
@@ -15,6 +16,7 @@ from engine.planning.cost_model import (
     GB,
     activation_bytes_per_layer,
     communication_bytes,
+    context_parallel_bytes,
     flops_per_token,
     format_plan,
     in_flight_microbatches,
@@ -76,10 +78,10 @@ def test_rank_parameters_equal_the_meta_model(pool, preset, tp, pp, overrides):
         assert count == expected[stage], (stage, count, expected)
 
 
-def measure_saved_bytes(preset: str, tp: int, overrides: dict) -> int:
+def measure_saved_bytes(preset: str, tp: int, overrides: dict, cp: int = 1) -> int:
     """Bytes one decoder layer saves for backward (rank 0's), parameters and rotary tables
-    excluded, with the torch backends in float32; s=32, b=2."""
-    parallel_state.initialize_model_parallel(tp)
+    excluded, with the torch backends in float32; s=32 (s/cp on each CP rank), b=2."""
+    parallel_state.initialize_model_parallel(tp, context_parallel_size=cp)
     try:
         config = ModelConfig.from_preset(
             preset, attention_backend="torch", norm_backend="torch", **overrides
@@ -87,10 +89,11 @@ def measure_saved_bytes(preset: str, tp: int, overrides: dict) -> int:
         torch.manual_seed(0)
         layer = DecoderLayer(config, 0)
         s, b = 32, 2
-        s_local = s // tp if config.sequence_parallel else s
+        positions = split_sequence(torch.arange(s), 0)  # this CP rank's chunks
+        s_local = len(positions) // tp if config.sequence_parallel else len(positions)
         x = torch.randn(s_local, b, config.hidden_size, requires_grad=True)
         cos, sin = RotaryEmbedding(config.head_dim, config.rotary_base)(
-            torch.arange(s).expand(b, s), torch.float32
+            positions.expand(b, -1), torch.float32
         )
         excluded = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), cos, sin)}
         saved: dict[int, int] = {}
@@ -127,14 +130,45 @@ def measure_saved_bytes(preset: str, tp: int, overrides: dict) -> int:
     ],
 )
 def test_activation_formula_matches_what_a_layer_saves(pool, preset, tp, overrides):
-    measured = pool.run(measure_saved_bytes, preset, tp, overrides)[0]
+    check_saved_bytes(pool, preset, tp, overrides)
+
+
+def check_saved_bytes(pool, preset: str, tp: int, overrides: dict, cp: int = 1) -> int:
+    """The measured bytes equal the plan's formula; returns them."""
+    measured = pool.run(measure_saved_bytes, preset, tp, overrides, cp)[0]
     config = ModelConfig.from_preset(preset, **overrides)
-    formula = activation_bytes_per_layer(config, 32, 2, tp, bytes_per_value=4)
+    formula = activation_bytes_per_layer(config, 32, 2, tp, bytes_per_value=4, cp=cp)
     # The plan counts the Triton RMSNorm, which keeps only its normalised input; the torch
     # reference used here also keeps the input itself (float32 already: no copy).
     sp = tp if config.sequence_parallel else 1
     reference_norm_extra = 0 if overrides.get("recompute_granularity") == "full" else 2
-    assert measured == formula + reference_norm_extra * 32 * 2 * 64 // sp * 4
+    assert measured == formula + reference_norm_extra * 32 // cp * 2 * 64 // sp * 4
+    return measured
+
+
+@pytest.mark.parametrize(
+    "preset, tp, cp, overrides",
+    [
+        ("tiny", 1, 2, {}),
+        ("tiny", 1, 4, {}),
+        ("tiny-gqa", 2, 2, {"sequence_parallel": True}),
+        ("tiny-gqa", 4, 2, {}),  # replicated K/V
+        ("tiny", 1, 2, {"recompute_granularity": "selective"}),
+        ("tiny", 1, 2, {"recompute_granularity": "full"}),
+        ("tiny", 1, 2, {"cp_comm_type": "a2a"}),
+        ("tiny", 2, 2, {"cp_comm_type": "a2a", "sequence_parallel": True}),
+        ("tiny", 1, 4, {"cp_comm_type": "a2a", "recompute_granularity": "selective"}),
+    ],
+)
+def test_activation_formula_under_context_parallelism(pool, preset, tp, cp, overrides):
+    """Ring and all-to-all attention: what a layer saves on a CP rank equals the formula at
+    ``s/cp`` byte for byte, and falls as 1/CP."""
+    measured = check_saved_bytes(pool, preset, tp, overrides, cp)
+    whole = pool.run(measure_saved_bytes, preset, tp, overrides, 1)[0]
+    if overrides.get("cp_comm_type") != "a2a" and preset == "tiny":
+        assert measured * cp == whole  # linear in the tokens: nothing else changes
+    else:
+        assert measured < whole
 
 
 def test_activation_formula_against_design_closed_forms():
@@ -262,3 +296,45 @@ def test_plan_tool_prints_and_rejects_bad_layouts(capsys):
     assert "TP 8 x PP 1 x DP 4" in capsys.readouterr().out
     assert plan_main(["--world-size", "12", *SEVEN_B]) == 2
     assert "world size (12) must be divisible" in capsys.readouterr().err
+
+
+# Context parallelism ---------------------------------------------------------------------
+
+LONG_7B = (
+    "--model-preset llama2-7b --max-position-embeddings 131072 --seq-length 32768 "
+    "--tensor-model-parallel-size 8 --sequence-parallel --bf16 --use-distributed-optimizer "
+    "--micro-batch-size 1 --global-batch-size 64 --recompute-granularity selective --train-iters 1"
+).split()
+
+
+def test_context_parallel_plan_splits_activations_and_shards_over_dp_x_cp():
+    """LLaMA-2-7B at 32k tokens, TP=8 on 16 ranks: CP2 x DP1 against DP2 on half as many
+    tokens per rank; the optimizer state is sharded over DP x CP either way."""
+    split = plan(parse_args(LONG_7B + ["--context-parallel-size", "2"], world_size=16), 16)
+    whole = plan(parse_args(LONG_7B, world_size=16), 16)
+    assert split.data_parallel_size == 1 and split.num_microbatches == 64
+    assert split.activation_bytes_per_layer * 2 == whole.activation_bytes_per_layer
+    assert split.ranks[0].optimizer_bytes == whole.ranks[0].optimizer_bytes  # 2 shards each
+    # The whole sequence is counted once: the same FLOPs per iteration.
+    assert split.flops_per_iteration == whole.flops_per_iteration
+    text = format_plan(parse_args(LONG_7B + ["--context-parallel-size", "2"], world_size=16), 16)
+    assert "world 16 = TP 8 x CP 2 (p2p) x PP 1 x DP 1" in text
+    assert "seq 32768 (16384 tokens per CP rank)" in text
+
+
+def test_context_parallel_traffic_per_layer():
+    s, cp, kv_width = 32768, 4, 4 * 128  # 32 K/V heads over TP=8, head dim 128
+    tokens = s // cp
+    job = parse_args(LONG_7B + ["--context-parallel-size", "4"], world_size=32)
+    block = 2 * tokens * kv_width  # K|V of one rank's chunks
+    # Ring: forward, recomputed forward and backward pass K|V (bf16) 3 hops; dK|dV (float32)
+    # travel 4 hops in the backward.
+    assert context_parallel_bytes(job) == 3 * 3 * block * 2 + 4 * block * 4
+    assert communication_bytes(job, 32)["context"] == context_parallel_bytes(job) * 32 * 64
+    job.model.cp_comm_type = "a2a"
+    q_width = 32 // 8 * 128
+    # All-to-all: Q, K, V, output move 3/4 of themselves, in forward, recompute and backward.
+    values = 2 * tokens * q_width + 2 * tokens * kv_width
+    assert context_parallel_bytes(job) == 3 * 3 * values * 2 // 4
+    job.parallel.context_parallel_size = 1
+    assert context_parallel_bytes(job) == 0
