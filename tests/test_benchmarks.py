@@ -41,3 +41,25 @@ def test_checkpoint_io_benchmark_prints_its_ratios(tmp_path):
     assert lines[0].startswith("hash GB/s (one core): xxh3_64 "), lines[0]
     assert re.fullmatch(r"async_stall_over_sync_stall=\d+\.\d{3}", lines[-6]), lines[-6]
     assert re.fullmatch(r"verify_overhead_pct=-?\d+\.\d", lines[-1]), lines[-1]
+
+
+def test_context_parallel_benchmark_prints_its_ratios():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "context_parallel.py"), "--seq", "64",
+         "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--repeats", "1",
+         "--cp-sizes", "2,4"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    balance = [line for line in lines if line.startswith("cp=")]
+    assert len(balance) == 2, lines
+    for line, cp in zip(balance, (2, 4), strict=True):
+        # The load-balanced split gives every rank the same causal work, exactly.
+        match = re.fullmatch(
+            rf"cp={cp} balanced_max_over_min=1\.000 contiguous_max_over_min=(\d+\.\d{{3}})", line
+        )
+        assert match and float(match[1]) > 1, line
+    assert re.fullmatch(r"ring_s=\d+\.\d{4}", lines[-3]), lines[-3]
+    assert re.fullmatch(r"compute_only_s=\d+\.\d{4}", lines[-2]), lines[-2]
+    assert re.fullmatch(r"exposed_comm_pct=-?\d+\.\d", lines[-1]), lines[-1]
