@@ -76,12 +76,22 @@ def all_to_all_attention(
     v: torch.Tensor,
     attention_fn: Callable[..., torch.Tensor],
     group: dist.ProcessGroup,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention with heads scattered over the CP group.
 
     q ``[b, hq, s/cp, d]``, k/v ``[b, hkv, s/cp, d]`` (this rank's two chunks, load-balanced
     order) -> ``[b, hq, s/cp, d]``. ``attention_fn(q, k, v, is_causal=True)`` is the model's
-    attention backend.
+    attention backend; it gets ``document_ids [b, s]`` (the whole sequence's, packed
+    documents) when given, which it applies to the gathered sequence as without CP.
     """
-    out = attention_fn(*(_HeadsToSequence.apply(t, group) for t in (q, k, v)), is_causal=True)
+    size = dist.get_world_size(group)
+    if q.size(1) % size or k.size(1) % size:
+        raise ValueError(
+            f"all-to-all attention scatters heads over the {size} CP ranks: {q.size(1)} query "
+            f"and {k.size(1)} K/V heads per rank must be divisible by {size}; use ring attention"
+        )
+    docs = {} if document_ids is None else {"document_ids": document_ids}
+    gathered = (_HeadsToSequence.apply(t, group) for t in (q, k, v))
+    out = attention_fn(*gathered, is_causal=True, **docs)
     return _SequenceToHeads.apply(out, group)

@@ -12,7 +12,9 @@ keeps more than q, its keys and the row statistics.
 
 Shapes: q ``[b, hq, sq, d]``, k/v ``[b, hkv, sk, d]`` (``hq`` a multiple of ``hkv``: grouped-
 query attention), lse ``[b, hq, sq]`` float32 natural log. ``causal`` is the top-left aligned
-mask of ``scaled_dot_product_attention`` (used here with ``sq == sk`` only).
+mask of ``scaled_dot_product_attention`` (used here with ``sq == sk`` only); ``mask``
+``[b, 1, sq, sk]`` (True: attend), for packed documents, further restricts it. A row that
+attends to nothing in a block gets lse -inf and output 0, which merging ignores.
 
 Two backends, as for ordinary attention: "torch" (plain matmuls in float32, any device) and
 "triton" (the FlashAttention kernels of `kernels.flash_attention`, whose log-sum-exp is base 2).
@@ -30,20 +32,24 @@ _LN2 = math.log(2.0)
 
 class BlockAttention(Protocol):
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(out ``[b, hq, sq, d]`` in q's dtype, lse ``[b, hq, sq]`` float32)."""
 
     def backward(
         self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """(dq, dk, dv) of this block under the merged ``out`` / ``lse``."""
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
-    """float32 ``scale · q kᵀ`` ``[b, hq, sq, sk]``, masked above the diagonal when causal;
-    K/V heads repeated over their query-head group."""
+def _scores(
+    q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """float32 ``scale · q kᵀ`` ``[b, hq, sq, sk]``, -inf above the diagonal when causal and
+    where ``mask`` is False; K/V heads repeated over their query-head group."""
     group = q.size(1) // k.size(1)
     k = k.repeat_interleave(group, dim=1) if group > 1 else k
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
@@ -51,6 +57,8 @@ def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> tor
         sq, sk = scores.shape[-2:]
         above = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(above, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return scores
 
 
@@ -65,17 +73,18 @@ class TorchBlockAttention:
     """Reference implementation: materialises the block's ``[sq, sk]`` scores (fine on CPUs
     and for tests; the Triton backend is the one for long sequences)."""
 
-    def forward(self, q, k, v, causal, scale):
-        scores = _scores(q, k, causal, scale)
+    def forward(self, q, k, v, causal, scale, mask=None):
+        scores = _scores(q, k, causal, scale, mask)
         lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.unsqueeze(-1))
+        # A row with no key here (a document elsewhere) has lse -inf: probabilities 0.
+        probs = torch.exp(scores - lse.masked_fill(lse.isinf(), 0.0).unsqueeze(-1))
         group = q.size(1) // k.size(1)
         v = v.repeat_interleave(group, dim=1) if group > 1 else v
         return torch.matmul(probs, v.float()).to(q.dtype), lse
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, mask=None):
         group = q.size(1) // k.size(1)
-        probs = torch.exp(_scores(q, k, causal, scale) - lse.unsqueeze(-1))
+        probs = torch.exp(_scores(q, k, causal, scale, mask) - lse.unsqueeze(-1))
         do = dout.float()
         v_rep = v.repeat_interleave(group, dim=1) if group > 1 else v
         k_rep = k.repeat_interleave(group, dim=1) if group > 1 else k
@@ -89,19 +98,32 @@ class TorchBlockAttention:
 
 
 class TritonBlockAttention:
-    """The FlashAttention kernels (no ``[sq, sk]`` matrix); their lse is in units of log2."""
+    """The FlashAttention kernels (no ``[sq, sk]`` matrix); their lse is in units of log2.
+    They mask documents only where queries and keys are the same positions (``sq == sk``), so
+    they take no cross-block ``mask``."""
 
-    def forward(self, q, k, v, causal, scale):
+    def forward(self, q, k, v, causal, scale, mask=None):
         from kernels.flash_attention import attention_forward
 
+        _refuse_mask(mask)
         out, lse2 = attention_forward(*(t.contiguous() for t in (q, k, v)), causal, scale, None)
         return out, lse2 * _LN2
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, mask=None):
         from kernels.flash_attention import attention_backward
 
+        _refuse_mask(mask)
         tensors = (t.contiguous() for t in (dout, q, k, v, out))
         return attention_backward(*tensors, (lse / _LN2).contiguous(), causal, scale, None)
+
+
+def _refuse_mask(mask: torch.Tensor | None) -> None:
+    if mask is not None:
+        raise ValueError(
+            "ring attention over packed documents needs the torch attention backend (the "
+            "Triton kernels mask documents only within one block of positions): use "
+            "--attention-backend torch or --cp-comm-type a2a"
+        )
 
 
 BLOCK_BACKENDS: dict[str, BlockAttention] = {

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from engine.context_parallel.blocks import BlockAttention, merge_block
-from engine.context_parallel.split import sequence_major
+from engine.context_parallel.split import local_positions, sequence_major
 
 _KV_TAG, _DKV_TAG = 0, 1  # two exchanges may be in flight at once between the same peers
 
@@ -73,6 +73,21 @@ def ring_steps(cp_rank: int, cp_size: int) -> list[RingStep]:
     return steps
 
 
+def _step_mask(
+    document_ids: torch.Tensor | None, step: RingStep, rank: int, size: int, chunk: int
+) -> torch.Tensor | None:
+    """Packed documents: ``[b, 1, sq, sk]`` True where the step's query and key are in the same
+    document, from the whole sequence's ``document_ids [b, s]`` (ids increase along it)."""
+    if document_ids is None:
+        return None
+    seq = document_ids.size(1)
+    queries = document_ids[:, local_positions(seq, rank, size, document_ids.device)]
+    keys = document_ids[:, local_positions(seq, step.source, size, document_ids.device)]
+    queries = queries[:, chunk:] if step.late_queries_only else queries
+    keys = keys[:, :chunk] if step.early_keys_only else keys
+    return (queries[:, :, None] == keys[:, None, :]).unsqueeze(1)
+
+
 def _exchange(
     tensor: torch.Tensor, group: dist.ProcessGroup, tag: int
 ) -> tuple[torch.Tensor, list]:
@@ -96,7 +111,8 @@ def _wait(requests: list) -> None:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, block: BlockAttention, group: dist.ProcessGroup):
+    def forward(ctx, q, k, v, scale: float, block: BlockAttention, group: dist.ProcessGroup,
+                document_ids: torch.Tensor | None):  # fmt: skip
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         chunk = q.size(2) // 2
         kv = torch.stack([k, v])  # [2, b, hkv, 2c, d]: one message per hop
@@ -107,7 +123,8 @@ class _RingAttention(torch.autograd.Function):
                 incoming, requests = _exchange(kv, group, _KV_TAG)
             keys = kv[:, :, :, :chunk] if step.early_keys_only else kv
             queries = q[:, :, chunk:] if step.late_queries_only else q
-            out, lse = block.forward(queries, keys[0], keys[1], step.causal, scale)
+            mask = _step_mask(document_ids, step, rank, size, chunk)
+            out, lse = block.forward(queries, keys[0], keys[1], step.causal, scale, mask)
             if step.late_queries_only:
                 late = merge_block(*late, out, lse)
             else:
@@ -120,6 +137,7 @@ class _RingAttention(torch.autograd.Function):
         lse = torch.cat([early[1], late[1]], dim=-1)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.block, ctx.group = scale, block, group
+        ctx.document_ids = document_ids  # integers: no gradient, not a saved activation
         return out
 
     @staticmethod
@@ -139,6 +157,7 @@ class _RingAttention(torch.autograd.Function):
             dq_block, dk_block, dv_block = block.backward(
                 dout[:, :, rows], q[:, :, rows], keys[0], keys[1], out[:, :, rows],
                 lse[..., rows], step.causal, scale,
+                _step_mask(ctx.document_ids, step, rank, size, chunk),
             )  # fmt: skip
             dq[:, :, rows] += dq_block
             if i == 0:
@@ -156,7 +175,7 @@ class _RingAttention(torch.autograd.Function):
                 kv = incoming
         _wait(dkv_requests)
         dk, dv = dkv_incoming[0].to(k.dtype), dkv_incoming[1].to(v.dtype)
-        return dq.to(q.dtype), dk, dv, None, None, None
+        return dq.to(q.dtype), dk, dv, None, None, None, None
 
 
 def ring_attention(
@@ -166,10 +185,13 @@ def ring_attention(
     block: BlockAttention,
     group: dist.ProcessGroup,
     scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of this rank's queries over the whole split sequence.
 
     q ``[b, hq, 2c, d]``, k/v ``[b, hkv, 2c, d]`` (this rank's two chunks) -> ``[b, hq, 2c, d]``.
+    ``document_ids [b, s]``: packed documents of the whole sequence (not split; ids increase
+    along it), attention stays within each.
     """
     scale = q.size(-1) ** -0.5 if scale is None else scale
-    return _RingAttention.apply(q, k, v, scale, block, group)
+    return _RingAttention.apply(q, k, v, scale, block, group, document_ids)

@@ -76,7 +76,8 @@ def split_batch(
 ) -> dict[str, torch.Tensor]:
     """A batch of ``[b, s]`` fields reduced to this CP rank's chunks; every rank of the CP
     group reads the same samples. ``loss_tokens`` (added here, before the split) keeps the
-    whole sequence's loss-mask count, so the loss is the mean over the whole sequence."""
+    whole sequence's loss-mask count, so the loss is the mean over the whole sequence;
+    ``document_ids`` stay whole: attention compares every chunk's documents."""
     out = dict(batch)
     if "loss_mask" in batch:
         out["loss_tokens"] = batch["loss_mask"].sum()

@@ -54,7 +54,8 @@ class GPTDatasetConfig:
     reset_position_ids: bool = False
     """Restart position ids after every EOD."""
     reset_attention_mask: bool = False
-    """Block attention across EODs (needs create_attention_mask to be visible)."""
+    """Block attention across EODs: samples carry `document_ids` (and the `attention_mask`
+    with create_attention_mask)."""
     eod_mask_loss: bool = False
     """No loss on EOD positions."""
     create_attention_mask: bool = False
@@ -278,8 +279,10 @@ def ltor_masks_and_position_ids(tokens: torch.Tensor, config: GPTDatasetConfig) 
         tokens: `[seq]` token ids.
 
     Returns:
-        `loss_mask` `[seq]` float, `position_ids` `[seq]` long, and `attention_mask`
-        `[1, seq, seq]` bool (True = masked) when `config.create_attention_mask`.
+        `loss_mask` `[seq]` float, `position_ids` `[seq]` long, `document_ids` `[seq]` long
+        (EODs strictly before each token) with `config.reset_attention_mask`, and
+        `attention_mask` `[1, seq, seq]` bool (True = masked) when
+        `config.create_attention_mask`.
     """
     seq = tokens.numel()
     is_eod = tokens == config.eod if config.eod is not None else torch.zeros(seq, dtype=torch.bool)
@@ -293,6 +296,10 @@ def ltor_masks_and_position_ids(tokens: torch.Tensor, config: GPTDatasetConfig) 
         starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(is_eod)[:, 0] + 1])
         positions = positions - starts[segment]
     result = {"loss_mask": loss_mask, "position_ids": positions}
+    if config.reset_attention_mask:
+        # What the model's attention masks with: the document of each token (an EOD ends its
+        # document), the [seq, seq] mask's information in [seq] integers.
+        result["document_ids"] = segment
     if config.create_attention_mask:
         allowed = torch.ones(seq, seq, dtype=torch.bool).tril()
         if config.reset_attention_mask:

@@ -12,32 +12,54 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import rms_norm_reference
+from kernels.reference import document_mask, rms_norm_reference
 
 AttentionFn = Callable[..., torch.Tensor]
-"""``fn(q, k, v, is_causal, dropout_p) -> out``; q ``[b, hq, s, d]``, k/v ``[b, hkv, s, d]``."""
+"""``fn(q, k, v, is_causal, dropout_p=0.0, document_ids=None) -> out``; q ``[b, hq, s, d]``,
+k/v ``[b, hkv, s, d]``; ``document_ids [b, s]`` (packed sequences): a token attends only
+within its run of equal ids."""
 
 NormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 """``fn(x, weight, eps) -> out``; x ``[*, h]``, weight ``[h]``."""
 
 
 def torch_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, dropout_p: float = 0.0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool,
+    dropout_p: float = 0.0,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """PyTorch SDPA; fewer K/V heads than query heads means grouped-query attention."""
+    """PyTorch SDPA; fewer K/V heads than query heads means grouped-query attention. With
+    ``document_ids`` the causal mask is cut at document boundaries (an explicit mask: SDPA's
+    math path)."""
+    gqa = k.size(1) != q.size(1)
+    if document_ids is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=gqa
+        )
+    mask = document_mask(document_ids)
+    if is_causal:
+        mask = mask & torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
     return F.scaled_dot_product_attention(
-        q, k, v, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1)
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa
     )
 
 
 def triton_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, dropout_p: float = 0.0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool,
+    dropout_p: float = 0.0,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if dropout_p:
         raise ValueError("the triton attention backend has no dropout; use --attention-dropout 0")
     from kernels.flash_attention import flash_attn_func
 
-    return flash_attn_func(q, k, v, is_causal=is_causal)
+    return flash_attn_func(q, k, v, is_causal=is_causal, document_ids=document_ids)
 
 
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

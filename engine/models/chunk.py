@@ -56,7 +56,9 @@ class ModelChunk(Protocol):
         """``[b, s]`` ids (first stage) or ``decoder_input [s(/tp), b, h]`` in; per-token loss
         ``[b, s]`` (with ``labels``) or logits ``[b, s, V/tp]`` out on the last stage, hidden
         states ``[s(/tp), b, h]`` elsewhere; a ``kv_cache`` (`engine.models.kv_cache`) when
-        decoding."""
+        decoding. Packed-document training (SFT, ``--reset-attention-mask``) also passes
+        ``document_ids=[b, s]`` (the whole sequence's under context parallelism), which a
+        model that trains on such data accepts and keeps attention within."""
 
 
 _ATTRIBUTES = ("config", "inventory", "pre_process", "post_process", "layers")

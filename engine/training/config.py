@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from engine.checkpointing.config import CheckpointConfig
 from engine.data.config import DataConfig
 from engine.distributed.config import DistributedDataParallelConfig
+from engine.models.backends import resolve_backend
 from engine.models.config import ModelConfig, layout_errors
 from engine.optimizer.config import OptimizerConfig
 from engine.parallel_state import ParallelConfig
@@ -158,6 +159,24 @@ class JobConfig:
         per_step = self.training.micro_batch_size * self.data_parallel_size(world_size)
         return self.global_batch_size(world_size) // per_step
 
+    def packed_document_errors(self) -> list[str]:
+        """Packed documents (``--sft`` rows, ``--reset-attention-mask``) under ring attention
+        need masks across blocks of different positions, which the Triton kernels lack."""
+        documents = self.data.sft or self.data.reset_attention_mask
+        cp = self.parallel.context_parallel_size
+        model = self.model
+        if not documents or cp == 1 or model.cp_comm_type != "p2p":
+            return []
+        if resolve_backend(model.attention_backend) != "triton":
+            return []
+        flag = "--sft" if self.data.sft else "--reset-attention-mask"
+        return [
+            f"{flag} packs documents, which ring attention (--cp-comm-type p2p, "
+            f"--context-parallel-size {cp}) masks with the torch attention backend only, not "
+            f"--attention-backend {model.attention_backend} (Triton): use --cp-comm-type a2a "
+            "or --attention-backend torch"
+        ]
+
     def validate(self, world_size: int, require_train_length: bool = True) -> None:
         """Run every check; raise one ValueError listing each problem with its flag and value.
 
@@ -173,6 +192,7 @@ class JobConfig:
         errors += self.optimizer.errors(t.train_iters, t.train_samples)
         errors += self.ddp.errors()
         errors += self.data.errors()
+        errors += self.packed_document_errors()
         errors += self.checkpoint.errors()
         if self.lora is not None:
             errors += self.lora.errors()

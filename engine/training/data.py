@@ -64,11 +64,6 @@ def build_datasets(
         raise ValueError("no training data: give --data-path")
     if job.data.sft:
         return _sft_datasets(job, tokenizer)
-    if job.data.reset_attention_mask:
-        raise ValueError(
-            "--reset-attention-mask needs an explicit attention mask, which the model's fused "
-            "causal attention does not take; use --reset-position-ids and --eod-mask-loss"
-        )
     config = GPTDatasetConfig(
         seq_length=job.training.seq_length,
         random_seed=job.training.seed,
@@ -76,6 +71,7 @@ def build_datasets(
         path_to_cache=job.data.data_cache_path,
         eod=None if tokenizer is None else tokenizer.eod,
         reset_position_ids=job.data.reset_position_ids,
+        reset_attention_mask=job.data.reset_attention_mask,
         eod_mask_loss=job.data.eod_mask_loss,
         **_vocabulary(job, tokenizer),
     )
@@ -127,12 +123,15 @@ def _sft_datasets(job: JobConfig, tokenizer: Tokenizer | None) -> Datasets:
 
 
 MODEL_INPUTS = ("tokens", "labels", "loss_mask", "position_ids")
+DOCUMENT_IDS = "document_ids"
+"""Packed documents (SFT rows, ``--reset-attention-mask``): the model attends within each."""
 
 
 class _ModelInputs(torch.utils.data.Dataset):
-    """The fields of each sample the model uses: SFT samples also carry an ``[s, s]``
-    attention mask and variable-length ``cu_seqlens``, which would be collated for nothing
-    (or, for ``cu_seqlens``, not at all)."""
+    """The fields of each sample the model uses, with ``document_ids`` where the sample has
+    them: SFT samples also carry the same boundaries as an ``[s, s]`` attention mask and as
+    variable-length ``cu_seqlens``, which would be collated for nothing (or, for
+    ``cu_seqlens``, not at all)."""
 
     def __init__(self, dataset: torch.utils.data.Dataset):
         self.dataset = dataset
@@ -142,7 +141,8 @@ class _ModelInputs(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> Batch:
         sample = self.dataset[idx]
-        return {key: sample[key] for key in MODEL_INPUTS}
+        keys = (*MODEL_INPUTS, DOCUMENT_IDS) if DOCUMENT_IDS in sample else MODEL_INPUTS
+        return {key: sample[key] for key in keys}
 
 
 def batch_iterator(

@@ -28,10 +28,13 @@ def forward_step(
     """
     batch = next(data_iterator)
     inner = unwrap(model)
+    # Packed documents (SFT, --reset-attention-mask): attention stays inside each one.
+    docs = {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}
     output = model(
         batch["tokens"] if inner.pre_process else None,
         position_ids=batch["position_ids"],
         labels=batch["labels"] if inner.post_process else None,
+        **docs,
     )
     mask = batch["loss_mask"].float()
     tokens = batch["loss_tokens"].float() if "loss_tokens" in batch else mask.sum()

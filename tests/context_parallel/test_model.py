@@ -38,17 +38,39 @@ GQA = ModelConfig.from_preset(
 )  # fmt: skip
 
 
-def _batches(config: ModelConfig, count: int) -> list[dict[str, torch.Tensor]]:
+def _packed_documents(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``document_ids`` and the positions restarting in each document, ``[b, s]``: 1-6
+    documents a row, so they cross chunk (and CP rank) boundaries."""
+    ids = torch.zeros(MICRO_BATCH, SEQ, dtype=torch.long)
+    positions = torch.zeros(MICRO_BATCH, SEQ, dtype=torch.long)
+    for row in range(MICRO_BATCH):
+        cuts = torch.randperm(SEQ - 1, generator=generator)[: row * 3 + 2].sort().values + 1
+        for start in cuts.tolist():
+            ids[row, start:] += 1
+        for doc in ids[row].unique().tolist():
+            where = (ids[row] == doc).nonzero()[:, 0]
+            positions[row, where] = torch.arange(len(where))
+    return ids, positions
+
+
+def _batches(config: ModelConfig, count: int, documents: bool = False) -> list[dict]:
     generator = torch.Generator().manual_seed(7)
     out = []
     for _ in range(count):
         tokens = torch.randint(0, config.vocab_size, (MICRO_BATCH, SEQ + 1), generator=generator)
         mask = (torch.rand(MICRO_BATCH, SEQ, generator=generator) > 0.3).float()
-        out.append({
+        batch = {
             "tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask,
             "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ),
-        })  # fmt: skip
+        }  # fmt: skip
+        if documents:
+            batch["document_ids"], batch["position_ids"] = _packed_documents(generator)
+        out.append(batch)
     return out
+
+
+def _documents(batch: dict) -> dict:
+    return {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}
 
 
 def _reference(config: ModelConfig, batches: list[dict]) -> dict:
@@ -58,22 +80,26 @@ def _reference(config: ModelConfig, batches: list[dict]) -> dict:
         model = LlamaModel(dataclasses.replace(config, sequence_parallel=False))
         losses = []
         for batch in batches:
-            per_token = model(batch["tokens"], labels=batch["labels"])
+            per_token = model(batch["tokens"], position_ids=batch["position_ids"],
+                              labels=batch["labels"], **_documents(batch))  # fmt: skip
             mask = batch["loss_mask"]
             loss = (per_token * mask).sum() / mask.sum()
             (loss / len(batches)).backward()
             losses.append(loss.detach())
         with torch.no_grad():
-            logits = [model(batch["tokens"]) for batch in batches]
+            logits = [model(batch["tokens"], position_ids=batch["position_ids"],
+                            **_documents(batch)) for batch in batches]  # fmt: skip
         return {"losses": losses, "logits": logits, "grads": gather_full_state(model, grads=True)}
     finally:
         parallel_state.destroy_model_parallel()
 
 
-def cp_run(config: ModelConfig, tp: int, pp: int, cp: int, vpp: int | None = None) -> dict:
+def cp_run(
+    config: ModelConfig, tp: int, pp: int, cp: int, vpp: int | None = None, documents: bool = False
+) -> dict:
     """Reference and CP runs on every rank; DP = 8 / (TP x PP x CP) replicas."""
     dp = 8 // (tp * pp * cp)
-    batches = _batches(config, dp * MICROBATCHES)
+    batches = _batches(config, dp * MICROBATCHES, documents)
     reference = _reference(config, batches)
     parallel_state.initialize_model_parallel(tp, pp, vpp, context_parallel_size=cp)
     try:
@@ -108,7 +134,8 @@ def cp_run(config: ModelConfig, tp: int, pp: int, cp: int, vpp: int | None = Non
         }  # fmt: skip
         if pp == 1:  # the logits of this rank's chunks and vocabulary slice
             with torch.no_grad():
-                logits = chunks[0](local[0]["tokens"])
+                logits = chunks[0](local[0]["tokens"], position_ids=local[0]["position_ids"],
+                                   **_documents(local[0]))  # fmt: skip
             expected = split_sequence(reference["logits"][dp_rank * MICROBATCHES], 1, cp_rank, cp)
             width = logits.size(-1)
             expected = expected[..., result["tp"] * width : (result["tp"] + 1) * width]
@@ -164,6 +191,40 @@ def test_interleaved_pipeline_with_a_tied_embedding(pool):
     chunk's ``[s/cp, b, h]``) and a tied embedding."""
     config = dataclasses.replace(GQA, tie_word_embeddings=True)
     check(pool.run(cp_run, config, 1, 2, 2, 2), 2, "cp2 pp2 vpp2 tied")
+
+
+@pytest.mark.parametrize("comm, cp", [("p2p", 4), ("a2a", 2)])
+def test_packed_documents_stay_apart_across_chunks(pool, comm, cp):
+    """SFT packing / --reset-attention-mask: documents cross chunk and rank boundaries; each
+    rank masks attention by the whole sequence's document ids (with TP2 and SP; a2a at CP2:
+    2 K/V heads per TP rank)."""
+    config = dataclasses.replace(GQA, cp_comm_type=comm, sequence_parallel=True)
+    check(pool.run(cp_run, config, 2, 1, cp, None, True), cp, f"cp{cp} tp2 documents {comm}")
+
+
+def one_document_at_a_time() -> float:
+    """The largest difference between a packed row's per-token losses and those of each of its
+    documents run alone (positions from 0), one process."""
+    parallel_state.initialize_model_parallel()
+    try:
+        model = LlamaModel(GQA)
+        batch = _batches(GQA, 1, documents=True)[0]
+        packed = model(batch["tokens"], position_ids=batch["position_ids"],
+                       labels=batch["labels"], document_ids=batch["document_ids"])  # fmt: skip
+        worst = 0.0
+        for row in range(MICRO_BATCH):
+            for doc in batch["document_ids"][row].unique().tolist():
+                where = (batch["document_ids"][row] == doc).nonzero()[:, 0]
+                alone = model(batch["tokens"][row, where][None],
+                              labels=batch["labels"][row, where][None])  # fmt: skip
+                worst = max(worst, (alone[0] - packed[row, where]).abs().max().item())
+        return worst
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_a_packed_row_equals_its_documents_run_alone(pool):
+    assert pool.run(one_document_at_a_time)[0] < 1e-5
 
 
 def test_selective_recompute_redoes_the_ring(pool):

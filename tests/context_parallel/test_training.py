@@ -23,7 +23,13 @@ import torch
 from engine.training.arguments import parse_args
 from tests.paths import REPO
 from tests.rank_pool import RankPool, module_pool
-from tests.training.test_training import LOG_LINE, corpus, make_job, train  # noqa: F401 (fixture)
+from tests.training.test_training import (  # noqa: F401 (fixtures)
+    LOG_LINE,
+    corpus,
+    make_job,
+    sft_corpus,
+    train,
+)
 
 pool = module_pool(8)
 ITERS = 4
@@ -93,6 +99,18 @@ def test_a_cp2_checkpoint_resumes_at_another_cp_size(pool, solo, corpus, stopped
         assert result.losses[i] == pytest.approx(reference.losses[i], rel=1e-5), i
 
 
+def test_packed_sft_rows_at_cp2_tp2_pp2_match_one_rank(pool, solo, sft_corpus):  # noqa: F811
+    """SFT rows of 256 tokens pack two or three conversations; document ids keep attention within
+    each across the CP chunks (ring), as on one rank (DP=1 on both: SFT's sampler deals rows
+    by DP rank)."""
+    sft = {"data": {"data_path": [sft_corpus], "sft": True, "split": "80,20,0"},
+           "training": {"seq_length": 256, "eval_iters": 0}}  # fmt: skip
+    split = pool.run(train, cp_job(sft_corpus, 2, 2, 2, model={"sequence_parallel": True},
+                                   **sft))[0]  # fmt: skip
+    one = solo.run(train, cp_job(sft_corpus, 1, 1, 1, **sft))[0]
+    torch.testing.assert_close(losses(split), losses(one), rtol=1e-5, atol=0)
+
+
 # What a user types -----------------------------------------------------------------------
 
 
@@ -152,5 +170,9 @@ def test_bad_context_parallel_layouts_are_named_before_any_rank_starts(capsys):
     message = _usage_error(capsys, [*BASE, "--context-parallel-size", "2", "--seq-length", "32",
                                     "--attention-dropout", "0.1"], 2)  # fmt: skip
     assert "--attention-dropout (0.1) is not supported with --context-parallel-size (2)" in message
+    message = _usage_error(capsys, [*BASE, "--context-parallel-size", "2", "--seq-length", "32",
+                                    "--sft", "--attention-backend", "triton"], 2)  # fmt: skip
+    assert "--sft packs documents, which ring attention" in message
+    assert "use --cp-comm-type a2a or --attention-backend torch" in message
     job = parse_args([*BASE, "--context-parallel-size", "2", "--seq-length", "32"], world_size=8)
     assert job.parallel.context_parallel_size == 2 and job.data_parallel_size(8) == 4

@@ -96,9 +96,17 @@ def test_identical_to_megatron_core(tmp_path, corpus, num_samples, options):
     assert len(ours) == len(theirs)
     for i in range(len(ours)):
         a, b = ours[i], theirs[i]
+        # Our document ids are the attention mask's information in [seq] integers (what the
+        # model masks with); Megatron-Core has only the mask.
+        documents = a.pop("document_ids", None)
+        assert (documents is not None) == flags["reset_attention_mask"]
         assert sorted(a) == sorted(b)
         for key in a:
             assert torch.equal(a[key], b[key]), (i, key)
+        if documents is not None:
+            causal = torch.ones(16, 16, dtype=torch.bool).tril()
+            same = documents[:, None] == documents[None, :]
+            assert torch.equal(~(causal & same), b["attention_mask"][0]), i
 
 
 def test_samples_equal_numpy_recomputation_and_cover_the_epoch(tmp_path, corpus):

@@ -197,12 +197,19 @@ class Attention(nn.Module):
         )  # fmt: skip
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x ``[s(/tp), b, h]`` -> ``[s(/tp), b, h]``.
 
         With a ``kv_cache`` (decoding, see `engine.models.kv_cache.KVCache`) the new K/V are written
         at the cache's offset and the queries attend over the whole cached prefix under its mask.
+        ``document_ids [b, s]`` (packed sequences; the whole sequence's under context
+        parallelism) keep attention within each document.
         """
         d = self.head_dim
         if self.kv_sharded:
@@ -222,18 +229,24 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_number, k, v)
             return self.out(self._core_attention(q, k, v, kv_cache.attention_mask))
         if self.recompute_core:
-            out = checkpoint(self._core_attention, q, k, v)
+            out = checkpoint(self._core_attention, q, k, v, None, document_ids)
         else:
-            out = self._core_attention(q, k, v)
+            out = self._core_attention(q, k, v, None, document_ids)
         return self.out(out)
 
     def _core_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q ``[s, b, hq/tp, d]``, k/v ``[s_kv, b, hkv', d]`` -> ``[s, b, hq/tp * d]``; an
         explicit boolean ``mask [b, 1, s, s_kv]`` (True: attend) replaces the causal one.
         Under context parallelism ``s`` is this rank's ``s/cp`` tokens of the sequence."""
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # SDPA's [b, heads, s, d]
+        docs = {} if document_ids is None else {"document_ids": document_ids}
         if mask is not None:
             # Decoding (cached prefix, padded prompts) needs an arbitrary mask, which only SDPA
             # takes; the training backends keep their causal fast path.
@@ -244,15 +257,16 @@ class Attention(nn.Module):
             # attention runs across the split (engine.context_parallel).
             group = parallel_state.get_context_parallel_group()
             if self.cp_comm_type == "a2a":
-                out = all_to_all_attention(q, k, v, self.attention_fn, group)
+                out = all_to_all_attention(q, k, v, self.attention_fn, group, document_ids)
             else:
-                out = ring_attention(q, k, v, BLOCK_BACKENDS[self.backend], group)
+                block = BLOCK_BACKENDS[self.backend]
+                out = ring_attention(q, k, v, block, group, document_ids=document_ids)
         elif self.training and self.dropout > 0:
             # Heads are sharded over TP, so dropout draws from the per-TP-rank RNG stream.
             with get_rng_tracker().fork(MODEL_PARALLEL_RNG_NAME):
-                out = self.attention_fn(q, k, v, is_causal=True, dropout_p=self.dropout)
+                out = self.attention_fn(q, k, v, is_causal=True, dropout_p=self.dropout, **docs)
         else:
-            out = self.attention_fn(q, k, v, is_causal=True)
+            out = self.attention_fn(q, k, v, is_causal=True, **docs)
         b, heads, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * d)
 
@@ -299,9 +313,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, layer_number, inventory)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attention(self.input_norm(x), cos, sin, kv_cache)
+        x = x + self.attention(self.input_norm(x), cos, sin, kv_cache, document_ids)
         return x + self.mlp(self.post_attention_norm(x))
 
 
@@ -364,6 +383,7 @@ class LlamaModel(PipelineStage):
         labels: torch.Tensor | None = None,
         decoder_input: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run this chunk.
 
@@ -374,6 +394,9 @@ class LlamaModel(PipelineStage):
             decoder_input: ``[s(/tp), b, h]`` hidden states from the previous stage.
             kv_cache: decoding only (`engine.models.kv_cache.KVCache`): attend over the cached
                 prefix; ``position_ids`` then give each new token's absolute position.
+            document_ids: ``[b, s]`` packed documents (SFT packing, ``--reset-attention-mask``):
+                each token attends only within its document. The whole sequence's ids under
+                context parallelism, where the other inputs are this rank's chunks.
 
         Returns:
             Last stage: per-token loss ``[b, s]`` (float32) with labels, else logits
@@ -397,9 +420,9 @@ class LlamaModel(PipelineStage):
         for layer in self.layers:
             # Decoding has no backward to recompute for; the cache must reach every layer.
             if self.config.recompute_granularity == "full" and kv_cache is None:
-                x = checkpoint(layer, x, cos, sin)
+                x = checkpoint(layer, x, cos, sin, None, document_ids)
             else:
-                x = layer(x, cos, sin, kv_cache)
+                x = layer(x, cos, sin, kv_cache, document_ids)
         if not self.post_process:
             return x
 
