@@ -116,8 +116,9 @@ class _RingAttention(torch.autograd.Function):
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         chunk = q.size(2) // 2
         kv = torch.stack([k, v])  # [2, b, hkv, 2c, d]: one message per hop
-        early: tuple = (None, None)  # running (out, lse) of the local early / late chunk
-        late: tuple = (None, None)
+        # Running (out, lse) of the local early and late chunk.
+        early: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        late: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         for i, step in enumerate(ring_steps(rank, size)):
             if i + 1 < size:
                 incoming, requests = _exchange(kv, group, _KV_TAG)
@@ -126,15 +127,19 @@ class _RingAttention(torch.autograd.Function):
             mask = _step_mask(document_ids, step, rank, size, chunk)
             out, lse = block.forward(queries, keys[0], keys[1], step.causal, scale, mask)
             if step.late_queries_only:
-                late = merge_block(*late, out, lse)
+                late = merge_block(late[0], late[1], out, lse)
             else:
-                early = merge_block(*early, out[:, :, :chunk], lse[..., :chunk])
-                late = merge_block(*late, out[:, :, chunk:], lse[..., chunk:])
+                early = merge_block(early[0], early[1], out[:, :, :chunk], lse[..., :chunk])
+                late = merge_block(late[0], late[1], out[:, :, chunk:], lse[..., chunk:])
             if i + 1 < size:
                 _wait(requests)
                 kv = incoming
-        out = sequence_major(torch.cat([early[0], late[0]], dim=2), q.dtype)
-        lse = torch.cat([early[1], late[1]], dim=-1)
+        (out_early, lse_early), (out_late, lse_late) = early, late
+        # Step 0 (the rank's own block) covers every row.
+        assert out_early is not None and out_late is not None
+        assert lse_early is not None and lse_late is not None
+        out = sequence_major(torch.cat([out_early, out_late], dim=2), q.dtype)
+        lse = torch.cat([lse_early, lse_late], dim=-1)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.block, ctx.group = scale, block, group
         ctx.document_ids = document_ids  # integers: no gradient, not a saved activation
