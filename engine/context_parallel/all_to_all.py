@@ -45,29 +45,19 @@ def _sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tenso
     return sequence_major(_all_to_all(x.index_select(2, order), group, scatter_dim=2, gather_dim=1))
 
 
-class _HeadsToSequence(torch.autograd.Function):
-    """`_heads_to_sequence`, whose backward is `_sequence_to_heads` (nothing is saved: the
-    reordering is recomputed from the shape)."""
+class _Reshard(torch.autograd.Function):
+    """`_heads_to_sequence` (``to_sequence``) or `_sequence_to_heads`; the backward is the
+    other one. Nothing is saved: the reordering is recomputed from the shape."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _sequence_to_heads(grad, ctx.group), None
-
-
-class _SequenceToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _sequence_to_heads(x, group)
+    def forward(ctx, x, group, to_sequence: bool):
+        ctx.group, ctx.to_sequence = group, to_sequence
+        return (_heads_to_sequence if to_sequence else _sequence_to_heads)(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_sequence(grad, ctx.group), None
+        inverse = _sequence_to_heads if ctx.to_sequence else _heads_to_sequence
+        return inverse(grad, ctx.group), None, None
 
 
 def all_to_all_attention(
@@ -92,6 +82,6 @@ def all_to_all_attention(
             f"and {k.size(1)} K/V heads per rank must be divisible by {size}; use ring attention"
         )
     docs = {} if document_ids is None else {"document_ids": document_ids}
-    gathered = (_HeadsToSequence.apply(t, group) for t in (q, k, v))
+    gathered = (_Reshard.apply(t, group, True) for t in (q, k, v))
     out = attention_fn(*gathered, is_causal=True, **docs)
-    return _SequenceToHeads.apply(out, group)
+    return _Reshard.apply(out, group, False)
