@@ -193,10 +193,6 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int, queue) -> None:
         queue.put(dict(zip(sides, medians.tolist(), strict=True)))
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
-    # Skip the interpreter's teardown: here (torch 2.13, gloo) a rank now and then aborts in it
-    # ("terminate called without an active exception", after destroy_process_group returned),
-    # failing a run whose work is done. The result is already in the queue's pipe.
-    os._exit(0)
 
 
 def main() -> None:
