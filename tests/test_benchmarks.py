@@ -63,3 +63,16 @@ def test_context_parallel_benchmark_prints_its_ratios():
     assert re.fullmatch(r"ring_s=\d+\.\d{4}", lines[-3]), lines[-3]
     assert re.fullmatch(r"compute_only_s=\d+\.\d{4}", lines[-2]), lines[-2]
     assert re.fullmatch(r"exposed_comm_pct=-?\d+\.\d", lines[-1]), lines[-1]
+
+
+def test_memory_benchmark_prints_its_ratios():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "memory.py"), "--vocab", "5000",
+         "--hidden", "64", "--tokens", "256", "--chunk", "64", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"saved_whole_over_chunked=\d+\.\d\d", lines[-3]), lines[-3]
+    assert re.fullmatch(r"peak_whole_over_chunked=\d+\.\d\d", lines[-2]), lines[-2]
+    assert re.fullmatch(r"time_chunked_over_whole=\d+\.\d{3}", lines[-1]), lines[-1]

@@ -81,6 +81,10 @@ class ModelConfig:
     """Shard norms and residuals along the sequence over TP (``--sequence-parallel``)."""
     recompute_granularity: str | None = None
     """None, "full" (recompute whole layers) or "selective" (core attention only)."""
+    cross_entropy_chunk_size: int | None = None
+    """Compute the output layer and the loss this many tokens at a time, so the whole
+    ``[s, b, V/tp]`` logits never exist (``--cross-entropy-chunk-size``; 0 or None: the whole
+    logits at once). Generation and logits are unaffected."""
     cp_comm_type: str = "p2p"
     """How attention communicates under context parallelism (``--cp-comm-type``): "p2p"
     (ring attention) or "a2a" (all-to-all over heads); see `engine.context_parallel`."""
@@ -249,6 +253,7 @@ _LOWER_BOUNDS: dict[str, tuple[str, float, bool]] = {
     "rotary_base": ("--rotary-base", 0, False),
     "norm_epsilon": ("--norm-epsilon", 0, False),
     "init_method_std": ("--init-method-std", 0, True),
+    "cross_entropy_chunk_size": ("--cross-entropy-chunk-size", 0, True),
 }
 
 

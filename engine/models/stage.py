@@ -17,6 +17,7 @@ from engine.tensor_parallel import (
     vocab_padded_init,
     vocab_parallel_cross_entropy,
 )
+from engine.tensor_parallel.linear_cross_entropy import linear_cross_entropy
 
 
 def chunk_layer_numbers(config: ModelConfig, virtual_rank: int | None = None) -> list[int]:
@@ -94,9 +95,18 @@ class PipelineStage(nn.Module):
 
     def head(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The final hidden states ``[s(/tp), b, h]`` through the output head: per-token loss
-        ``[b, s]`` (float32) with ``labels [b, s]``, else logits ``[b, s, V_padded/tp]``."""
+        ``[b, s]`` (float32) with ``labels [b, s]``, else logits ``[b, s, V_padded/tp]``.
+
+        With ``config.cross_entropy_chunk_size`` the loss is computed that many tokens at a
+        time and the whole logits never exist (`linear_cross_entropy`)."""
         tied = self.config.tie_word_embeddings and self.pre_process
         weight = cast(Any, self).embedding.weight if tied else None
+        chunk = self.config.cross_entropy_chunk_size
+        if labels is not None and chunk:
+            head = self.output_layer.weight if weight is None else weight
+            return linear_cross_entropy(
+                x, head, labels.t(), self.config.vocab_size, chunk, self.config.sequence_parallel
+            ).t()
         logits = self.output_layer(x, weight=weight)
         if labels is None:
             return logits.transpose(0, 1)

@@ -156,11 +156,13 @@ def output_activation_bytes(
     """What the last stage keeps after the decoder layers, per microbatch: the final norm's
     input, the output head's input (the sequence shard with sequence parallelism) and the cross
     entropy's float32 softmax over this rank's vocabulary slice, for its ``seq_length / cp``
-    tokens."""
+    tokens; with ``--cross-entropy-chunk-size`` a float32 log-sum-exp per token instead of the
+    softmax (the backward recomputes each chunk's logits)."""
     s, b, h = seq_length // cp, micro_batch_size, model.hidden_size
     sp = tp if model.sequence_parallel else 1
     vocab_shard = pad_vocab_size(model.vocab_size, tp, model.make_vocab_size_divisible_by) // tp
-    return 2 * s * b * h // sp * bytes_per_value + 4 * s * b * vocab_shard
+    per_token = 4 if model.cross_entropy_chunk_size else 4 * vocab_shard
+    return 2 * s * b * h // sp * bytes_per_value + s * b * per_token
 
 
 def rank_trainable_parameters(job: JobConfig) -> list[int]:

@@ -14,51 +14,85 @@ import torch.distributed as dist
 from engine import parallel_state
 
 
+def mask_padding(logits: torch.Tensor, vocab_size: int | None, group: dist.ProcessGroup) -> None:
+    """Set this rank's padding entries (ids at or past ``vocab_size``) of float32 logits
+    ``[*, V/tp]`` to -inf, in place."""
+    partition = logits.size(-1)
+    start = dist.get_rank(group) * partition
+    if vocab_size is not None and vocab_size < start + partition:
+        logits[..., max(vocab_size - start, 0) :] = float("-inf")
+
+
+def local_targets(
+    target: torch.Tensor, partition: int, group: dist.ProcessGroup
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of each target in this rank's slice, 0 where outside it; whether it is outside)."""
+    local = target - dist.get_rank(group) * partition
+    outside = (local < 0) | (local >= partition)
+    return local.masked_fill(outside, 0), outside
+
+
+def softmax_and_loss(
+    logits: torch.Tensor, target: torch.Tensor, vocab_size: int | None, group: dist.ProcessGroup
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token loss of float32 logits ``[n, V/tp]``, which become the softmax (in place).
+
+    Returns (loss ``[n]``, softmax, log-sum-exp ``[n]`` over the whole vocabulary, the local
+    targets and whether each is outside this rank's slice).
+    """
+    world = dist.get_world_size(group)
+    mask_padding(logits, vocab_size, group)
+    logits_max = logits.max(dim=-1).values
+    if world > 1:
+        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+    logits.sub_(logits_max.unsqueeze(-1))
+
+    local_target, outside = local_targets(target, logits.size(-1), group)
+    target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+    target_logit = target_logit.masked_fill(outside, 0.0)
+
+    exp_logits = logits.exp_()
+    sum_exp = exp_logits.sum(dim=-1)
+    if world > 1:
+        # One all-reduce for both sums.
+        both = torch.stack([target_logit, sum_exp])
+        dist.all_reduce(both, group=group)
+        target_logit, sum_exp = both[0], both[1]
+    log_sum_exp = sum_exp.log()
+    softmax = exp_logits.div_(sum_exp.unsqueeze(-1))
+    return log_sum_exp - target_logit, softmax, log_sum_exp + logits_max, local_target, outside
+
+
+def softmax_grad_(
+    softmax: torch.Tensor, local_target: torch.Tensor, outside: torch.Tensor,
+    grad_loss: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """d loss / d logits = (softmax - onehot(target)) · grad_loss, in place on ``softmax``
+    ``[n, V/tp]`` (targets outside this rank's slice have no one-hot entry here)."""
+    rows = torch.arange(softmax.size(0), device=softmax.device)
+    softmax[rows, local_target] -= (~outside).to(softmax.dtype)
+    return softmax.mul_(grad_loss.unsqueeze(-1))
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_size, group):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        partition = logits.size(-1)
-        start = rank * partition
-        # A private float32 copy (the math below works in place on it).
-        logits = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        target = target.contiguous()
-        if vocab_size is not None and vocab_size < start + partition:
-            logits[..., max(vocab_size - start, 0) :] = float("-inf")
-
-        logits_max = logits.max(dim=-1).values
-        if world > 1:
-            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        logits.sub_(logits_max.unsqueeze(-1))
-
-        local_target = target - start
-        outside = (local_target < 0) | (local_target >= partition)
-        local_target = local_target.masked_fill(outside, 0)
-        target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-        target_logit = target_logit.masked_fill(outside, 0.0)
-
-        exp_logits = logits.exp_()
-        sum_exp = exp_logits.sum(dim=-1)
-        if world > 1:
-            # One all-reduce for both sums.
-            both = torch.stack([target_logit, sum_exp])
-            dist.all_reduce(both, group=group)
-            target_logit, sum_exp = both[0], both[1]
-        loss = sum_exp.log() - target_logit
-
-        softmax = exp_logits.div_(sum_exp.unsqueeze(-1))
+        shape = target.shape
+        # A private float32 copy (the math works in place on it), one row per token.
+        rows = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        rows = rows.view(-1, rows.size(-1))
+        loss, softmax, _, local_target, outside = softmax_and_loss(
+            rows, target.reshape(-1), vocab_size, group
+        )
         ctx.save_for_backward(softmax, outside, local_target)
-        return loss
+        ctx.logits_shape = logits.shape
+        return loss.view(shape)
 
     @staticmethod
     def backward(ctx, grad_loss):
         softmax, outside, local_target = ctx.saved_tensors
-        grad = softmax  # d loss / d logit = softmax - onehot(target); reuse the buffer
-        rows = grad.view(-1, grad.size(-1))
-        hit = (~outside).view(-1).to(grad.dtype)
-        rows[torch.arange(rows.size(0), device=rows.device), local_target.view(-1)] -= hit
-        grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None
+        grad = softmax_grad_(softmax, local_target, outside, grad_loss.reshape(-1))
+        return grad.view(ctx.logits_shape), None, None, None
 
 
 def vocab_parallel_cross_entropy(

@@ -92,6 +92,7 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
      {"type": int}),
     ("--context-parallel-size", "parallel", "context_parallel_size", {"type": int}),
     ("--cp-comm-type", "model", "cp_comm_type", {"choices": CP_COMM_TYPES}),
+    ("--cross-entropy-chunk-size", "model", "cross_entropy_chunk_size", {"type": int}),
     # Optimizer, precision, schedule.
     ("--lr", "optimizer", "lr", {"type": float}),
     ("--min-lr", "optimizer", "min_lr", {"type": float}),

@@ -338,3 +338,16 @@ def test_context_parallel_traffic_per_layer():
     assert context_parallel_bytes(job) == 3 * 3 * values * 2 // 4
     job.parallel.context_parallel_size = 1
     assert context_parallel_bytes(job) == 0
+
+
+def test_a_chunked_head_keeps_no_softmax():
+    """LLaMA-3-8B at TP=1, 8k tokens: the float32 softmax over 128,256 ids (4.2 GB) gives way
+    to one float32 log-sum-exp per token."""
+    from engine.planning.cost_model import output_activation_bytes
+
+    model = ModelConfig.from_preset("llama3-8b")
+    s, h = 8192, 4096
+    whole = output_activation_bytes(model, s, 1, 1)
+    assert whole == 2 * s * h * 2 + 4 * s * 128256
+    model.cross_entropy_chunk_size = 1024
+    assert output_activation_bytes(model, s, 1, 1) == 2 * s * h * 2 + 4 * s
