@@ -23,12 +23,22 @@ class DistributedDataParallelConfig:
     (``--overlap-param-gather``)."""
     bucket_size: int | None = 40_000_000
     """Elements per gradient bucket (``--ddp-bucket-size``); None puts everything in one."""
+    use_torch_fsdp2: bool = False
+    """Shard weights, gradients and optimizer state over DP with PyTorch's FSDP2
+    (``--use-torch-fsdp2``, `engine.distributed.fsdp`) instead of this package's DDP."""
 
     def errors(self) -> list[str]:
         """What is wrong with these options, each naming its flag."""
         errors = []
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             errors.append("--overlap-param-gather needs --use-distributed-optimizer")
+        if self.use_torch_fsdp2:
+            for flag, on in (("--use-distributed-optimizer", self.use_distributed_optimizer),
+                             ("--overlap-param-gather", self.overlap_param_gather)):  # fmt: skip
+                if on:
+                    errors.append(
+                        f"--use-torch-fsdp2 shards the optimizer state itself: drop {flag}"
+                    )
         if self.bucket_size is not None and self.bucket_size < 1:
             errors.append(f"--ddp-bucket-size must be positive, got {self.bucket_size}")
         return errors

@@ -17,7 +17,12 @@ def build_optimizer(
     config: OptimizerConfig, model_chunks: Sequence[DistributedDataParallel]
 ) -> MixedPrecisionOptimizer:
     """The optimizer for ``model_chunks`` (wrapped in DistributedDataParallel): distributed
-    (ZeRO-1) when the chunks were wrapped with ``use_distributed_optimizer``."""
+    (ZeRO-1) when the chunks were wrapped with ``use_distributed_optimizer``, over FSDP2's
+    shards when they are `FullyShardedDataParallel` (``use_torch_fsdp2``)."""
+    if {getattr(chunk.config, "use_torch_fsdp2", False) for chunk in model_chunks} == {True}:
+        from engine.optimizer.fsdp_optimizer import FullyShardedOptimizer
+
+        return FullyShardedOptimizer(config, model_chunks)
     sharded = {chunk.config.use_distributed_optimizer for chunk in model_chunks}
     if len(sharded) > 1:
         raise ValueError(

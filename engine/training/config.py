@@ -159,6 +159,26 @@ class JobConfig:
         per_step = self.training.micro_batch_size * self.data_parallel_size(world_size)
         return self.global_batch_size(world_size) // per_step
 
+    def fsdp_errors(self) -> list[str]:
+        """What ``--use-torch-fsdp2`` does not cover yet, each refused with its flag."""
+        if not self.ddp.use_torch_fsdp2:
+            return []
+        c = self.checkpoint
+        unsupported = {
+            "--pipeline-model-parallel-size > 1": self.parallel.pipeline_model_parallel_size > 1,
+            "--save": c.save is not None,
+            "--load": c.load is not None,
+            "--lora-rank": self.lora is not None,
+            "--fp16": self.optimizer.fp16,
+        }
+        return [
+            f"--use-torch-fsdp2 does not support {flag} yet (sharded checkpoints, pipeline "
+            "stages, LoRA and fp16 under FSDP2 are still to come); use "
+            "--use-distributed-optimizer for this run"
+            for flag, given in unsupported.items()
+            if given
+        ]
+
     def packed_document_errors(self) -> list[str]:
         """Packed documents (``--sft`` rows, ``--reset-attention-mask``) under ring attention
         need masks across blocks of different positions, which the Triton kernels lack."""
@@ -193,6 +213,7 @@ class JobConfig:
         errors += self.ddp.errors()
         errors += self.data.errors()
         errors += self.packed_document_errors()
+        errors += self.fsdp_errors()
         errors += self.checkpoint.errors()
         if self.lora is not None:
             errors += self.lora.errors()

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from engine import parallel_state
 from engine.distributed import DistributedDataParallel, finalize_model_grads
+from engine.distributed.fsdp import FullyShardedDataParallel
 from engine.models.build import build_model_chunks
 from engine.models.config import ModelConfig
 from engine.optimizer import build_lr_scheduler, build_optimizer
@@ -24,14 +25,20 @@ from engine.training.data import Datasets, batch_iterator, build_job_tokenizer, 
 from engine.training.step import forward_step
 
 
+def compute_dtype(job: JobConfig) -> torch.dtype:
+    """The dtype layers compute in: the precision flags', else the model's."""
+    if job.optimizer.bf16:
+        return torch.bfloat16
+    if job.optimizer.fp16:
+        return torch.float16
+    return job.model.params_dtype
+
+
 def _model_config(job: JobConfig, tokenizer_vocab: int | None) -> ModelConfig:
     """The model as trained: the tokenizer's vocabulary (when there is a tokenizer: the
-    embedding must cover its ids) and the parameters in the precision flags' dtype."""
-    dtype = job.model.params_dtype
-    if job.optimizer.bf16:
-        dtype = torch.bfloat16
-    elif job.optimizer.fp16:
-        dtype = torch.float16
+    embedding must cover its ids) and the parameters in the precision flags' dtype; under
+    FSDP2 they stay float32 (the sharded master weights) and FSDP casts them for compute."""
+    dtype = job.model.params_dtype if job.ddp.use_torch_fsdp2 else compute_dtype(job)
     vocab = job.model.vocab_size if tokenizer_vocab is None else tokenizer_vocab
     return dataclasses.replace(job.model, vocab_size=vocab, params_dtype=dtype)
 
@@ -71,7 +78,12 @@ class TrainingRun:
             # buckets and the optimizer steps; the frozen base gets neither.
             for chunk in chunks:
                 apply_lora(chunk, job.lora)
-        self.chunks = [DistributedDataParallel(chunk, job.ddp) for chunk in chunks]
+        if job.ddp.use_torch_fsdp2:
+            dtype = compute_dtype(job)
+            self.chunks = [FullyShardedDataParallel(chunk, job.ddp, param_dtype=dtype)
+                           for chunk in chunks]  # fmt: skip
+        else:
+            self.chunks = [DistributedDataParallel(chunk, job.ddp) for chunk in chunks]
         self.optimizer = build_optimizer(job.optimizer, self.chunks)
         if t.train_samples is not None:
             self.scheduler = build_lr_scheduler(

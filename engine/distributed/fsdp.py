@@ -1,0 +1,121 @@
+"""Fully sharded data parallelism with PyTorch's FSDP2 (``--use-torch-fsdp2``).
+
+`FullyShardedDataParallel` applies `torch.distributed.fsdp.fully_shard` to every decoder layer
+of a model chunk and to the chunk itself, over the data-parallel group (with the CP ranks).
+Each parameter becomes a DTensor sharded along its first dimension over DP. A tensor-parallel
+layer's local shard is an ordinary tensor to FSDP, so a parameter is split over TP first and
+then over DP. Before each layer's forward and backward, FSDP all-gathers its parameters. After
+the backward, it reduce-scatters their gradients into the parameters' sharded ``.grad``.
+
+The wrapper shows the trainer the face of `engine.distributed.DistributedDataParallel`: the
+schedule's gradient-sync hooks and the optimizer's ``main_grad``.
+
+- ``main_grad`` is the local shard of the parameter's ``.grad``, allocated once and zeroed in
+  place. FSDP accumulates into it, so the optimizer's flat views stay valid.
+- ``no_sync()`` holds the reduce-scatter for every microbatch but the last. Gradients then
+  accumulate unsharded and are reduced once per step, as with DDP.
+- Mixed precision follows FSDP's `MixedPrecisionPolicy`. The sharded parameters (the master
+  weights) stay float32, layers compute in ``param_dtype`` (bf16 with ``--bf16``), and
+  gradients are reduced in float32.
+
+The parameter attributes the engine reads (TP layout, partial-over-TP gradients) are copied
+onto FSDP's new parameters, so gradient finalisation and clipping work as without FSDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine import parallel_state
+from engine.distributed.config import DistributedDataParallelConfig
+
+
+def _fsdp():
+    """FSDP2's entry points (imported on use: `torch.distributed.fsdp` is heavy)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    return DeviceMesh, MixedPrecisionPolicy, fully_shard
+
+
+def _engine_attributes(param: nn.Parameter) -> dict[str, Any]:
+    """What the engine's layers set on a parameter (FSDP's own bookkeeping left out)."""
+    return {k: v for k, v in vars(param).items() if not k.startswith("_")}
+
+
+class FullyShardedDataParallel(nn.Module):
+    """A model chunk sharded with FSDP2 over the data-parallel group (module docstring).
+
+    Args:
+        module: the model chunk (this rank's TP/PP share), float32.
+        config: ``use_torch_fsdp2`` must be set.
+        data_parallel_group: default: DP x CP (`parallel_state`), as gradients are averaged.
+        param_dtype: the dtype layers compute in (None: the parameters').
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        config: DistributedDataParallelConfig,
+        data_parallel_group: dist.ProcessGroup | None = None,
+        param_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        device_mesh, mixed_precision, fully_shard = _fsdp()
+        self.config = config
+        self.data_parallel_group = data_parallel_group or parallel_state.get_data_parallel_group(
+            with_context_parallel=True
+        )
+        device = next(module.parameters()).device
+        mesh = device_mesh.from_group(self.data_parallel_group, device.type)
+        policy = mixed_precision(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        attributes = {name: _engine_attributes(p) for name, p in module.named_parameters()}
+        layers = getattr(module, "layers", [])
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+        self.module = module
+        for name, param in module.named_parameters():
+            for key, value in attributes[name].items():
+                setattr(param, key, value)
+            if param.requires_grad:
+                # FSDP accumulates into an existing sharded gradient in place.
+                param.grad = torch.zeros_like(param)
+                param.main_grad = param.grad.to_local().detach()  # type: ignore[attr-defined]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Hold the gradient reduce-scatter (every microbatch but the last)."""
+        self.module.set_requires_gradient_sync(False)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+    def start_grad_sync(self, *unused: Any) -> None:
+        """FSDP reduces in its own post-backward hooks: nothing to start (the schedule's
+        ``grad_sync_func(params)``)."""
+
+    def finish_grad_sync(self) -> None:
+        """FSDP's root post-backward waits for its reductions: nothing to finish."""
+
+    def finish_param_sync(self) -> None:
+        """Parameters are all-gathered before each use: nothing is left in flight."""
+
+    def zero_grad_buffer(self) -> None:
+        """Zero the sharded gradients in place (the optimizer's views stay valid)."""
+        for param in self.module.parameters():
+            if param.grad is not None:
+                param.grad.to_local().zero_()
+
+    def broadcast_params(self) -> None:
+        """Every rank built the same (seeded) parameters and holds its shard of them."""

@@ -1,0 +1,46 @@
+"""The optimizer over FSDP2's parameter shards (``--use-torch-fsdp2``).
+
+With `engine.distributed.fsdp.FullyShardedDataParallel` every parameter is a DTensor whose
+local tensor is this DP rank's rows of it. Those rows are the main parameters: float32 sharded
+weights that AdamW steps in place, with the DP-averaged gradient shard FSDP reduce-scattered.
+So optimizer state, weights and gradients all shrink by the DP size. Everything else is
+`MixedPrecisionOptimizer`'s: unscaling, inf checks, the global gradient norm (summed over DP as
+well, each rank holding different rows), clipping.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.distributed as dist
+
+from engine import parallel_state
+from engine.optimizer.optimizer import MixedPrecisionOptimizer, ParamShard, make_shard
+
+
+class FullyShardedOptimizer(MixedPrecisionOptimizer):
+    """`MixedPrecisionOptimizer` whose shards are this rank's rows of FSDP's parameters.
+
+    Args: as `MixedPrecisionOptimizer`; the chunks are `FullyShardedDataParallel`.
+    """
+
+    def _build_shards(self) -> list[ParamShard]:
+        shards = []
+        for name, param in self.named_parameters():
+            group = self.model_chunks[0].data_parallel_group
+            local = param.to_local().detach()  # type: ignore[attr-defined]  # the rows' storage
+            # FSDP shards dim 0 as torch.chunk does: ceil(rows / dp) rows a rank, in order.
+            row = math.prod(param.shape[1:])
+            rows_per_rank = -(-param.shape[0] // dist.get_world_size(group))
+            start = min(dist.get_rank(group) * rows_per_rank, param.shape[0]) * row
+            main_grad = param.main_grad  # type: ignore[attr-defined]
+            shards.append(
+                make_shard(
+                    name, param, start, start + local.numel(), local.view(-1), main_grad.view(-1)
+                )  # fmt: skip
+            )
+        return shards
+
+    def _reduction_groups(self) -> list[dist.ProcessGroup]:
+        """Norms and inf checks sum over TP x PP and over DP (each holds other rows)."""
+        return [parallel_state.get_model_parallel_group(), self.model_chunks[0].data_parallel_group]
