@@ -2,5 +2,14 @@
 
 from engine.distributed.ddp import DistributedDataParallel
 from engine.distributed.finalize_grads import finalize_model_grads
+from engine.distributed.fsdp import FullyShardedDataParallel
 
-__all__ = ["DistributedDataParallel", "finalize_model_grads"]
+DataParallelChunk = DistributedDataParallel | FullyShardedDataParallel
+"""A model chunk in either data-parallel wrapper: what the optimizer reads gradients from."""
+
+__all__ = [
+    "DataParallelChunk",
+    "DistributedDataParallel",
+    "FullyShardedDataParallel",
+    "finalize_model_grads",
+]

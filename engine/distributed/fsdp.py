@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -115,7 +115,7 @@ class FullyShardedDataParallel(nn.Module):
         """Zero the sharded gradients in place (the optimizer's views stay valid)."""
         for param in self.module.parameters():
             if param.grad is not None:
-                param.grad.to_local().zero_()
+                cast(Any, param.grad).to_local().zero_()
 
     def broadcast_params(self) -> None:
         """Every rank built the same (seeded) parameters and holds its shard of them."""

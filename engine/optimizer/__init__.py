@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.distributed.ddp import DistributedDataParallel
+from engine.distributed import DataParallelChunk
 from engine.optimizer.clip_grads import clip_grads_by_total_norm, get_grad_norm_fp32
 from engine.optimizer.config import OptimizerConfig
 from engine.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
@@ -14,7 +14,7 @@ from engine.optimizer.optimizer import MixedPrecisionOptimizer, StepResult
 
 
 def build_optimizer(
-    config: OptimizerConfig, model_chunks: Sequence[DistributedDataParallel]
+    config: OptimizerConfig, model_chunks: Sequence[DataParallelChunk]
 ) -> MixedPrecisionOptimizer:
     """The optimizer for ``model_chunks`` (wrapped in DistributedDataParallel): distributed
     (ZeRO-1) when the chunks were wrapped with ``use_distributed_optimizer``, over FSDP2's

@@ -29,7 +29,12 @@ import torch.distributed as dist
 from torch import nn
 
 from engine import parallel_state
-from engine.distributed.ddp import Bucket, ParamAndGradBuffer, all_gather_async
+from engine.distributed.ddp import (
+    Bucket,
+    DistributedDataParallel,
+    ParamAndGradBuffer,
+    all_gather_async,
+)
 from engine.optimizer.optimizer import (
     ADAM_STATE_KEYS,
     MixedPrecisionOptimizer,
@@ -49,7 +54,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         names = {param: name for name, param in self.named_parameters()}
         self._bucket_shards: list[tuple[ParamAndGradBuffer, Bucket, list[ParamShard]]] = []
         shards = []
-        for chunk in self.model_chunks:
+        for chunk in self._ddp_chunks():
             if not chunk.config.use_distributed_optimizer:
                 raise ValueError(
                     "the distributed optimizer needs its model chunks wrapped with "
@@ -61,6 +66,18 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
                     self._bucket_shards.append((buffer, bucket, mine))
                     shards += mine
         return shards
+
+    def _ddp_chunks(self) -> list[DistributedDataParallel]:
+        """The chunks, each in this package's DDP (whose buckets the slices are cut from)."""
+        chunks = []
+        for chunk in self.model_chunks:
+            if not isinstance(chunk, DistributedDataParallel):
+                raise TypeError(
+                    f"the distributed optimizer needs DistributedDataParallel chunks, got "
+                    f"{type(chunk).__name__}"
+                )
+            chunks.append(chunk)
+        return chunks
 
     @staticmethod
     def _slice_bucket(
@@ -87,7 +104,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
 
     def _after_step(self) -> None:
         """Share the updated slices: all-gather now, or during the next forward."""
-        for chunk in self.model_chunks:
+        for chunk in self._ddp_chunks():
             chunk.start_param_sync()
             if not chunk.config.overlap_param_gather:
                 chunk.finish_param_sync()

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine import parallel_state
-from engine.distributed.ddp import DistributedDataParallel
+from engine.distributed import DataParallelChunk
 from engine.optimizer.clip_grads import (
     all_reduce_over,
     clip_grads_by_total_norm,
@@ -157,10 +157,11 @@ class MixedPrecisionOptimizer:
     Args:
         config: hyper-parameters and precision flags.
         model_chunks: the model chunks, each wrapped in
-            `engine.distributed.DistributedDataParallel` (which provides ``main_grad``).
+            `engine.distributed.DistributedDataParallel` (which provides ``main_grad``), or in
+            `engine.distributed.FullyShardedDataParallel` for `FullyShardedOptimizer`.
     """
 
-    def __init__(self, config: OptimizerConfig, model_chunks: Sequence[DistributedDataParallel]):
+    def __init__(self, config: OptimizerConfig, model_chunks: Sequence[DataParallelChunk]):
         if config.bf16 and config.fp16:
             raise ValueError("--bf16 and --fp16 are exclusive: choose one")
         self.config = config

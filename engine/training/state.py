@@ -12,8 +12,12 @@ import torch
 import torch.distributed as dist
 
 from engine import parallel_state
-from engine.distributed import DistributedDataParallel, finalize_model_grads
-from engine.distributed.fsdp import FullyShardedDataParallel
+from engine.distributed import (
+    DataParallelChunk,
+    DistributedDataParallel,
+    FullyShardedDataParallel,
+    finalize_model_grads,
+)
 from engine.models.build import build_model_chunks
 from engine.models.config import ModelConfig
 from engine.optimizer import build_lr_scheduler, build_optimizer
@@ -78,6 +82,7 @@ class TrainingRun:
             # buckets and the optimizer steps; the frozen base gets neither.
             for chunk in chunks:
                 apply_lora(chunk, job.lora)
+        self.chunks: list[DataParallelChunk]
         if job.ddp.use_torch_fsdp2:
             dtype = compute_dtype(job)
             self.chunks = [FullyShardedDataParallel(chunk, job.ddp, param_dtype=dtype)
