@@ -104,6 +104,7 @@ from engine.checkpointing.storage import (
     write_text_atomic,
 )
 from engine.distributed.ddp import DistributedDataParallel
+from engine.distributed.fsdp import is_fully_sharded, local_rows
 from engine.optimizer.lr_schedule import OptimizerParamScheduler
 from engine.optimizer.optimizer import MixedPrecisionOptimizer
 
@@ -377,7 +378,12 @@ def _load_verified(
     with _on_every_rank(f"loading weights from {directory}"), torch.no_grad():
         verifier.wait(model_files)
         for placement, param in placements:
-            param.copy_(_local(placement, readers[MODEL_STATE], directory))
+            whole = _local(placement, readers[MODEL_STATE], directory)
+            if is_fully_sharded(param):  # FSDP2: this rank's rows of it
+                rows, start, end = local_rows(param)
+                rows.copy_(whole.reshape(-1)[start:end])
+            else:
+                param.copy_(whole)
     if finetune:
         if optimizer is not None:
             optimizer.reload_model_params()

@@ -8,9 +8,10 @@ live tensors; an asynchronous one copies them to host memory first (``copy=True`
 training goes on updating the parameters in place while the files are being written.
 
 Who writes what: DP rank 0 of each (TP, PP) coordinate writes the weights (replicated over DP;
-TP-replicated parameters on TP rank 0 only, never the tied head's copy); the ranks that own
-optimizer state write it (every DP rank with the distributed optimizer, DP rank 0 without);
-every rank writes its RNG streams.
+TP-replicated parameters on TP rank 0 only, never the tied head's copy), or under FSDP2 every
+DP rank its rows of them (each with its range of the parameter, as optimizer shards are); the
+ranks that own optimizer state write it (every DP rank with the distributed optimizer or
+FSDP2, DP rank 0 without); every rank writes its RNG streams.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from engine.checkpointing.format import (
 from engine.checkpointing.integrity import first_non_finite
 from engine.checkpointing.metadata import config_record, layout_record
 from engine.checkpointing.rng import rng_state, save_pickle
+from engine.distributed.fsdp import is_fully_sharded, local_rows
 from engine.models.chunk import config_of
 from engine.optimizer.lr_schedule import OptimizerParamScheduler
 from engine.optimizer.optimizer import MixedPrecisionOptimizer
@@ -97,10 +99,12 @@ def take_snapshot(
     shards: dict[str, Shards] = {}
     optimizer_meta: dict[str, Any] = {}
     adapters = has_adapters(model_chunks)
-    if dp == 0:  # weights are replicated over DP
+    fully_sharded = any(is_fully_sharded(p) for chunk in model_chunks for p in chunk.parameters())
+    if dp == 0 or fully_sharded:  # weights are replicated over DP, or FSDP2 splits them
         weights = model_tensors(model_chunks, tp, adapters)
         model = {k: (own(t), p) for k, (t, p) in weights.items()}
-        shards[f"model_tp{tp:02d}_pp{pp:02d}.safetensors"] = model
+        suffix = f"_dp{dp:02d}" if fully_sharded else ""
+        shards[f"model_tp{tp:02d}_pp{pp:02d}{suffix}.safetensors"] = model
     distributed = optimizer is not None and is_distributed(optimizer)
     if optimizer is not None and (distributed or dp == 0):
         tensors, optimizer_meta = optimizer_tensors(model_chunks, optimizer, tp)
@@ -140,10 +144,18 @@ def write_snapshot(tmp: Path, snapshot: RankSnapshot) -> WrittenFiles:
 
 def model_tensors(model_chunks: Sequence[nn.Module], tp: int, adapters: bool = False) -> Shards:
     """This rank's weights to save: TP-sharded ones on every TP rank, replicated ones on TP
-    rank 0 only, never the tied output head's copy; ``adapters``: the LoRA adapters only."""
+    rank 0 only, never the tied output head's copy; ``adapters``: the LoRA adapters only.
+    An FSDP2 parameter gives this rank's rows, with their range."""
     out = {}
     for placement, param in placements(model_chunks, adapters=adapters):
         if placement.partition_dim is None and tp != 0:
+            continue
+        if is_fully_sharded(param):
+            rows, start, end = local_rows(param)
+            if start < end:
+                out[f"{MODEL_STATE}/{placement.param}/{start}"] = (
+                    rows, placement.with_range(start, end)
+                )
             continue
         out[f"{MODEL_STATE}/{placement.param}/0"] = (param.detach(), placement)
     return out
@@ -224,5 +236,6 @@ def coordinates() -> tuple[int, int, int]:
 def is_distributed(optimizer: MixedPrecisionOptimizer) -> bool:
     # Imported here: the distributed optimizer module imports the DDP machinery.
     from engine.optimizer.distributed_optimizer import DistributedOptimizer
+    from engine.optimizer.fsdp_optimizer import FullyShardedOptimizer
 
-    return isinstance(optimizer, DistributedOptimizer)
+    return isinstance(optimizer, DistributedOptimizer | FullyShardedOptimizer)

@@ -25,6 +25,7 @@ onto FSDP's new parameters, so gradient finalisation and clipping work as withou
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -42,6 +43,23 @@ def _fsdp():
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     return DeviceMesh, MixedPrecisionPolicy, fully_shard
+
+
+def is_fully_sharded(param: torch.Tensor) -> bool:
+    """An FSDP2 parameter (a DTensor: this rank holds some of its rows)."""
+    return hasattr(param, "to_local") and hasattr(param, "placements")
+
+
+def local_rows(param: nn.Parameter) -> tuple[torch.Tensor, int, int]:
+    """This rank's rows of an FSDP2 parameter, flattened (its storage), and where they sit in
+    the flattened whole (TP-local) parameter: ``[start, end)``. FSDP splits dim 0 as
+    ``torch.chunk`` does: ``ceil(rows / dp)`` rows a rank, in rank order."""
+    local = cast(Any, param).to_local().detach().view(-1)
+    mesh = cast(Any, param).device_mesh
+    row = math.prod(param.shape[1:])
+    rows_per_rank = -(-param.shape[0] // mesh.size())
+    start = min(mesh.get_local_rank() * rows_per_rank, param.shape[0]) * row
+    return local, start, start + local.numel()
 
 
 def _engine_attributes(param: nn.Parameter) -> dict[str, Any]:

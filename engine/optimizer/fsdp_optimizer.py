@@ -10,11 +10,10 @@ well, each rank holding different rows), clipping.
 
 from __future__ import annotations
 
-import math
-
 import torch.distributed as dist
 
 from engine import parallel_state
+from engine.distributed.fsdp import local_rows
 from engine.optimizer.optimizer import MixedPrecisionOptimizer, ParamShard, make_shard
 
 
@@ -27,18 +26,9 @@ class FullyShardedOptimizer(MixedPrecisionOptimizer):
     def _build_shards(self) -> list[ParamShard]:
         shards = []
         for name, param in self.named_parameters():
-            group = self.model_chunks[0].data_parallel_group
-            local = param.to_local().detach()  # type: ignore[attr-defined]  # the rows' storage
-            # FSDP shards dim 0 as torch.chunk does: ceil(rows / dp) rows a rank, in order.
-            row = math.prod(param.shape[1:])
-            rows_per_rank = -(-param.shape[0] // dist.get_world_size(group))
-            start = min(dist.get_rank(group) * rows_per_rank, param.shape[0]) * row
+            rows, start, end = local_rows(param)
             main_grad = param.main_grad  # type: ignore[attr-defined]
-            shards.append(
-                make_shard(
-                    name, param, start, start + local.numel(), local.view(-1), main_grad.view(-1)
-                )  # fmt: skip
-            )
+            shards.append(make_shard(name, param, start, end, rows, main_grad.view(-1)))
         return shards
 
     def _reduction_groups(self) -> list[dist.ProcessGroup]:

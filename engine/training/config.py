@@ -163,18 +163,14 @@ class JobConfig:
         """What ``--use-torch-fsdp2`` does not cover yet, each refused with its flag."""
         if not self.ddp.use_torch_fsdp2:
             return []
-        c = self.checkpoint
         unsupported = {
             "--pipeline-model-parallel-size > 1": self.parallel.pipeline_model_parallel_size > 1,
-            "--save": c.save is not None,
-            "--load": c.load is not None,
             "--lora-rank": self.lora is not None,
             "--fp16": self.optimizer.fp16,
         }
         return [
-            f"--use-torch-fsdp2 does not support {flag} yet (sharded checkpoints, pipeline "
-            "stages, LoRA and fp16 under FSDP2 are still to come); use "
-            "--use-distributed-optimizer for this run"
+            f"--use-torch-fsdp2 does not support {flag} yet (pipeline stages, LoRA and fp16 "
+            "under FSDP2 are still to come); use --use-distributed-optimizer for this run"
             for flag, given in unsupported.items()
             if given
         ]

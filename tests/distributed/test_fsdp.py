@@ -111,7 +111,6 @@ def test_what_fsdp2_does_not_cover_yet_is_refused_up_front(capsys):
     base = ["--model-preset", "tiny", "--train-iters", "1", "--data-path", "x",
             "--use-torch-fsdp2"]  # fmt: skip
     for extra, named in (
-        (["--save", "ckpt"], "--save"),
         (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size > 1"),
         (["--use-distributed-optimizer"], "drop --use-distributed-optimizer"),
     ):
@@ -119,3 +118,51 @@ def test_what_fsdp2_does_not_cover_yet_is_refused_up_front(capsys):
             parse_args(base + extra, world_size=4)
         assert named in capsys.readouterr().err
     assert parse_args(base, world_size=4).ddp.use_torch_fsdp2
+
+
+# Checkpoints ---------------------------------------------------------------------------------
+
+TP2_SP = {"sequence_parallel": True}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pool, corpus):  # noqa: F811
+    """FSDP2 at TP2 x DP2 for 5 iterations."""
+    return pool.run(train, fsdp_job(corpus, 2, model=TP2_SP))[0]
+
+
+def stopped_at_3(pool, corpus: str, save, fsdp: bool) -> None:  # noqa: F811
+    sections = {"checkpoint": {"save": str(save)}, "training": {"exit_interval": 3}}
+    if fsdp:
+        job = fsdp_job(corpus, 2, model=TP2_SP, **sections)
+    else:
+        job = make_job(corpus, 2, 1, ITERS, model=TP2_SP, training={"eval_iters": 0,
+                       "exit_interval": 3}, checkpoint={"save": str(save)})  # fmt: skip
+    assert all(r.iteration == 3 for r in pool.run(train, job))
+
+
+def test_fsdp2_resumes_bit_for_bit(pool, corpus, uninterrupted, tmp_path):  # noqa: F811
+    stopped_at_3(pool, corpus, tmp_path, fsdp=True)
+    names = sorted(p.name for p in (tmp_path / "iter_0000003").glob("model_*"))
+    assert names == [f"model_tp0{t}_pp00_dp0{d}.safetensors" for t in (0, 1) for d in (0, 1)]
+    resumed = pool.run(train, fsdp_job(corpus, 2, model=TP2_SP,
+                                       checkpoint={"load": str(tmp_path)}))[0]  # fmt: skip
+    assert resumed.losses == {i: uninterrupted.losses[i] for i in (4, 5)}
+
+
+@pytest.mark.parametrize("saved_with, resumed_with", [("fsdp2", "zero1"), ("zero1", "fsdp2")])
+def test_checkpoints_move_between_fsdp2_and_zero1(
+    pool, corpus, uninterrupted, tmp_path, saved_with, resumed_with  # noqa: F811
+):
+    """Weights, Adam moments, schedule and data position (the FSDP2 and ZeRO-1 runs equal one
+    rank, so each continues the other's curve)."""
+    stopped_at_3(pool, corpus, tmp_path, fsdp=saved_with == "fsdp2")
+    load = {"checkpoint": {"load": str(tmp_path)}}
+    if resumed_with == "fsdp2":
+        job = fsdp_job(corpus, 2, model=TP2_SP, **load)
+    else:
+        job = make_job(corpus, 2, 1, ITERS, model=TP2_SP, training={"eval_iters": 0}, **load)
+    resumed = pool.run(train, job)[0]
+    assert sorted(resumed.losses) == [4, 5]
+    for i in (4, 5):
+        assert resumed.losses[i] == pytest.approx(uninterrupted.losses[i], rel=1e-5), i
