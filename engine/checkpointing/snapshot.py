@@ -154,7 +154,8 @@ def model_tensors(model_chunks: Sequence[nn.Module], tp: int, adapters: bool = F
             rows, start, end = local_rows(param)
             if start < end:
                 out[f"{MODEL_STATE}/{placement.param}/{start}"] = (
-                    rows, placement.with_range(start, end)
+                    rows,
+                    placement.with_range(start, end),
                 )
             continue
         out[f"{MODEL_STATE}/{placement.param}/0"] = (param.detach(), placement)

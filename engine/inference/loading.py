@@ -19,12 +19,13 @@ def load_model(load_dir: str | Path, iteration: int | None = None) -> nn.Module:
     weights (any saved layout); the parallel state must be initialised (no virtual
     pipeline)."""
     _, metadata = open_checkpoint(load_dir, iteration)
-    # Training-only settings do not apply: windows have any length (no sequence parallelism)
-    # and nothing is recomputed without a backward.
+    # Training-only settings do not apply: windows have any length (no sequence parallelism),
+    # nothing is recomputed without a backward, and stages compute in the weights' dtype.
     config = replace(
         ModelConfig.from_dict(metadata["model"]),
         sequence_parallel=False,
         recompute_granularity=None,
+        pipeline_dtype=None,
     )
     model = family_of(config).model(config)
     load_checkpoint(load_dir, [model], load_rng=False, iteration=iteration)

@@ -95,6 +95,10 @@ class ModelConfig:
     """"torch" (reference RMSNorm), "triton" (kernels.rmsnorm) or "auto" (``--norm-backend``)."""
     params_dtype: torch.dtype = torch.float32
     """Dtype the parameters are created in."""
+    pipeline_dtype: torch.dtype | None = None
+    """Dtype of the activations pipeline stages send each other, when the layers compute in
+    another dtype than the parameters' (FSDP2 with --bf16: float32 sharded weights, bf16
+    compute); None: ``params_dtype``."""
     family: str = "llama"
     """The model family that builds this configuration (`engine.models.families`)."""
 
@@ -167,7 +171,9 @@ class ModelConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in saved.items() if k in fields}
         dtype = str(values.pop("params_dtype", "torch.float32")).removeprefix("torch.")
-        return cls(**values, params_dtype=getattr(torch, dtype))
+        pipeline = values.pop("pipeline_dtype", None)
+        pipeline_dtype = None if pipeline is None else getattr(torch, pipeline[len("torch.") :])
+        return cls(**values, params_dtype=getattr(torch, dtype), pipeline_dtype=pipeline_dtype)
 
 
 def flag_rope_scaling(factor: float = 8.0) -> RopeScaling:

@@ -164,13 +164,12 @@ class JobConfig:
         if not self.ddp.use_torch_fsdp2:
             return []
         unsupported = {
-            "--pipeline-model-parallel-size > 1": self.parallel.pipeline_model_parallel_size > 1,
             "--lora-rank": self.lora is not None,
             "--fp16": self.optimizer.fp16,
         }
         return [
-            f"--use-torch-fsdp2 does not support {flag} yet (pipeline stages, LoRA and fp16 "
-            "under FSDP2 are still to come); use --use-distributed-optimizer for this run"
+            f"--use-torch-fsdp2 does not support {flag} yet (LoRA and fp16 under FSDP2 are "
+            "still to come); use --use-distributed-optimizer for this run"
             for flag, given in unsupported.items()
             if given
         ]

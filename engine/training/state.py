@@ -42,9 +42,10 @@ def _model_config(job: JobConfig, tokenizer_vocab: int | None) -> ModelConfig:
     """The model as trained: the tokenizer's vocabulary (when there is a tokenizer: the
     embedding must cover its ids) and the parameters in the precision flags' dtype; under
     FSDP2 they stay float32 (the sharded master weights) and FSDP casts them for compute."""
-    dtype = job.model.params_dtype if job.ddp.use_torch_fsdp2 else compute_dtype(job)
     vocab = job.model.vocab_size if tokenizer_vocab is None else tokenizer_vocab
-    return dataclasses.replace(job.model, vocab_size=vocab, params_dtype=dtype)
+    if job.ddp.use_torch_fsdp2:
+        return dataclasses.replace(job.model, vocab_size=vocab, pipeline_dtype=compute_dtype(job))
+    return dataclasses.replace(job.model, vocab_size=vocab, params_dtype=compute_dtype(job))
 
 
 class TrainingRun:

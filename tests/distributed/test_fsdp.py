@@ -1,9 +1,12 @@
 """FSDP2 (``--use-torch-fsdp2``) through the trainer, on real gloo ranks: the byte-token corpus
-and tiny LLaMA of `tests.training.test_training`. At DP=2, DP=4 and TP2 x DP2 with sequence
-parallelism (gradient accumulation over microbatches included), the losses of 5 iterations
-equal one rank's (float32, rtol 1e-5), and bf16 tracks them. Weights, gradients and optimizer
-state per rank are 1/DP of the replicated figure, and what is not supported yet is refused
-before any rank starts."""
+and tiny LLaMA of `tests.training.test_training`.
+
+- DP=2, DP=4, TP2+SP x DP2, PP2 x DP2 and TP2 x PP2 x DP2 (gradient accumulation over
+  microbatches included): the losses of 5 iterations equal one rank's (float32, rtol 1e-5),
+  and bf16 tracks them;
+- weights, gradients and optimizer state per rank are 1/DP of the replicated figure;
+- checkpoints: exact resume at TP2 x DP2, and FSDP2 <-> ZeRO-1 both ways;
+- what is not supported yet is refused before any rank starts."""
 
 from __future__ import annotations
 
@@ -111,7 +114,7 @@ def test_what_fsdp2_does_not_cover_yet_is_refused_up_front(capsys):
     base = ["--model-preset", "tiny", "--train-iters", "1", "--data-path", "x",
             "--use-torch-fsdp2"]  # fmt: skip
     for extra, named in (
-        (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size > 1"),
+        (["--fp16"], "does not support --fp16 yet"),
         (["--use-distributed-optimizer"], "drop --use-distributed-optimizer"),
     ):
         with pytest.raises(SystemExit):
@@ -152,7 +155,12 @@ def test_fsdp2_resumes_bit_for_bit(pool, corpus, uninterrupted, tmp_path):  # no
 
 @pytest.mark.parametrize("saved_with, resumed_with", [("fsdp2", "zero1"), ("zero1", "fsdp2")])
 def test_checkpoints_move_between_fsdp2_and_zero1(
-    pool, corpus, uninterrupted, tmp_path, saved_with, resumed_with  # noqa: F811
+    pool,
+    corpus,
+    uninterrupted,
+    tmp_path,
+    saved_with,
+    resumed_with,  # noqa: F811
 ):
     """Weights, Adam moments, schedule and data position (the FSDP2 and ZeRO-1 runs equal one
     rank, so each continues the other's curve)."""
@@ -166,3 +174,29 @@ def test_checkpoints_move_between_fsdp2_and_zero1(
     assert sorted(resumed.losses) == [4, 5]
     for i in (4, 5):
         assert resumed.losses[i] == pytest.approx(uninterrupted.losses[i], rel=1e-5), i
+
+
+# Pipelines -----------------------------------------------------------------------------------
+
+
+def test_fsdp2_with_pipeline_stages_matches_one_rank(pool, corpus, reference):  # noqa: F811
+    """PP2 x DP2: each stage's layers sharded over its DP group; gradient reduction once per
+    step over the 4 microbatches of a replica."""
+    job = fsdp_job(corpus, 1, parallel={"pipeline_model_parallel_size": 2},
+                   training={"micro_batch_size": 1})  # fmt: skip
+    result = pool.run(train, job)[0]
+    torch.testing.assert_close(losses(result), losses(reference), rtol=1e-5, atol=0)
+
+
+def test_fsdp2_at_tp2_pp2_dp2_matches_one_rank(corpus, reference):  # noqa: F811
+    ranks = RankPool(8)
+    try:
+        pp2 = {"pipeline_model_parallel_size": 2}
+        result = ranks.run(train, fsdp_job(corpus, 2, model=TP2_SP, parallel=pp2))[0]
+        bf16_job = fsdp_job(corpus, 2, model=TP2_SP, parallel=pp2, optimizer={"bf16": True})
+        bf16 = ranks.run(train, bf16_job)[0]
+    finally:
+        ranks.close()
+    torch.testing.assert_close(losses(result), losses(reference), rtol=1e-5, atol=0)
+    # bf16 compute over float32 sharded weights, bf16 messages between the stages.
+    torch.testing.assert_close(losses(bf16), losses(reference), rtol=0.03, atol=0)
