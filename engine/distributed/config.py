@@ -26,12 +26,18 @@ class DistributedDataParallelConfig:
     use_torch_fsdp2: bool = False
     """Shard weights, gradients and optimizer state over DP with PyTorch's FSDP2
     (``--use-torch-fsdp2``, `engine.distributed.fsdp`) instead of this package's DDP."""
+    fsdp_reduce_every_microbatch: bool = False
+    """FSDP2: reduce-scatter gradients after every microbatch's backward, keeping them sharded
+    (``--fsdp-reduce-every-microbatch``): less memory (no unsharded gradients held across the
+    microbatches of a step) for one reduce-scatter per microbatch instead of per step."""
 
     def errors(self) -> list[str]:
         """What is wrong with these options, each naming its flag."""
         errors = []
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             errors.append("--overlap-param-gather needs --use-distributed-optimizer")
+        if self.fsdp_reduce_every_microbatch and not self.use_torch_fsdp2:
+            errors.append("--fsdp-reduce-every-microbatch needs --use-torch-fsdp2")
         if self.use_torch_fsdp2:
             for flag, on in (("--use-distributed-optimizer", self.use_distributed_optimizer),
                              ("--overlap-param-gather", self.overlap_param_gather)):  # fmt: skip

@@ -13,7 +13,9 @@ schedule's gradient-sync hooks and the optimizer's ``main_grad``.
 - ``main_grad`` is the local shard of the parameter's ``.grad``, allocated once and zeroed in
   place. FSDP accumulates into it, so the optimizer's flat views stay valid.
 - ``no_sync()`` holds the reduce-scatter for every microbatch but the last. Gradients then
-  accumulate unsharded and are reduced once per step, as with DDP.
+  accumulate unsharded and are reduced once per step, as with DDP. With
+  ``--fsdp-reduce-every-microbatch`` each microbatch is reduce-scattered instead, and the
+  gradients stay sharded.
 - Mixed precision follows FSDP's `MixedPrecisionPolicy`. The sharded parameters (the master
   weights) stay float32, layers compute in ``param_dtype`` (bf16 with ``--bf16``), and
   gradients are reduced in float32.
@@ -112,7 +114,11 @@ class FullyShardedDataParallel(nn.Module):
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Hold the gradient reduce-scatter (every microbatch but the last)."""
+        """Hold the gradient reduce-scatter (every microbatch but the last), unless
+        ``fsdp_reduce_every_microbatch``: FSDP then sums each microbatch's reduced shard."""
+        if self.config.fsdp_reduce_every_microbatch:
+            yield
+            return
         self.module.set_requires_gradient_sync(False)  # type: ignore[operator]
         try:
             yield

@@ -122,6 +122,7 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--lr-wsd-decay-samples", "optimizer", "lr_wsd_decay_samples", {"type": int}),
     ("--use-distributed-optimizer", "ddp", "use_distributed_optimizer", {"type": bool}),
     ("--use-torch-fsdp2", "ddp", "use_torch_fsdp2", {"type": bool}),
+    ("--fsdp-reduce-every-microbatch", "ddp", "fsdp_reduce_every_microbatch", {"type": bool}),
     ("--overlap-grad-reduce", "ddp", "overlap_grad_reduce", {"type": bool}),
     ("--overlap-param-gather", "ddp", "overlap_param_gather", {"type": bool}),
     ("--ddp-bucket-size", "ddp", "bucket_size", {"type": int}),

@@ -45,12 +45,14 @@ def reference(solo, corpus):  # noqa: F811
 
 
 @pytest.mark.parametrize(
-    "tp, model, micro_batch",
-    [(1, {}, 2), (1, {}, 1), (2, {"sequence_parallel": True}, 2)],
-    ids=["dp4", "dp4-two-microbatches", "tp2-sp-dp2"],
-)
-def test_fsdp2_matches_one_rank(pool, corpus, reference, tp, model, micro_batch):  # noqa: F811
-    job = fsdp_job(corpus, tp, model=model, training={"micro_batch_size": micro_batch})
+    "tp, model, micro_batch, every",
+    [(1, {}, 2, False), (1, {}, 1, False), (1, {}, 1, True),
+     (2, {"sequence_parallel": True}, 2, False)],
+    ids=["dp4", "dp4-two-microbatches", "dp4-reduce-every-microbatch", "tp2-sp-dp2"],
+)  # fmt: skip
+def test_fsdp2_matches_one_rank(pool, corpus, reference, tp, model, micro_batch, every):  # noqa: F811
+    job = fsdp_job(corpus, tp, model=model, training={"micro_batch_size": micro_batch},
+                   ddp={"fsdp_reduce_every_microbatch": every})  # fmt: skip
     result = pool.run(train, job)[0]
     assert sorted(result.losses) == list(range(1, ITERS + 1))
     torch.testing.assert_close(losses(result), losses(reference), rtol=1e-5, atol=0)
@@ -156,7 +158,7 @@ def test_fsdp2_resumes_bit_for_bit(pool, corpus, uninterrupted, tmp_path):  # no
 @pytest.mark.parametrize("saved_with, resumed_with", [("fsdp2", "zero1"), ("zero1", "fsdp2")])
 def test_checkpoints_move_between_fsdp2_and_zero1(
     pool,
-    corpus,
+    corpus,  # noqa: F811
     uninterrupted,
     tmp_path,
     saved_with,
