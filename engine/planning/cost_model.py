@@ -217,6 +217,23 @@ def context_parallel_bytes(job: JobConfig) -> int:
     return (forwards + 1) * (cp - 1) * block * value_bytes + cp * block * 4
 
 
+def fsdp_gathered_bytes(job: JobConfig, stage_params: int, layers: int, world_size: int) -> int:
+    """FSDP2's unsharded memory at the peak on a pipeline rank holding ``stage_params`` over
+    ``layers`` decoder layers: the layer computing and the next one all-gathered ahead, in the
+    compute dtype; the root's own parameters (embedding, final norm, head: FSDP keeps the
+    root unsharded from forward to backward); and, when gradients are reduced once per step
+    over several microbatches, every unsharded float32 gradient of the stage in between."""
+    model, tp = job.model, job.parallel.tensor_model_parallel_size
+    value_bytes = 2 if job.optimizer.bf16 or job.optimizer.fp16 else 4
+    layer = layer_parameters(model, tp)
+    root = stage_params - layers * layer
+    gathered = (min(layers, 2) * layer + root) * value_bytes
+    accumulating = job.num_microbatches(world_size) > 1
+    if accumulating and not job.ddp.fsdp_reduce_every_microbatch:
+        gathered += stage_params * 4
+    return gathered
+
+
 def communication_bytes(job: JobConfig, world_size: int) -> dict[str, int]:
     """Bytes one rank sends per iteration (ring algorithms), by kind of parallelism.
 
@@ -225,7 +242,10 @@ def communication_bytes(job: JobConfig, world_size: int) -> dict[str, int]:
       the same total); a ring all-reduce sends ``2·(t-1)/t`` of the tensor.
     - ``data``: the gradients once per iteration, ``2·(d-1)/d`` of their bytes (all-reduce), or
       with the distributed optimizer a reduce-scatter of the gradients plus an all-gather of the
-      16-bit parameters, ``(d-1)/d`` each; with LoRA only the adapters'.
+      16-bit parameters, ``(d-1)/d`` each; with LoRA only the adapters'. FSDP2 all-gathers
+      the parameters (compute dtype) for every microbatch's forward and again for its
+      backward, and reduce-scatters the float32 gradients once per iteration (or per
+      microbatch with ``--fsdp-reduce-every-microbatch``), ``(d-1)/d`` each.
     - ``pipeline``: each microbatch's activations forward and their gradients backward across
       a stage boundary, ``s·b·h`` values (``/t`` with sequence parallelism) each way.
     - ``context``: `context_parallel_bytes` per layer and microbatch.
@@ -245,7 +265,10 @@ def communication_bytes(job: JobConfig, world_size: int) -> dict[str, int]:
     layers = max(stage_layers(model, pp))
     params = max(rank_trainable_parameters(job))
     tensor = 4 * 2 * (tp - 1) * tokens * model.hidden_size // tp * value_bytes * layers * m
-    if job.ddp.use_distributed_optimizer:
+    if job.ddp.use_torch_fsdp2:
+        reductions = m if job.ddp.fsdp_reduce_every_microbatch else 1
+        data = (dp - 1) * params * (2 * m * value_bytes + reductions * 4) // dp
+    elif job.ddp.use_distributed_optimizer:
         data = (dp - 1) * params * (grad_bytes + value_bytes) // dp
     else:
         data = 2 * (dp - 1) * params * grad_bytes // dp
@@ -272,12 +295,14 @@ class RankPlan:
     comm_bytes: int
     in_flight: int
     """Model-chunk forwards held at the peak (see `in_flight_microbatches`)."""
+    gathered_bytes: int = 0
+    """FSDP2: what is unsharded at the peak (`fsdp_gathered_bytes`); 0 otherwise."""
 
     @property
     def total_bytes(self) -> int:
         return (
             self.weight_bytes + self.grad_bytes + self.optimizer_bytes
-            + self.activation_bytes + self.comm_bytes
+            + self.activation_bytes + self.comm_bytes + self.gathered_bytes
         )  # fmt: skip
 
 
@@ -329,7 +354,10 @@ def plan(job: JobConfig, world_size: int) -> Plan:
     # Adam's exp_avg and exp_avg_sq, plus float32 main parameters unless the model is float32
     # itself (then the main parameters are the model's).
     state_bytes = 8 + (4 if sixteen_bit else 0)
-    state_shards = dp * cp if job.ddp.use_distributed_optimizer else 1
+    fsdp = job.ddp.use_torch_fsdp2
+    state_shards = dp * cp if job.ddp.use_distributed_optimizer or fsdp else 1
+    if fsdp:  # float32 sharded weights are the main parameters; gradients float32, sharded
+        state_bytes, grad_bytes = 8, 4
     per_layer = activation_bytes_per_layer(
         model, t.seq_length, t.micro_batch_size, tp, value_bytes, cp
     )
@@ -370,12 +398,19 @@ def plan(job: JobConfig, world_size: int) -> Plan:
                 layers=layer_counts[rank],
                 parameters=params,
                 adapter_parameters=adapters,
-                weight_bytes=(params + adapters) * value_bytes,
-                grad_bytes=trainable[rank] * grad_bytes,
+                weight_bytes=(
+                    math.ceil(params / state_shards) * 4
+                    if fsdp
+                    else (params + adapters) * value_bytes
+                ),
+                grad_bytes=math.ceil(trainable[rank] / (state_shards if fsdp else 1)) * grad_bytes,
                 optimizer_bytes=math.ceil(trainable[rank] / state_shards) * state_bytes,
                 activation_bytes=activations,
                 comm_bytes=p2p_bytes if pp > 1 else 0,
                 in_flight=in_flight,
+                gathered_bytes=(
+                    fsdp_gathered_bytes(job, params, layer_counts[rank], world_size) if fsdp else 0
+                ),
             )
         )
     global_batch = job.global_batch_size(world_size)
@@ -445,6 +480,17 @@ def format_plan(job: JobConfig, world_size: int) -> str:
             f"{_gb(r.activation_bytes)} ({r.in_flight:4d} chunks) | {_gb(r.comm_bytes)} | "
             f"{_gb(r.total_bytes)}"
         )
+    if job.ddp.use_torch_fsdp2:
+        lines += [
+            "",
+            "FSDP2: weights (float32, the main parameters), gradients and optimizer state sharded "
+            f"over {p.data_parallel_size * cp} ranks; unsharded at the peak (two layers, the "
+            "root's embedding and head"
+            + ("" if job.ddp.fsdp_reduce_every_microbatch or p.num_microbatches == 1
+               else ", gradients held across microbatches")
+            + "): " + ", ".join(f"rank {r.pipeline_rank} {r.gathered_bytes / GB:.2f} GB"
+                                for r in p.ranks),
+        ]  # fmt: skip
     tflop = p.flops_per_iteration / 1e12
     lines += [
         "",

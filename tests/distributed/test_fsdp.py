@@ -90,26 +90,44 @@ def shard_bytes() -> dict[str, int]:
             DistributedDataParallelConfig(use_torch_fsdp2=True),
         )
         optimizer = build_optimizer(OptimizerConfig(lr=1e-3), [model])
+        tokens = torch.randint(0, 1000, (2, 17), generator=torch.Generator().manual_seed(0))
+        model(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
+        optimizer.step()  # creates Adam's moments
         params = list(model.module.parameters())
+        moments = [t for state in optimizer.optimizer.state.values() for k, t in state.items()
+                   if k in ("exp_avg", "exp_avg_sq")]  # fmt: skip
         return {
             "full": sum(p.numel() for p in params) * 4,
             "weights": sum(p.to_local().numel() for p in params) * 4,
             "grads": sum(p.main_grad.numel() for p in params) * 4,
             "main": sum(shard.main_param.numel() for shard in optimizer.shards) * 4,
+            "moments": sum(t.numel() for t in moments) * 4,
             "rank": dist.get_rank(),
         }
     finally:
         parallel_state.destroy_model_parallel()
 
 
-def test_fsdp2_holds_a_quarter_per_rank_at_dp4(pool):
+def test_fsdp2_holds_a_quarter_per_rank_at_dp4_as_the_plan_says(pool):
+    """Counted on each rank: weights, gradients and Adam's moments are 1/4 of the replicated
+    float32 figures (FSDP cuts each parameter's rows as torch.chunk does: within a row of
+    each), and the plan's per-rank figures equal them within that padding."""
+    from engine.planning.cost_model import plan
+
     per_rank = pool.run(shard_bytes)
     full = per_rank[0]["full"]
+    job = parse_args(["--model-preset", "tiny", "--use-torch-fsdp2", "--seq-length", "16",
+                      "--train-iters", "1"],
+                     world_size=4)  # fmt: skip
+    planned = plan(job, 4).ranks[0]
     for r in per_rank:
-        # FSDP splits dim 0 as torch.chunk does: within one row of padding per parameter.
+        assert r["grads"] == r["weights"] == r["main"] and r["moments"] == 2 * r["weights"], r
         assert abs(r["weights"] - full / 4) <= full * 0.02, r
-        assert r["grads"] == r["weights"] == r["main"]  # Adam's moments follow the main params
+        assert abs(planned.weight_bytes - r["weights"]) <= full * 0.02
+        assert abs(planned.grad_bytes - r["grads"]) <= full * 0.02
+        assert abs(planned.optimizer_bytes - r["moments"]) <= 2 * full * 0.02
     assert sum(r["weights"] for r in per_rank) == full
+    assert planned.weight_bytes == -(-full // 16) * 4  # ceil(parameters / 4) float32 values
 
 
 def test_what_fsdp2_does_not_cover_yet_is_refused_up_front(capsys):

@@ -351,3 +351,23 @@ def test_a_chunked_head_keeps_no_softmax():
     assert whole == 2 * s * h * 2 + 4 * s * 128256
     model.cross_entropy_chunk_size = 1024
     assert output_activation_bytes(model, s, 1, 1) == 2 * s * h * 2 + 4 * s
+
+
+def test_fsdp2_plan_counts_the_gathered_layers_and_the_all_gathers():
+    """Tiny model, FSDP2 on 4 ranks, float32: two layers and the root (embedding, final
+    norm, head) unsharded at the peak, plus every float32 gradient when a step accumulates
+    two microbatches unsharded; all-gathers forward and backward per microbatch."""
+    argv = ["--model-preset", "tiny", "--use-torch-fsdp2", "--seq-length", "16", "--train-iters",
+            "1", "--micro-batch-size", "1"]  # fmt: skip
+    layer = layer_parameters(ModelConfig.from_preset("tiny"), 1)
+    one = plan(parse_args(argv, world_size=4), 4)
+    total = one.ranks[0].parameters  # the padded vocabulary's rows included
+    root = total - 2 * layer
+    assert one.ranks[0].gathered_bytes == (2 * layer + root) * 4
+    two = parse_args(argv + ["--global-batch-size", "8"], world_size=4)
+    assert plan(two, 4).ranks[0].gathered_bytes == (2 * layer + root) * 4 + total * 4
+    assert communication_bytes(two, 4)["data"] == 3 * total * (2 * 2 * 4 + 4) // 4
+    two.ddp.fsdp_reduce_every_microbatch = True
+    assert plan(two, 4).ranks[0].gathered_bytes == (2 * layer + root) * 4
+    assert communication_bytes(two, 4)["data"] == 3 * total * (2 * 2 * 4 + 2 * 4) // 4
+    assert "FSDP2: weights (float32, the main parameters)" in format_plan(two, 4)
