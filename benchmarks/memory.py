@@ -1,10 +1,18 @@
-"""Memory of the output layer + cross entropy, with the whole logits and chunked.
+"""Memory per rank: DDP, ZeRO-1 and FSDP2 on one model; the output layer + cross entropy with
+the whole logits and chunked.
 
-    python benchmarks/memory.py [--vocab 128256] [--hidden 512] [--tokens 2048]
+    python benchmarks/memory.py [--dp-world 4] [--vocab 128256] [--hidden 512] [--tokens 2048]
                                 [--chunk 256] [--repeats 3]
 
-One process, one TP rank, float32. The output layer ``[vocab, hidden]`` and a loss over
-``--tokens`` tokens, forward and backward, two ways:
+**Data parallelism.** ``--dp-world`` gloo ranks (CPU processes) train one step of a fixed
+LLaMA (``--dp-hidden`` 512, ``--dp-layers`` 4, vocabulary 8,000, float32) with this package's
+DDP, with ZeRO-1 (``--use-distributed-optimizer``) and with FSDP2 (``--use-torch-fsdp2``).
+Each rank counts the bytes of its weights, gradient buffers and optimizer state (Adam's
+moments, and main parameters where they are copies). It also reports its peak RSS above what
+it had before building the model. The maximum over the ranks is printed per mode.
+
+**Output layer.** One process, one TP rank, float32. The output layer ``[vocab, hidden]``
+and a loss over ``--tokens`` tokens, forward and backward, two ways:
 
 - **whole**: the logits ``[tokens, vocab]``, then `vocab_parallel_cross_entropy` (which keeps
   the float32 softmax for backward): what the model did before `--cross-entropy-chunk-size`;
@@ -22,15 +30,18 @@ Per side:
 - **step time**: forward + backward, the median of ``--repeats`` rounds that alternate the two
   sides, after a warm-up.
 
-The ratios come last: ``peak_whole_over_chunked`` (how much less memory) and
-``time_chunked_over_whole`` (what it costs), the last line.
+The ratios come last: ``zero1_over_ddp_state`` and ``fsdp2_over_ddp_state`` (weights +
+gradients + optimizer state per rank), ``fsdp2_over_ddp_rss``, then ``peak_whole_over_chunked``
+(how much less memory) and ``time_chunked_over_whole`` (what it costs), the last line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +49,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,6 +61,73 @@ from engine.tensor_parallel import vocab_parallel_cross_entropy  # noqa: E402
 from engine.tensor_parallel.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
 SIDES = ("whole", "chunked")
+MODES = ("ddp", "zero1", "fsdp2")
+
+
+def _dp_rank(rank: int, args: argparse.Namespace, port: int, mode: str, queue) -> None:
+    """One rank of a DP mode: one training step, then its bytes (max over ranks to rank 0)."""
+    from engine.distributed import (
+        DistributedDataParallel,
+        FullyShardedDataParallel,
+        finalize_model_grads,
+    )
+    from engine.distributed.config import DistributedDataParallelConfig
+    from engine.models import LlamaModel, ModelConfig
+    from engine.optimizer import build_optimizer
+    from engine.optimizer.config import OptimizerConfig
+
+    torch.set_num_threads(1)  # the ranks share this machine's cores
+    names = [name for _, name in socket.if_nameindex()]
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if "lo" in names else names[0])
+    store = dist.TCPStore("127.0.0.1", port, args.dp_world, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=args.dp_world)
+    parallel_state.initialize_model_parallel()
+    rss_before = _rss_bytes()
+    config = ModelConfig(
+        num_layers=args.dp_layers, hidden_size=args.dp_hidden, num_attention_heads=8,
+        ffn_hidden_size=args.dp_hidden * 11 // 4, vocab_size=8000,
+        attention_backend="torch", norm_backend="torch",
+    )  # fmt: skip
+    ddp = DistributedDataParallelConfig(
+        use_distributed_optimizer=mode == "zero1", use_torch_fsdp2=mode == "fsdp2"
+    )
+    model = LlamaModel(config)
+    chunk = (FullyShardedDataParallel if mode == "fsdp2" else DistributedDataParallel)(model, ddp)
+    optimizer = build_optimizer(OptimizerConfig(lr=1e-4), [chunk])
+    tokens = torch.randint(0, 8000, (2, 129), generator=torch.Generator().manual_seed(rank))
+    chunk(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
+    finalize_model_grads([chunk])
+    optimizer.step()
+    params = list(model.parameters())
+    if mode == "fsdp2":
+        weights = sum(p.to_local().numel() * 4 for p in params)
+        grads = sum(p.main_grad.numel() * 4 for p in params)
+    else:
+        weights = sum(p.numel() * p.element_size() for p in params)
+        grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in chunk.grad_buffers)
+    counts = torch.tensor(
+        [weights + grads + optimizer.state_bytes(), _rss_bytes() - rss_before],
+        dtype=torch.float64,
+    )
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        queue.put(counts.tolist())
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def data_parallel_bytes(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Mode -> [state bytes, peak RSS bytes above the start], each the maximum over ranks."""
+    out = {}
+    for mode in MODES:
+        # The parent serves the rendezvous store on a port the OS picks (no race for one).
+        store = dist.TCPStore("127.0.0.1", 0, args.dp_world, is_master=True,
+                              wait_for_workers=False)  # fmt: skip
+        queue = mp.get_context("spawn").SimpleQueue()
+        mp.start_processes(_dp_rank, args=(args, store.port, mode, queue),
+                           nprocs=args.dp_world, start_method="spawn")  # fmt: skip
+        out[mode] = queue.get()
+    return out
 
 
 def _inputs(args: argparse.Namespace, device: torch.device):
@@ -112,6 +192,9 @@ def _measure_in_child(side: str, argv: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dp-world", type=int, default=4, help="ranks of the DP comparison")
+    parser.add_argument("--dp-hidden", type=int, default=512)
+    parser.add_argument("--dp-layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=2048)
@@ -122,6 +205,15 @@ def main() -> None:
     if args.child is not None:
         child(args)
         return
+    dp = data_parallel_bytes(args)
+    print(
+        f"one step of a {args.dp_layers}-layer LLaMA (hidden {args.dp_hidden}, vocabulary "
+        f"8,000, float32) on {args.dp_world} gloo ranks; maximum over the ranks"
+    )
+    for mode in MODES:
+        state, rss = dp[mode]
+        print(f"{mode}: weights + grads + optimizer {state / 2**20:.1f} MiB, peak RSS "
+              f"{rss / 2**20:.1f} MiB above the start")  # fmt: skip
     argv = [f"--vocab={args.vocab}", f"--hidden={args.hidden}", f"--tokens={args.tokens}",
             f"--chunk={args.chunk}"]  # fmt: skip
     memory = {side: _measure_in_child(side, argv) for side in SIDES}
@@ -151,6 +243,9 @@ def main() -> None:
             f"{side}: saved {memory[side]['saved'] / 2**20:.1f} MiB, peak "
             f"{memory[side]['peak'] / 2**20:.1f} MiB, step {statistics.median(times[side]):.3f} s"
         )
+    print(f"zero1_over_ddp_state={dp['zero1'][0] / dp['ddp'][0]:.3f}")
+    print(f"fsdp2_over_ddp_state={dp['fsdp2'][0] / dp['ddp'][0]:.3f}")
+    print(f"fsdp2_over_ddp_rss={dp['fsdp2'][1] / max(dp['ddp'][1], 1):.3f}")
     for kind in ("saved", "peak"):
         ratio = memory["whole"][kind] / max(memory["chunked"][kind], 1)
         print(f"{kind}_whole_over_chunked={ratio:.2f}")
