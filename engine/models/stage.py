@@ -104,14 +104,17 @@ class PipelineStage(nn.Module):
         chunk = self.config.cross_entropy_chunk_size
         if labels is not None and chunk:
             head = self.output_layer.weight if weight is None else weight
-            return linear_cross_entropy(
+            losses = linear_cross_entropy(
                 x, head, labels.t(), self.config.vocab_size, chunk, self.config.sequence_parallel
-            ).t()
+            )
+            return losses.t().contiguous()
         logits = self.output_layer(x, weight=weight)
         if labels is None:
             return logits.transpose(0, 1)
-        # Cross entropy on [s, b] avoids transposing the (large) logits.
-        return vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size).t()
+        # Cross entropy on [s, b] avoids transposing the (large) logits. The [b, s] losses are
+        # returned contiguous: a transposed view out of an FSDP2 root draws its warning.
+        losses = vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size)
+        return losses.t().contiguous()
 
     def shared_embedding_or_output_weight(self) -> nn.Parameter | None:
         """The weight a tied embedding shares between the first and last stage, if any here."""
