@@ -22,24 +22,18 @@ import torch
 
 from engine.training.arguments import parse_args
 from tests.paths import REPO
-from tests.rank_pool import RankPool, module_pool
+from tests.rank_pool import module_pool
 from tests.training.test_training import (  # noqa: F401 (fixtures)
     LOG_LINE,
     corpus,
     make_job,
     sft_corpus,
+    solo,
     train,
 )
 
 pool = module_pool(8)
 ITERS = 4
-
-
-@pytest.fixture(scope="module")
-def solo():
-    ranks = RankPool(1)
-    yield ranks
-    ranks.close()
 
 
 def cp_job(corpus: str, tp: int, pp: int, cp: int, comm: str = "p2p", **sections):  # noqa: F811

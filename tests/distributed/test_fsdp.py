@@ -15,17 +15,10 @@ import torch
 
 from engine.training.arguments import parse_args
 from tests.rank_pool import RankPool, module_pool
-from tests.training.test_training import corpus, make_job, train  # noqa: F401 (fixture)
+from tests.training.test_training import corpus, make_job, solo, train  # noqa: F401 (fixtures)
 
 pool = module_pool(4)
 ITERS = 5
-
-
-@pytest.fixture(scope="module")
-def solo():
-    ranks = RankPool(1)
-    yield ranks
-    ranks.close()
 
 
 def fsdp_job(corpus: str, tp: int, **sections):  # noqa: F811
