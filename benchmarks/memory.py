@@ -38,6 +38,7 @@ gradients + optimizer state per rank), ``fsdp2_over_ddp_rss``, then ``peak_whole
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -112,6 +113,10 @@ def _dp_rank(rank: int, args: argparse.Namespace, port: int, mode: str, queue) -
     dist.all_reduce(counts, op=dist.ReduceOp.MAX)
     if rank == 0:
         queue.put(counts.tolist())
+    # Free what holds the groups and their pending work before the groups go: a gloo work
+    # object destroyed in the interpreter's teardown can abort the process.
+    del chunk, model, optimizer, params
+    gc.collect()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

@@ -3,6 +3,7 @@
 Nothing here hard-codes CUDA; the same code runs on NCCL/CUDA and on gloo/CPU.
 """
 
+import gc
 import os
 import warnings
 from datetime import timedelta
@@ -67,6 +68,10 @@ def leave_distributed(together: bool = True) -> None:
         return
     if together:
         dist.barrier()
+    # Models, DDP / FSDP2 state and pending work objects left in reference cycles would
+    # otherwise be freed in the interpreter's teardown, where a gloo work object's destructor
+    # can abort the process: free them while the groups are still there.
+    gc.collect()
     dist.destroy_process_group()
 
 
