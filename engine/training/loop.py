@@ -103,6 +103,15 @@ def evaluate(run: TrainingRun, dataset: torch.utils.data.Dataset) -> dict[str, f
 # The loop -------------------------------------------------------------------------------------
 
 
+def data_parallel_owner(job: JobConfig) -> str:
+    """Which of the overlapping data-parallel mechanisms owns this job (one does)."""
+    if job.ddp.use_torch_fsdp2:
+        return "FSDP2 shards weights, gradients and optimizer state"
+    if job.ddp.use_distributed_optimizer:
+        return "DDP reduces gradients, the distributed optimizer (ZeRO-1) shards its state"
+    return "DDP reduces gradients, the optimizer state is replicated"
+
+
 def _print(run: TrainingRun, message: str) -> None:
     if run.rank == 0:
         print(message, flush=True)
@@ -216,7 +225,8 @@ def _loop(
         run,
         f"training {run.train_iters} iterations from iteration {run.iteration}: global batch "
         f"{run.global_batch} = micro batch {t.micro_batch_size} x {run.num_microbatches} "
-        f"microbatches x DP {parallel_state.get_data_parallel_world_size()}",
+        f"microbatches x DP {parallel_state.get_data_parallel_world_size()}; "
+        f"{data_parallel_owner(job)}",
     )
     stragglers = StragglerMonitor(t.distributed_timeout_minutes, warn=run.rank == 0)
     while run.iteration < run.train_iters:

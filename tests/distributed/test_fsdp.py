@@ -1,9 +1,9 @@
 """FSDP2 (``--use-torch-fsdp2``) through the trainer, on real gloo ranks: the byte-token corpus
 and tiny LLaMA of `tests.training.test_training`.
 
-- DP=2, DP=4, TP2+SP x DP2, PP2 x DP2 and TP2 x PP2 x DP2 (gradient accumulation over
-  microbatches included): the losses of 5 iterations equal one rank's (float32, rtol 1e-5),
-  and bf16 tracks them;
+- DP=2, DP=4, TP2+SP x DP2, PP2 x DP2 (also interleaved) and TP2 x PP2 x DP2, with gradient
+  accumulation over microbatches and with recomputation: the losses of 5 iterations equal
+  one rank's (float32, rtol 1e-5), and bf16 tracks them;
 - weights, gradients and optimizer state per rank are 1/DP of the replicated figure;
 - checkpoints: exact resume at TP2 x DP2, and FSDP2 <-> ZeRO-1 both ways;
 - what is not supported yet is refused before any rank starts."""
@@ -213,3 +213,32 @@ def test_fsdp2_at_tp2_pp2_dp2_matches_one_rank(corpus, reference):  # noqa: F811
     torch.testing.assert_close(losses(result), losses(reference), rtol=1e-5, atol=0)
     # bf16 compute over float32 sharded weights, bf16 messages between the stages.
     torch.testing.assert_close(losses(bf16), losses(reference), rtol=0.03, atol=0)
+
+
+def test_the_trainer_says_which_mechanism_owns_the_job():
+    from engine.training.loop import data_parallel_owner
+
+    base = ["--model-preset", "tiny", "--train-iters", "1", "--data-path", "x"]
+    assert data_parallel_owner(parse_args(base + ["--use-torch-fsdp2"])).startswith("FSDP2")
+    assert "ZeRO-1" in data_parallel_owner(parse_args(base + ["--use-distributed-optimizer"]))
+    assert "replicated" in data_parallel_owner(parse_args(base))
+
+
+@pytest.mark.parametrize("granularity", ["full", "selective"])
+def test_fsdp2_with_recompute_matches_one_rank(pool, corpus, reference, granularity):  # noqa: F811
+    """Recomputation re-runs a layer (or its core attention) in backward: FSDP2 gathers the
+    layer's weights again for it."""
+    job = fsdp_job(corpus, 1, model={"recompute_granularity": granularity})
+    result = pool.run(train, job)[0]
+    torch.testing.assert_close(losses(result), losses(reference), rtol=1e-5, atol=0)
+
+
+def test_fsdp2_with_an_interleaved_pipeline_matches_one_rank(pool, solo, corpus):  # noqa: F811
+    """PP2 x DP2, two model chunks per pipeline rank (4 layers), each chunk sharded on its own."""
+    four = {"num_layers": 4}
+    job = fsdp_job(corpus, 1, model=four, training={"micro_batch_size": 1},
+                   parallel={"pipeline_model_parallel_size": 2,
+                             "virtual_pipeline_model_parallel_size": 2})  # fmt: skip
+    result = pool.run(train, job)[0]
+    one = solo.run(train, make_job(corpus, 1, 1, ITERS, model=four, training={"eval_iters": 0}))[0]
+    torch.testing.assert_close(losses(result), losses(one), rtol=1e-5, atol=0)
