@@ -242,3 +242,18 @@ def test_fsdp2_with_an_interleaved_pipeline_matches_one_rank(pool, solo, corpus)
     result = pool.run(train, job)[0]
     one = solo.run(train, make_job(corpus, 1, 1, ITERS, model=four, training={"eval_iters": 0}))[0]
     torch.testing.assert_close(losses(result), losses(one), rtol=1e-5, atol=0)
+
+
+def test_an_fsdp2_checkpoint_reshards_to_other_tp_and_dp_sizes(
+    pool,
+    corpus,  # noqa: F811
+    uninterrupted,
+    tmp_path,
+):
+    """Saved at TP2 x DP2, resumed under FSDP2 at TP1 x DP4: each rank takes other rows of
+    other TP shards."""
+    stopped_at_3(pool, corpus, tmp_path, fsdp=True)
+    resumed = pool.run(train, fsdp_job(corpus, 1, checkpoint={"load": str(tmp_path)}))[0]
+    assert sorted(resumed.losses) == [4, 5]
+    for i in (4, 5):
+        assert resumed.losses[i] == pytest.approx(uninterrupted.losses[i], rel=1e-5), i
