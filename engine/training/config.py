@@ -163,13 +163,10 @@ class JobConfig:
         """What ``--use-torch-fsdp2`` does not cover yet, each refused with its flag."""
         if not self.ddp.use_torch_fsdp2:
             return []
-        unsupported = {
-            "--lora-rank": self.lora is not None,
-            "--fp16": self.optimizer.fp16,
-        }
+        unsupported = {"--lora-rank": self.lora is not None}
         return [
-            f"--use-torch-fsdp2 does not support {flag} yet (LoRA and fp16 under FSDP2 are "
-            "still to come); use --use-distributed-optimizer for this run"
+            f"--use-torch-fsdp2 does not support {flag} yet (LoRA under FSDP2 is still to "
+            "come); use --use-distributed-optimizer for this run"
             for flag, given in unsupported.items()
             if given
         ]

@@ -65,6 +65,17 @@ def test_fsdp2_bf16_tracks_fp32(pool, corpus, reference):  # noqa: F811
     torch.testing.assert_close(losses(result), losses(reference), rtol=0.03, atol=0)
 
 
+def test_fsdp2_fp16_tracks_zero1_fp16(pool, corpus):  # noqa: F811
+    """fp16 with the dynamic loss scale: the same overflow-skipped first steps as ZeRO-1's
+    fp16 run, then the same curve (fp16 compute over float32 sharded weights)."""
+    fp16 = {"fp16": True}
+    result = pool.run(train, fsdp_job(corpus, 1, optimizer=fp16))[0]
+    zero1 = pool.run(train, make_job(corpus, 1, 1, ITERS, optimizer=fp16,
+                                     training={"eval_iters": 0}))[0]  # fmt: skip
+    assert result.skipped_steps == zero1.skipped_steps
+    torch.testing.assert_close(losses(result), losses(zero1), rtol=0.03, atol=0)
+
+
 def shard_bytes() -> dict[str, int]:
     """Parameter, gradient and optimizer-state bytes on this rank (FSDP2 at DP=4)."""
     import torch.distributed as dist
@@ -127,7 +138,7 @@ def test_what_fsdp2_does_not_cover_yet_is_refused_up_front(capsys):
     base = ["--model-preset", "tiny", "--train-iters", "1", "--data-path", "x",
             "--use-torch-fsdp2"]  # fmt: skip
     for extra, named in (
-        (["--fp16"], "does not support --fp16 yet"),
+        (["--lora-rank", "8"], "does not support --lora-rank yet"),
         (["--use-distributed-optimizer"], "drop --use-distributed-optimizer"),
     ):
         with pytest.raises(SystemExit):
