@@ -105,7 +105,7 @@ def take_snapshot(
         model = {k: (own(t), p) for k, (t, p) in weights.items()}
         suffix = f"_dp{dp:02d}" if fully_sharded else ""
         shards[f"model_tp{tp:02d}_pp{pp:02d}{suffix}.safetensors"] = model
-    distributed = optimizer is not None and is_distributed(optimizer)
+    distributed = optimizer is not None and optimizer.shards_over_data_parallel
     if optimizer is not None and (distributed or dp == 0):
         tensors, optimizer_meta = optimizer_tensors(model_chunks, optimizer, tp)
         # `local_state_dict` already cloned them (on their device): only bring them to the host.
@@ -232,11 +232,3 @@ def coordinates() -> tuple[int, int, int]:
         parallel_state.get_pipeline_model_parallel_rank(),
         parallel_state.get_data_parallel_rank(with_context_parallel=True),
     )
-
-
-def is_distributed(optimizer: MixedPrecisionOptimizer) -> bool:
-    # Imported here: the distributed optimizer module imports the DDP machinery.
-    from engine.optimizer.distributed_optimizer import DistributedOptimizer
-    from engine.optimizer.fsdp_optimizer import FullyShardedOptimizer
-
-    return isinstance(optimizer, DistributedOptimizer | FullyShardedOptimizer)

@@ -71,9 +71,10 @@ def all_to_all_attention(
     """Causal attention with heads scattered over the CP group.
 
     q ``[b, hq, s/cp, d]``, k/v ``[b, hkv, s/cp, d]`` (this rank's two chunks, load-balanced
-    order) -> ``[b, hq, s/cp, d]``. ``attention_fn(q, k, v, is_causal=True)`` is the model's
-    attention backend; it gets ``document_ids [b, s]`` (the whole sequence's, packed
-    documents) when given, which it applies to the gathered sequence as without CP.
+    order) -> ``[b, hq, s/cp, d]``. ``attention_fn(q, k, v, is_causal=True, document_ids=)``
+    is the model's attention backend (`engine.models.backends.AttentionFn`); it applies
+    ``document_ids [b, s]`` (the whole sequence's, packed documents) to the gathered sequence
+    as without CP.
     """
     size = dist.get_world_size(group)
     if q.size(1) % size or k.size(1) % size:
@@ -81,7 +82,6 @@ def all_to_all_attention(
             f"all-to-all attention scatters heads over the {size} CP ranks: {q.size(1)} query "
             f"and {k.size(1)} K/V heads per rank must be divisible by {size}; use ring attention"
         )
-    docs = {} if document_ids is None else {"document_ids": document_ids}
     gathered = (_Reshard.apply(t, group, True) for t in (q, k, v))
-    out = attention_fn(*gathered, is_causal=True, **docs)
+    out = attention_fn(*gathered, is_causal=True, document_ids=document_ids)
     return _Reshard.apply(out, group, False)

@@ -45,14 +45,19 @@ class BlockAttention(Protocol):
         """(dq, dk, dv) of this block under the merged ``out`` / ``lse``."""
 
 
+def _expand_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """K or V ``[b, hkv, s, d]`` -> ``[b, heads, s, d]``, each K/V head repeated over its
+    query-head group (float32)."""
+    group = heads // t.size(1)
+    return (t.repeat_interleave(group, dim=1) if group > 1 else t).float()
+
+
 def _scores(
     q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """float32 ``scale · q kᵀ`` ``[b, hq, sq, sk]``, -inf above the diagonal when causal and
-    where ``mask`` is False; K/V heads repeated over their query-head group."""
-    group = q.size(1) // k.size(1)
-    k = k.repeat_interleave(group, dim=1) if group > 1 else k
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    """float32 ``scale · q kᵀ`` ``[b, hq, sq, sk]`` of K expanded to the query heads, -inf
+    above the diagonal when causal and where ``mask`` is False."""
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
     if causal:
         sq, sk = scores.shape[-2:]
         above = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
@@ -74,25 +79,23 @@ class TorchBlockAttention:
     and for tests; the Triton backend is the one for long sequences)."""
 
     def forward(self, q, k, v, causal, scale, mask=None):
-        scores = _scores(q, k, causal, scale, mask)
+        heads = q.size(1)
+        scores = _scores(q, _expand_heads(k, heads), causal, scale, mask)
         lse = torch.logsumexp(scores, dim=-1)
         # A row with no key here (a document elsewhere) has lse -inf: probabilities 0.
         probs = torch.exp(scores - lse.masked_fill(lse.isinf(), 0.0).unsqueeze(-1))
-        group = q.size(1) // k.size(1)
-        v = v.repeat_interleave(group, dim=1) if group > 1 else v
-        return torch.matmul(probs, v.float()).to(q.dtype), lse
+        return torch.matmul(probs, _expand_heads(v, heads)).to(q.dtype), lse
 
     def backward(self, dout, q, k, v, out, lse, causal, scale, mask=None):
-        group = q.size(1) // k.size(1)
-        probs = torch.exp(_scores(q, k, causal, scale, mask) - lse.unsqueeze(-1))
+        heads = q.size(1)
+        k_rep, v_rep = _expand_heads(k, heads), _expand_heads(v, heads)
+        probs = torch.exp(_scores(q, k_rep, causal, scale, mask) - lse.unsqueeze(-1))
         do = dout.float()
-        v_rep = v.repeat_interleave(group, dim=1) if group > 1 else v
-        k_rep = k.repeat_interleave(group, dim=1) if group > 1 else k
         dv = torch.matmul(probs.transpose(-1, -2), do)
-        dp = torch.matmul(do, v_rep.float().transpose(-1, -2))
+        dp = torch.matmul(do, v_rep.transpose(-1, -2))
         delta = (do * out.float()).sum(-1, keepdim=True)
         ds = probs * (dp - delta)
-        dq = torch.matmul(ds, k_rep.float()) * scale
+        dq = torch.matmul(ds, k_rep) * scale
         dk = torch.matmul(ds.transpose(-1, -2), q.float()) * scale
         return dq, _sum_groups(dk, k.size(1)), _sum_groups(dv, k.size(1))
 

@@ -140,6 +140,3 @@ class FullyShardedDataParallel(nn.Module):
         for param in self.module.parameters():
             if param.grad is not None:
                 cast(Any, param.grad).to_local().zero_()
-
-    def broadcast_params(self) -> None:
-        """Every rank built the same (seeded) parameters and holds its shard of them."""

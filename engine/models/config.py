@@ -170,10 +170,15 @@ class ModelConfig:
         the dtype as its name); unknown keys are ignored, missing ones take the defaults."""
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in saved.items() if k in fields}
-        dtype = str(values.pop("params_dtype", "torch.float32")).removeprefix("torch.")
+        params_dtype = _dtype(values.pop("params_dtype", "torch.float32"))
         pipeline = values.pop("pipeline_dtype", None)
-        pipeline_dtype = None if pipeline is None else getattr(torch, pipeline[len("torch.") :])
-        return cls(**values, params_dtype=getattr(torch, dtype), pipeline_dtype=pipeline_dtype)
+        pipeline_dtype = None if pipeline is None else _dtype(pipeline)
+        return cls(**values, params_dtype=params_dtype, pipeline_dtype=pipeline_dtype)
+
+
+def _dtype(name: str) -> torch.dtype:
+    """A dtype as `str(dtype)` wrote it (``"torch.bfloat16"``)."""
+    return getattr(torch, str(name).removeprefix("torch."))
 
 
 def flag_rope_scaling(factor: float = 8.0) -> RopeScaling:

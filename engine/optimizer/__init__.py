@@ -19,7 +19,7 @@ def build_optimizer(
     """The optimizer for ``model_chunks`` (wrapped in DistributedDataParallel): distributed
     (ZeRO-1) when the chunks were wrapped with ``use_distributed_optimizer``, over FSDP2's
     shards when they are `FullyShardedDataParallel` (``use_torch_fsdp2``)."""
-    if {getattr(chunk.config, "use_torch_fsdp2", False) for chunk in model_chunks} == {True}:
+    if all(chunk.config.use_torch_fsdp2 for chunk in model_chunks):
         from engine.optimizer.fsdp_optimizer import FullyShardedOptimizer
 
         return FullyShardedOptimizer(config, model_chunks)

@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine import parallel_state
 from engine.distributed.ddp import (
     Bucket,
     DistributedDataParallel,
@@ -49,6 +48,8 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
     Args: as `MixedPrecisionOptimizer`; every chunk must be wrapped with
     ``DistributedDataParallelConfig(use_distributed_optimizer=True)``.
     """
+
+    shards_over_data_parallel = True  # each DP rank owns a slice of every bucket
 
     def _build_shards(self) -> list[ParamShard]:
         names = {param: name for name, param in self.named_parameters()}
@@ -97,10 +98,6 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
                     buffer.param_data[a:b], buffer.grad_data[a:b],
                 ))  # fmt: skip
         return shards
-
-    def _reduction_groups(self) -> list[dist.ProcessGroup]:
-        # Slices are disjoint over DP: sum over DP as well as over TP x PP.
-        return [parallel_state.get_model_parallel_group(), self.model_chunks[0].data_parallel_group]
 
     def _after_step(self) -> None:
         """Share the updated slices: all-gather now, or during the next forward."""

@@ -10,9 +10,6 @@ well, each rank holding different rows), clipping.
 
 from __future__ import annotations
 
-import torch.distributed as dist
-
-from engine import parallel_state
 from engine.distributed.fsdp import local_rows
 from engine.optimizer.optimizer import MixedPrecisionOptimizer, ParamShard, make_shard
 
@@ -23,6 +20,8 @@ class FullyShardedOptimizer(MixedPrecisionOptimizer):
     Args: as `MixedPrecisionOptimizer`; the chunks are `FullyShardedDataParallel`.
     """
 
+    shards_over_data_parallel = True  # each DP rank holds other rows
+
     def _build_shards(self) -> list[ParamShard]:
         shards = []
         for name, param in self.named_parameters():
@@ -30,7 +29,3 @@ class FullyShardedOptimizer(MixedPrecisionOptimizer):
             main_grad = param.main_grad  # type: ignore[attr-defined]
             shards.append(make_shard(name, param, start, end, rows, main_grad.view(-1)))
         return shards
-
-    def _reduction_groups(self) -> list[dist.ProcessGroup]:
-        """Norms and inf checks sum over TP x PP and over DP (each holds other rows)."""
-        return [parallel_state.get_model_parallel_group(), self.model_chunks[0].data_parallel_group]

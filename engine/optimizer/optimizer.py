@@ -207,9 +207,17 @@ class MixedPrecisionOptimizer:
             shards.append(make_shard(name, p, 0, p.numel(), p.data.view(-1), main_grad.view(-1)))
         return shards
 
+    shards_over_data_parallel = False
+    """Each DP rank steps other elements (ZeRO-1, FSDP2): norms and inf checks sum over DP
+    too, and every DP rank saves its own optimizer state."""
+
     def _reduction_groups(self) -> list[dist.ProcessGroup]:
-        """Groups over which the shards' norms and inf checks are summed: TP x PP here."""
-        return [parallel_state.get_model_parallel_group()]
+        """Groups over which the shards' norms and inf checks are summed: TP x PP, and the
+        chunks' DP group when the shards are disjoint over it."""
+        groups = [parallel_state.get_model_parallel_group()]
+        if self.shards_over_data_parallel:
+            groups.append(self.model_chunks[0].data_parallel_group)
+        return groups
 
     def _after_step(self) -> None:
         """Hook after the parameters were updated (the distributed optimizer gathers them)."""

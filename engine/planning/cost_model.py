@@ -52,6 +52,11 @@ GB = 10**9
 """Memory is reported in GB (10^9 bytes), as device datasheets give it."""
 
 
+def compute_bytes(job: JobConfig) -> int:
+    """Bytes of one value in the dtype layers compute in: 2 with --bf16 / --fp16, else 4."""
+    return 2 if job.optimizer.bf16 or job.optimizer.fp16 else 4
+
+
 def layer_parameters(model: ModelConfig, tp: int) -> int:
     """Parameters of one decoder layer on one TP rank, as the model's inventory declares them
     (for LLaMA: Q, the output projection and the SwiGLU matrices split over TP; K/V split when
@@ -205,7 +210,7 @@ def context_parallel_bytes(job: JobConfig) -> int:
     cp, tp = job.parallel.context_parallel_size, job.parallel.tensor_model_parallel_size
     if cp == 1:
         return 0
-    value_bytes = 2 if job.optimizer.bf16 or job.optimizer.fp16 else 4
+    value_bytes = compute_bytes(job)
     tokens = t.seq_length // cp * t.micro_batch_size
     kv_width = (model.kv_heads // tp if model.kv_heads >= tp else 1) * model.head_dim
     forwards = 2 if model.recompute_granularity is not None else 1
@@ -224,7 +229,7 @@ def fsdp_gathered_bytes(job: JobConfig, stage_params: int, layers: int, world_si
     root unsharded from forward to backward); and, when gradients are reduced once per step
     over several microbatches, every unsharded float32 gradient of the stage in between."""
     model, tp = job.model, job.parallel.tensor_model_parallel_size
-    value_bytes = 2 if job.optimizer.bf16 or job.optimizer.fp16 else 4
+    value_bytes = compute_bytes(job)
     layer = layer_parameters(model, tp)
     root = stage_params - layers * layer
     gathered = (min(layers, 2) * layer + root) * value_bytes
@@ -259,7 +264,7 @@ def communication_bytes(job: JobConfig, world_size: int) -> dict[str, int]:
     cp = job.parallel.context_parallel_size
     dp = job.data_parallel_size(world_size) * cp
     m = job.num_microbatches(world_size)
-    value_bytes = 2 if job.optimizer.bf16 or job.optimizer.fp16 else 4
+    value_bytes = compute_bytes(job)
     grad_bytes = 4 if job.ddp.grad_reduce_in_fp32 else value_bytes
     tokens = t.seq_length // cp * t.micro_batch_size
     layers = max(stage_layers(model, pp))
@@ -348,8 +353,8 @@ def plan(job: JobConfig, world_size: int) -> Plan:
     cp = job.parallel.context_parallel_size
     dp = job.data_parallel_size(world_size)
     m = job.num_microbatches(world_size)
-    sixteen_bit = job.optimizer.bf16 or job.optimizer.fp16
-    value_bytes = 2 if sixteen_bit else 4
+    value_bytes = compute_bytes(job)
+    sixteen_bit = value_bytes == 2
     grad_bytes = 4 if job.ddp.grad_reduce_in_fp32 else value_bytes
     # Adam's exp_avg and exp_avg_sq, plus float32 main parameters unless the model is float32
     # itself (then the main parameters are the model's).

@@ -8,6 +8,8 @@ are set to -inf, so they can never win the max, take probability or carry gradie
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
@@ -32,14 +34,29 @@ def local_targets(
     return local.masked_fill(outside, 0), outside
 
 
-def softmax_and_loss(
-    logits: torch.Tensor, target: torch.Tensor, vocab_size: int | None, group: dist.ProcessGroup
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token loss of float32 logits ``[n, V/tp]``, which become the softmax (in place).
+class CrossEntropyTerms(NamedTuple):
+    """What `cross_entropy_terms` computes for ``n`` tokens."""
 
-    Returns (loss ``[n]``, softmax, log-sum-exp ``[n]`` over the whole vocabulary, the local
-    targets and whether each is outside this rank's slice).
-    """
+    loss: torch.Tensor
+    """``[n]`` per-token loss."""
+    exp_logits: torch.Tensor
+    """``[n, V/tp]`` ``exp(logit - max)``: the logits' storage, not yet normalised."""
+    sum_exp: torch.Tensor
+    """``[n]`` the sum of ``exp_logits`` over the whole vocabulary (all TP ranks)."""
+    log_sum_exp: torch.Tensor
+    """``[n]`` log-sum-exp of the logits over the whole vocabulary."""
+    local_target: torch.Tensor
+    """``[n]`` each target's index in this rank's slice (0 where outside it)."""
+    outside: torch.Tensor
+    """``[n]`` the target is not in this rank's slice."""
+
+
+def cross_entropy_terms(
+    logits: torch.Tensor, target: torch.Tensor, vocab_size: int | None, group: dist.ProcessGroup
+) -> CrossEntropyTerms:
+    """Per-token loss of float32 logits ``[n, V/tp]`` (which become ``exp_logits`` in place)
+    and the statistics a backward needs; the caller normalises ``exp_logits`` into the
+    softmax only if it keeps it."""
     world = dist.get_world_size(group)
     mask_padding(logits, vocab_size, group)
     logits_max = logits.max(dim=-1).values
@@ -59,8 +76,10 @@ def softmax_and_loss(
         dist.all_reduce(both, group=group)
         target_logit, sum_exp = both[0], both[1]
     log_sum_exp = sum_exp.log()
-    softmax = exp_logits.div_(sum_exp.unsqueeze(-1))
-    return log_sum_exp - target_logit, softmax, log_sum_exp + logits_max, local_target, outside
+    return CrossEntropyTerms(
+        log_sum_exp - target_logit, exp_logits, sum_exp, log_sum_exp + logits_max,
+        local_target, outside,
+    )  # fmt: skip
 
 
 def softmax_grad_(
@@ -81,12 +100,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # A private float32 copy (the math works in place on it), one row per token.
         rows = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         rows = rows.view(-1, rows.size(-1))
-        loss, softmax, _, local_target, outside = softmax_and_loss(
-            rows, target.reshape(-1), vocab_size, group
-        )
-        ctx.save_for_backward(softmax, outside, local_target)
+        terms = cross_entropy_terms(rows, target.reshape(-1), vocab_size, group)
+        softmax = terms.exp_logits.div_(terms.sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, terms.outside, terms.local_target)
         ctx.logits_shape = logits.shape
-        return loss.view(shape)
+        return terms.loss.view(shape)
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from engine import parallel_state
 from engine.tensor_parallel.cross_entropy import (
+    cross_entropy_terms,
     local_targets,
     mask_padding,
-    softmax_and_loss,
     softmax_grad_,
 )
 from engine.tensor_parallel.mappings import (
@@ -50,9 +50,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         log_sum_exp = torch.empty_like(loss)
         for rows in _chunks(hidden.size(0), chunk_size):
             logits = F.linear(hidden[rows], weight).float()
-            loss[rows], _, log_sum_exp[rows], _, _ = softmax_and_loss(
-                logits, targets[rows], vocab_size, group
-            )
+            terms = cross_entropy_terms(logits, targets[rows], vocab_size, group)
+            loss[rows], log_sum_exp[rows] = terms.loss, terms.log_sum_exp
         ctx.save_for_backward(x, weight, target, log_sum_exp)
         ctx.vocab_size, ctx.chunk_size = vocab_size, chunk_size
         ctx.group, ctx.sequence_parallel = group, sequence_parallel

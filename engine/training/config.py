@@ -161,14 +161,11 @@ class JobConfig:
 
     def fsdp_errors(self) -> list[str]:
         """What ``--use-torch-fsdp2`` does not cover yet, each refused with its flag."""
-        if not self.ddp.use_torch_fsdp2:
+        if not self.ddp.use_torch_fsdp2 or self.lora is None:
             return []
-        unsupported = {"--lora-rank": self.lora is not None}
         return [
-            f"--use-torch-fsdp2 does not support {flag} yet (LoRA under FSDP2 is still to "
+            "--use-torch-fsdp2 does not support --lora-rank yet (LoRA under FSDP2 is still to "
             "come); use --use-distributed-optimizer for this run"
-            for flag, given in unsupported.items()
-            if given
         ]
 
     def packed_document_errors(self) -> list[str]:

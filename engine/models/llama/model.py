@@ -246,7 +246,6 @@ class Attention(nn.Module):
         explicit boolean ``mask [b, 1, s, s_kv]`` (True: attend) replaces the causal one.
         Under context parallelism ``s`` is this rank's ``s/cp`` tokens of the sequence."""
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # SDPA's [b, heads, s, d]
-        docs = {} if document_ids is None else {"document_ids": document_ids}
         if mask is not None:
             # Decoding (cached prefix, padded prompts) needs an arbitrary mask, which only SDPA
             # takes; the training backends keep their causal fast path.
@@ -264,9 +263,11 @@ class Attention(nn.Module):
         elif self.training and self.dropout > 0:
             # Heads are sharded over TP, so dropout draws from the per-TP-rank RNG stream.
             with get_rng_tracker().fork(MODEL_PARALLEL_RNG_NAME):
-                out = self.attention_fn(q, k, v, is_causal=True, dropout_p=self.dropout, **docs)
+                out = self.attention_fn(
+                    q, k, v, is_causal=True, dropout_p=self.dropout, document_ids=document_ids
+                )
         else:
-            out = self.attention_fn(q, k, v, is_causal=True, **docs)
+            out = self.attention_fn(q, k, v, is_causal=True, document_ids=document_ids)
         b, heads, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * d)
 
