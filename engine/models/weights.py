@@ -20,7 +20,7 @@ from torch import nn
 from engine import parallel_state
 from engine.models.chunk import inventory_of, layer_numbers
 from engine.models.inventory import ParameterSpec
-from engine.tensor_parallel.sharding import gather_tensor, shard_tensor
+from engine.tensor_parallel.sharding import gather_tensor, rows_over_data_parallel, shard_tensor
 
 
 def global_name(model: nn.Module, name: str) -> str:
@@ -126,7 +126,7 @@ def copy_shard(
             f"{what}: expected shape {tuple(param.shape)} on this rank, got {tuple(full.shape)}"
         )
     with torch.no_grad():
-        param.copy_(full)
+        param.copy_(rows_over_data_parallel(full.to(param.device), param))
 
 
 def _take(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:

@@ -58,7 +58,7 @@ from engine.tensor_parallel.attributes import (
 )
 from engine.tensor_parallel.layers import initialise_shard
 from engine.tensor_parallel.random import MODEL_PARALLEL_RNG_NAME, get_rng_tracker
-from engine.tensor_parallel.sharding import gather_tensor
+from engine.tensor_parallel.sharding import gather_tensor, whole_over_data_parallel
 from engine.wrappers import unwrap
 
 PEFT_PREFIX = "base_model.model."
@@ -329,6 +329,7 @@ def lora_state(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]
             tensor = param.grad if grads else param.detach()
             if tensor is None:
                 raise ValueError(f"LoRA parameter {name} has no gradient")
+            tensor = whole_over_data_parallel(tensor)  # FSDP2 shards it over DP too
             if is_tensor_parallel(param):
                 tensor = gather_tensor(tensor, param.partition_dim, param.partition_sizes, group)  # type: ignore[attr-defined]
             out[name] = tensor.cpu()

@@ -404,7 +404,7 @@ def plan(job: JobConfig, world_size: int) -> Plan:
                 parameters=params,
                 adapter_parameters=adapters,
                 weight_bytes=(
-                    math.ceil(params / state_shards) * 4
+                    math.ceil((params + adapters) / state_shards) * 4
                     if fsdp
                     else (params + adapters) * value_bytes
                 ),

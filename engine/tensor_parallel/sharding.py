@@ -13,6 +13,24 @@ import torch
 import torch.distributed as dist
 
 
+def whole_over_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 parameter's (a DTensor's) rows from every DP rank: its whole TP-local tensor
+    (collective over its DP group); any other tensor as it is."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return tensor if full_tensor is None else full_tensor()
+
+
+def rows_over_data_parallel(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` (a TP-local tensor) laid out as ``like``: for an FSDP2 parameter, a DTensor of
+    this DP rank's rows of it (sliced here, no communication); else ``full`` itself."""
+    mesh = getattr(like, "device_mesh", None)
+    if mesh is None:
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, mesh, like.placements, src_data_rank=None)  # type: ignore[attr-defined]
+
+
 def shard_tensor(
     full: torch.Tensor, partition_dim: int, partition_sizes: Sequence[int], rank: int, world: int
 ) -> torch.Tensor:

@@ -159,15 +159,6 @@ class JobConfig:
         per_step = self.training.micro_batch_size * self.data_parallel_size(world_size)
         return self.global_batch_size(world_size) // per_step
 
-    def fsdp_errors(self) -> list[str]:
-        """What ``--use-torch-fsdp2`` does not cover yet, each refused with its flag."""
-        if not self.ddp.use_torch_fsdp2 or self.lora is None:
-            return []
-        return [
-            "--use-torch-fsdp2 does not support --lora-rank yet (LoRA under FSDP2 is still to "
-            "come); use --use-distributed-optimizer for this run"
-        ]
-
     def packed_document_errors(self) -> list[str]:
         """Packed documents (``--sft`` rows, ``--reset-attention-mask``) under ring attention
         need masks across blocks of different positions, which the Triton kernels lack."""
@@ -202,7 +193,6 @@ class JobConfig:
         errors += self.ddp.errors()
         errors += self.data.errors()
         errors += self.packed_document_errors()
-        errors += self.fsdp_errors()
         errors += self.checkpoint.errors()
         if self.lora is not None:
             errors += self.lora.errors()

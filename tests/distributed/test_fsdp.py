@@ -6,7 +6,8 @@ and tiny LLaMA of `tests.training.test_training`.
   one rank's (float32, rtol 1e-5), and bf16 tracks them;
 - weights, gradients and optimizer state per rank are 1/DP of the replicated figure;
 - checkpoints: exact resume at TP2 x DP2, and FSDP2 <-> ZeRO-1 both ways;
-- what is not supported yet is refused before any rank starts."""
+- FSDP2 with the distributed optimizer (two owners of the same sharding) is refused before
+  any rank starts."""
 
 from __future__ import annotations
 
@@ -76,8 +77,9 @@ def test_fsdp2_fp16_tracks_zero1_fp16(pool, corpus):  # noqa: F811
     torch.testing.assert_close(losses(result), losses(zero1), rtol=0.03, atol=0)
 
 
-def shard_bytes() -> dict[str, int]:
-    """Parameter, gradient and optimizer-state bytes on this rank (FSDP2 at DP=4)."""
+def shard_bytes(lora_rank: int | None) -> dict[str, int]:
+    """Parameter, gradient and optimizer-state bytes on this rank (FSDP2 at DP=4), with
+    LoRA adapters of ``lora_rank`` on a frozen base or without."""
     import torch.distributed as dist
 
     from engine import parallel_state
@@ -86,24 +88,27 @@ def shard_bytes() -> dict[str, int]:
     from engine.models import LlamaModel, ModelConfig
     from engine.optimizer import build_optimizer
     from engine.optimizer.config import OptimizerConfig
+    from engine.peft import LoraConfig, apply_lora
 
     parallel_state.initialize_model_parallel()
     try:
-        model = FullyShardedDataParallel(
-            LlamaModel(ModelConfig.from_preset("tiny")),
-            DistributedDataParallelConfig(use_torch_fsdp2=True),
-        )
+        chunk = LlamaModel(ModelConfig.from_preset("tiny"))
+        if lora_rank is not None:
+            apply_lora(chunk, LoraConfig(rank=lora_rank))
+        model = FullyShardedDataParallel(chunk, DistributedDataParallelConfig(use_torch_fsdp2=True))
         optimizer = build_optimizer(OptimizerConfig(lr=1e-3), [model])
         tokens = torch.randint(0, 1000, (2, 17), generator=torch.Generator().manual_seed(0))
         model(tokens[:, :-1], labels=tokens[:, 1:]).mean().backward()
         optimizer.step()  # creates Adam's moments
         params = list(model.module.parameters())
+        trained = [p for p in params if p.requires_grad]
         moments = [t for state in optimizer.optimizer.state.values() for k, t in state.items()
                    if k in ("exp_avg", "exp_avg_sq")]  # fmt: skip
         return {
             "full": sum(p.numel() for p in params) * 4,
             "weights": sum(p.to_local().numel() for p in params) * 4,
-            "grads": sum(p.main_grad.numel() for p in params) * 4,
+            "trained": sum(p.numel() for p in trained) * 4,
+            "grads": sum(p.main_grad.numel() for p in trained) * 4,
             "main": sum(shard.main_param.numel() for shard in optimizer.shards) * 4,
             "moments": sum(t.numel() for t in moments) * 4,
             "rank": dist.get_rank(),
@@ -112,38 +117,41 @@ def shard_bytes() -> dict[str, int]:
         parallel_state.destroy_model_parallel()
 
 
-def test_fsdp2_holds_a_quarter_per_rank_at_dp4_as_the_plan_says(pool):
+@pytest.mark.parametrize("lora_rank", [None, 8], ids=["full", "lora"])
+def test_fsdp2_holds_a_quarter_per_rank_at_dp4_as_the_plan_says(pool, lora_rank):
     """Counted on each rank: weights, gradients and Adam's moments are 1/4 of the replicated
     float32 figures (FSDP cuts each parameter's rows as torch.chunk does: within a row of
-    each), and the plan's per-rank figures equal them within that padding."""
+    each), and the plan's per-rank figures equal them within that padding. With LoRA the
+    frozen base is sharded too, and only the adapters have gradients and moments."""
     from engine.planning.cost_model import plan
 
-    per_rank = pool.run(shard_bytes)
-    full = per_rank[0]["full"]
+    per_rank = pool.run(shard_bytes, lora_rank)
+    full, trained = per_rank[0]["full"], per_rank[0]["trained"]
+    assert (trained < full / 10) if lora_rank else (trained == full)
+    lora = [] if lora_rank is None else ["--lora-rank", str(lora_rank)]
     job = parse_args(["--model-preset", "tiny", "--use-torch-fsdp2", "--seq-length", "16",
-                      "--train-iters", "1"],
+                      "--train-iters", "1", *lora],
                      world_size=4)  # fmt: skip
     planned = plan(job, 4).ranks[0]
     for r in per_rank:
-        assert r["grads"] == r["weights"] == r["main"] and r["moments"] == 2 * r["weights"], r
+        assert r["grads"] == r["main"] and r["moments"] == 2 * r["grads"], r
         assert abs(r["weights"] - full / 4) <= full * 0.02, r
+        assert abs(r["grads"] - trained / 4) <= trained * 0.02 + 4 * 64, r
         assert abs(planned.weight_bytes - r["weights"]) <= full * 0.02
-        assert abs(planned.grad_bytes - r["grads"]) <= full * 0.02
-        assert abs(planned.optimizer_bytes - r["moments"]) <= 2 * full * 0.02
+        assert abs(planned.grad_bytes - r["grads"]) <= trained * 0.02 + 4 * 64
+        assert abs(planned.optimizer_bytes - r["moments"]) <= 2 * (trained * 0.02 + 4 * 64)
     assert sum(r["weights"] for r in per_rank) == full
+    assert sum(r["grads"] for r in per_rank) == trained
     assert planned.weight_bytes == -(-full // 16) * 4  # ceil(parameters / 4) float32 values
 
 
-def test_what_fsdp2_does_not_cover_yet_is_refused_up_front(capsys):
+def test_fsdp2_with_the_distributed_optimizer_is_refused_up_front(capsys):
     base = ["--model-preset", "tiny", "--train-iters", "1", "--data-path", "x",
             "--use-torch-fsdp2"]  # fmt: skip
-    for extra, named in (
-        (["--lora-rank", "8"], "does not support --lora-rank yet"),
-        (["--use-distributed-optimizer"], "drop --use-distributed-optimizer"),
-    ):
-        with pytest.raises(SystemExit):
-            parse_args(base + extra, world_size=4)
-        assert named in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--use-distributed-optimizer"], world_size=4)
+    assert "drop --use-distributed-optimizer" in capsys.readouterr().err
+    assert parse_args([*base, "--lora-rank", "8"], world_size=4).lora.rank == 8
     assert parse_args(base, world_size=4).ddp.use_torch_fsdp2
 
 

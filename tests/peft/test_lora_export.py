@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.paths import REPO
-from tests.peft.test_lora_training import lora_job, train_job, with_checkpoints
+from tests.peft.test_lora_training import fsdp_lora_job, lora_job, train_job, with_checkpoints
 from tests.rank_pool import module_pool
 from tests.training.test_training import corpus  # noqa: F401 (a fixture)
 from tools.convert_checkpoint import main as convert_main
@@ -107,9 +107,9 @@ def first_loss(job) -> float:
 
 
 def test_a_peft_adapter_continues_training_at_another_layout(pool8, corpus, trained):  # noqa: F811
-    """Started from the PEFT export at TP=2 + SP (DP=4), the first iteration's loss is the one
-    the engine's own adapters give on the same batch (weights-only load of their checkpoint),
-    and not the base's."""
+    """Started from the PEFT export at TP=2 + SP (DP=4), with DDP or FSDP2, the first
+    iteration's loss is the one the engine's own adapters give on the same batch (weights-only
+    load of their checkpoint), and not the base's."""
     root = trained
     job = with_checkpoints(lora_job(corpus, 2, 1, sequence_parallel=True),
                            pretrained_checkpoint=str(root / "base"))  # fmt: skip
@@ -117,6 +117,12 @@ def test_a_peft_adapter_continues_training_at_another_layout(pool8, corpus, trai
         convert("lora-to-peft", "--load-dir", str(root / "adapters"), "--save-dir",
                 str(root / "peft"))  # fmt: skip
     from_peft = pool8.run(first_loss, with_checkpoints(job, load_peft_adapter=str(root / "peft")))
+    # Under FSDP2 the adapter's tensors go into this DP rank's rows of each shard.
+    fsdp = with_checkpoints(fsdp_lora_job(corpus, 2, 1, sequence_parallel=True),
+                            pretrained_checkpoint=str(root / "base"))  # fmt: skip
+    fsdp = with_checkpoints(fsdp, load_peft_adapter=str(root / "peft"))
+    fsdp_from_peft = pool8.run(first_loss, fsdp)
+    assert fsdp_from_peft[0] == pytest.approx(from_peft[0], rel=1e-6)
     from_engine = pool8.run(first_loss, with_checkpoints(job, load=str(root / "adapters"),
                                                          finetune=True))  # fmt: skip
     fresh = pool8.run(first_loss, job)[0]

@@ -50,6 +50,12 @@ def sft_lora_job(prefix: str, tp: int, pp: int, sequence_parallel: bool = False,
     return dataclasses.replace(job, data=data)
 
 
+def local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: its rows of an FSDP2 DTensor (comparing DTensors is
+    a collective, and the process groups are gone when the results are read)."""
+    return (param.to_local() if hasattr(param, "to_local") else param).detach()
+
+
 def train_with_lora(job) -> dict:
     """Train (SFT data: `finetune`); return the losses, the adapters (full, by PEFT name) and
     whether each base shard of this rank is unchanged and without a gradient."""
@@ -61,7 +67,7 @@ def train_with_lora(job) -> dict:
     def recording_step(data_iterator, model):
         # The chunks as the trainer built them: their base shards before the first update.
         if id(model) not in seen:
-            seen[id(model)] = (model, {n: p.detach().clone()
+            seen[id(model)] = (model, {n: local(p).clone()
                                        for n, p in model.named_parameters()})  # fmt: skip
         return forward_step(data_iterator, model)
 
@@ -88,9 +94,9 @@ def train_with_lora(job) -> dict:
     for model, before in seen.values():
         for name, param in model.named_parameters():
             if is_lora_parameter(param):
-                adapters_moved |= not torch.equal(param, before[name])
+                adapters_moved |= not torch.equal(local(param), before[name])
             else:
-                base_unchanged &= torch.equal(param, before[name])
+                base_unchanged &= torch.equal(local(param), before[name])
                 base_without_grad &= param.grad is None and not param.requires_grad
     return {
         "losses": [result.losses[i] for i in range(1, ITERS + 1)],
@@ -250,13 +256,11 @@ def bases(solo, corpus, tmp_path_factory):  # noqa: F811
     return out
 
 
-def test_adapters_checkpoint_resume_bit_for_bit_and_reshard(pool8, solo, corpus, bases, tmp_path):  # noqa: E501, F811
-    """LoRA on a base checkpoint at TP=2 x PP=2 x DP=2: stopped at 2 and resumed, iterations 3
-    and 4 repeat the uninterrupted run exactly; the checkpoint holds adapters only; resharded
-    to one process the adapters continue within float32 tolerance."""
-    job = dataclasses.replace(lora_job(corpus, 2, 2), training=dataclasses.replace(
-        lora_job(corpus, 2, 2).training, train_iters=4))  # fmt: skip
-    job = with_checkpoints(job, pretrained_checkpoint=bases[0])
+def resumes_and_reshards(pool8, solo, job, tmp_path) -> None:
+    """LoRA ``job`` on a base checkpoint, 4 steps: stopped at 2 and resumed, iterations 3 and 4
+    repeat the uninterrupted run exactly; the checkpoint holds adapters only; resharded to one
+    process (DDP and ZeRO-1) the adapters continue within float32 tolerance."""
+    job = dataclasses.replace(job, training=dataclasses.replace(job.training, train_iters=4))
     uninterrupted = pool8.run(train_job, job)[0]
     stop = with_checkpoints(job, save=str(tmp_path))
     stop = dataclasses.replace(stop, training=dataclasses.replace(job.training, exit_interval=2))
@@ -268,10 +272,16 @@ def test_adapters_checkpoint_resume_bit_for_bit_and_reshard(pool8, solo, corpus,
     assert resumed == {i: uninterrupted[i] for i in (3, 4)}
     one_rank = dataclasses.replace(job.parallel, tensor_model_parallel_size=1,
                                    pipeline_model_parallel_size=1)  # fmt: skip
-    solo_job = dataclasses.replace(job, parallel=one_rank)
+    solo_job = dataclasses.replace(job, parallel=one_rank, ddp=lora_job("", 1, 1).ddp)
     one = solo.run(train_job, with_checkpoints(solo_job, load=str(tmp_path)))[0]
     for i in (3, 4):
         assert one[i] == pytest.approx(uninterrupted[i], rel=1e-5), i
+
+
+def test_adapters_checkpoint_resume_bit_for_bit_and_reshard(pool8, solo, corpus, bases, tmp_path):  # noqa: E501, F811
+    """At TP=2 x PP=2 x DP=2 with the distributed optimizer."""
+    job = with_checkpoints(lora_job(corpus, 2, 2), pretrained_checkpoint=bases[0])
+    resumes_and_reshards(pool8, solo, job, tmp_path)
 
 
 def test_adapters_without_their_base_are_refused(solo, corpus, bases, tmp_path):  # noqa: F811
@@ -282,3 +292,38 @@ def test_adapters_without_their_base_are_refused(solo, corpus, bases, tmp_path):
         with pytest.raises(Exception, match="holds LoRA adapters trained on") as error:
             solo.run(train_job, resume)
         assert bases[0] in str(error.value) and str(base or "none") in str(error.value)
+
+
+def fsdp_lora_job(corpus: str, tp: int, pp: int, sequence_parallel: bool = False):  # noqa: F811
+    """`lora_job` with the adapters (and the frozen base) sharded by FSDP2."""
+    job = lora_job(corpus, tp, pp, sequence_parallel)
+    ddp = dataclasses.replace(job.ddp, use_torch_fsdp2=True, use_distributed_optimizer=False,
+                              overlap_grad_reduce=False)  # fmt: skip
+    return dataclasses.replace(job, ddp=ddp)
+
+
+@pytest.mark.parametrize(
+    "tp, pp, sequence_parallel", [(2, 1, True), (1, 2, False)], ids=["tp2-sp-dp4", "pp2-dp4"],
+)  # fmt: skip
+def test_lora_under_fsdp2_matches_one_process(pool8, corpus, reference, tp, pp,  # noqa: F811
+                                              sequence_parallel):  # fmt: skip
+    results = pool8.run(train_with_lora, fsdp_lora_job(corpus, tp, pp, sequence_parallel))
+    for rank, out in enumerate(results):
+        assert out["base_unchanged"] and out["base_without_grad"], f"rank {rank}"
+    torch.testing.assert_close(
+        torch.tensor(results[0]["losses"], dtype=torch.float64),
+        torch.tensor(reference["losses"], dtype=torch.float64), rtol=1e-5, atol=0,
+    )  # fmt: skip
+    adapters = {k: v for out in results for k, v in out["adapters"].items()}
+    assert sorted(adapters) == sorted(reference["adapters"])
+    for name, tensor in adapters.items():
+        torch.testing.assert_close(tensor, reference["adapters"][name], rtol=1e-5, atol=1e-6,
+                                   msg=name)  # fmt: skip
+
+
+def test_fsdp2_adapters_checkpoint_resume_bit_for_bit_and_reshard(pool8, solo, corpus, bases,  # noqa: F811
+                                                                  tmp_path):  # fmt: skip
+    """Under FSDP2 at TP=2 x PP=2 x DP=2 (the base loaded into FSDP's shards, the adapters
+    saved from them); the checkpoint then continues in one process without FSDP."""
+    job = with_checkpoints(fsdp_lora_job(corpus, 2, 2), pretrained_checkpoint=bases[0])
+    resumes_and_reshards(pool8, solo, job, tmp_path)
