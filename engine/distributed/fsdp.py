@@ -73,10 +73,13 @@ class FullyShardedDataParallel(nn.Module):
     """A model chunk sharded with FSDP2 over the data-parallel group (module docstring).
 
     Args:
-        module: the model chunk (this rank's TP/PP share), float32.
+        module: the model chunk (this rank's TP/PP share), float32, best still on the host:
+            ``fully_shard`` moves one layer at a time to ``device`` and keeps its rows there,
+            so the device never holds the whole chunk (a 7B model's float32 weights are 28 GB).
         config: ``use_torch_fsdp2`` must be set.
         data_parallel_group: default: DP x CP (`parallel_state`), as gradients are averaged.
         param_dtype: the dtype layers compute in (None: the parameters').
+        device: where the shards live (default: the module's).
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class FullyShardedDataParallel(nn.Module):
         config: DistributedDataParallelConfig,
         data_parallel_group: dist.ProcessGroup | None = None,
         param_dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
     ):
         super().__init__()
         device_mesh, mixed_precision, fully_shard = _fsdp()
@@ -92,7 +96,7 @@ class FullyShardedDataParallel(nn.Module):
         self.data_parallel_group = data_parallel_group or parallel_state.get_data_parallel_group(
             with_context_parallel=True
         )
-        device = next(module.parameters()).device
+        device = device or next(module.parameters()).device
         mesh = device_mesh.from_group(self.data_parallel_group, device.type)
         policy = mixed_precision(param_dtype=param_dtype, reduce_dtype=torch.float32)
         attributes = {name: _engine_attributes(p) for name, p in module.named_parameters()}

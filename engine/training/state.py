@@ -77,7 +77,9 @@ class TrainingRun:
             context_parallel_size=p.context_parallel_size,
         )
         model_parallel_seed(t.seed)
-        chunks = [chunk.to(device) for chunk in build_model_chunks(self.model_config)]
+        chunks = build_model_chunks(self.model_config)
+        if not job.ddp.use_torch_fsdp2:  # FSDP moves each layer's shards there itself
+            chunks = [chunk.to(device) for chunk in chunks]
         if job.lora is not None:
             # Before DDP: what requires a gradient (the adapters only) decides what DDP
             # buckets and the optimizer steps; the frozen base gets neither.
@@ -86,7 +88,8 @@ class TrainingRun:
         self.chunks: list[DataParallelChunk]
         if job.ddp.use_torch_fsdp2:
             dtype = compute_dtype(job)
-            self.chunks = [FullyShardedDataParallel(chunk, job.ddp, param_dtype=dtype)
+            self.chunks = [FullyShardedDataParallel(chunk, job.ddp, param_dtype=dtype,
+                                                    device=device)
                            for chunk in chunks]  # fmt: skip
         else:
             self.chunks = [DistributedDataParallel(chunk, job.ddp) for chunk in chunks]
