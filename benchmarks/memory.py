@@ -2,7 +2,7 @@
 the whole logits and chunked.
 
     python benchmarks/memory.py [--dp-world 4] [--vocab 128256] [--hidden 512] [--tokens 2048]
-                                [--chunk 256] [--repeats 3]
+                                [--chunk N] [--repeats 3]
 
 **Data parallelism.** ``--dp-world`` gloo ranks (CPU processes) train one step of a fixed
 LLaMA (``--dp-hidden`` 512, ``--dp-layers`` 4, vocabulary 8,000, float32) with this package's
@@ -15,9 +15,12 @@ it had before building the model. The maximum over the ranks is printed per mode
 and a loss over ``--tokens`` tokens, forward and backward, two ways:
 
 - **whole**: the logits ``[tokens, vocab]``, then `vocab_parallel_cross_entropy` (which keeps
-  the float32 softmax for backward): what the model did before `--cross-entropy-chunk-size`;
-- **chunked**: `linear_cross_entropy`, ``--chunk`` tokens at a time (the backward recomputes
-  each chunk's logits).
+  the float32 softmax for backward): ``--cross-entropy-chunk-size 0``;
+- **chunked**: `linear_cross_entropy`, ``--chunk`` tokens at a time (default: the model's
+  default, `default_chunk_size`), with the trainer's loss (every token's loss gets the same
+  gradient): the gradients are computed in the forward, the backward scales them;
+- **recomputing**: the same with a different gradient per token (a loss of
+  ``Σ w_i loss_i``): the backward recomputes each chunk's logits.
 
 Per side:
 
@@ -32,7 +35,8 @@ Per side:
 
 The ratios come last: ``zero1_over_ddp_state`` and ``fsdp2_over_ddp_state`` (weights +
 gradients + optimizer state per rank), ``fsdp2_over_ddp_rss``, then ``peak_whole_over_chunked``
-(how much less memory) and ``time_chunked_over_whole`` (what it costs), the last line.
+(how much less memory), ``time_chunked_over_whole`` and ``time_recomputing_over_whole`` (what
+it costs), the last lines.
 """
 
 from __future__ import annotations
@@ -59,9 +63,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import parallel_state  # noqa: E402
 from engine.device import init_distributed  # noqa: E402
 from engine.tensor_parallel import vocab_parallel_cross_entropy  # noqa: E402
-from engine.tensor_parallel.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from engine.tensor_parallel.linear_cross_entropy import (  # noqa: E402
+    default_chunk_size,
+    linear_cross_entropy,
+)
 
-SIDES = ("whole", "chunked")
+SIDES = ("whole", "chunked", "recomputing")
 MODES = ("ddp", "zero1", "fsdp2")
 
 
@@ -159,6 +166,8 @@ def _step(side: str, x, weight, target, chunk: int) -> int:
             loss = vocab_parallel_cross_entropy(F.linear(x, weight), target)
         else:
             loss = linear_cross_entropy(x, weight, target, None, chunk)
+    if side == "recomputing":
+        loss = loss * torch.linspace(0.5, 1.5, loss.numel(), device=loss.device).view(loss.shape)
     loss.sum().backward()
     x.grad = weight.grad = None
     return sum(saved.values())
@@ -203,10 +212,17 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="tokens a chunk (default: the model's default for these sizes)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.chunk is None:
+        args.chunk = default_chunk_size(args.tokens, args.hidden, args.vocab) or args.tokens
     if args.child is not None:
         child(args)
         return
@@ -254,8 +270,9 @@ def main() -> None:
     for kind in ("saved", "peak"):
         ratio = memory["whole"][kind] / max(memory["chunked"][kind], 1)
         print(f"{kind}_whole_over_chunked={ratio:.2f}")
-    ratio = statistics.median(times["chunked"]) / statistics.median(times["whole"])
-    print(f"time_chunked_over_whole={ratio:.3f}")
+    for side in SIDES[1:]:
+        ratio = statistics.median(times[side]) / statistics.median(times["whole"])
+        print(f"time_{side}_over_whole={ratio:.3f}")
 
 
 if __name__ == "__main__":

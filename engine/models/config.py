@@ -83,8 +83,10 @@ class ModelConfig:
     """None, "full" (recompute whole layers) or "selective" (core attention only)."""
     cross_entropy_chunk_size: int | None = None
     """Compute the output layer and the loss this many tokens at a time, so the whole
-    ``[s, b, V/tp]`` logits never exist (``--cross-entropy-chunk-size``; 0 or None: the whole
-    logits at once). Generation and logits are unaffected."""
+    ``[s, b, V/tp]`` logits never exist (``--cross-entropy-chunk-size``). None (the default):
+    chunks whose logits are about the size of the head's input
+    (`engine.tensor_parallel.linear_cross_entropy.default_chunk_size`); 0: the whole logits at
+    once. Generation and logits are unaffected."""
     cp_comm_type: str = "p2p"
     """How attention communicates under context parallelism (``--cp-comm-type``): "p2p"
     (ring attention) or "a2a" (all-to-all over heads); see `engine.context_parallel`."""

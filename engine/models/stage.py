@@ -11,13 +11,15 @@ from torch import nn
 from engine import parallel_state
 from engine.models.config import ModelConfig
 from engine.tensor_parallel import (
-    ColumnParallelLinear,
     InitMethod,
     pad_vocab_size,
     vocab_padded_init,
     vocab_parallel_cross_entropy,
 )
-from engine.tensor_parallel.linear_cross_entropy import linear_cross_entropy
+from engine.tensor_parallel.linear_cross_entropy import (
+    VocabParallelOutputLayer,
+    default_chunk_size,
+)
 
 
 def chunk_layer_numbers(config: ModelConfig, virtual_rank: int | None = None) -> list[int]:
@@ -85,7 +87,7 @@ class PipelineStage(nn.Module):
         config = self.config
         padded = pad_vocab_size(config.vocab_size, self.tp, config.make_vocab_size_divisible_by)
         self.padded_vocab_size = padded
-        self.output_layer = ColumnParallelLinear(
+        self.output_layer = VocabParallelOutputLayer(
             config.hidden_size, padded, sequence_parallel=config.sequence_parallel,
             dtype=config.params_dtype,
             init_method=vocab_padded_init(init_method, config.vocab_size),
@@ -97,16 +99,17 @@ class PipelineStage(nn.Module):
         """The final hidden states ``[s(/tp), b, h]`` through the output head: per-token loss
         ``[b, s]`` (float32) with ``labels [b, s]``, else logits ``[b, s, V_padded/tp]``.
 
-        With ``config.cross_entropy_chunk_size`` the loss is computed that many tokens at a
-        time and the whole logits never exist (`linear_cross_entropy`)."""
+        The loss is computed ``config.cross_entropy_chunk_size`` tokens at a time (by default
+        `default_chunk_size`'s) and the whole logits never exist (`linear_cross_entropy`); a
+        chunk size of 0 takes the whole logits. Labels of `IGNORE_INDEX` have loss 0."""
         tied = self.config.tie_word_embeddings and self.pre_process
         weight = cast(Any, self).embedding.weight if tied else None
         chunk = self.config.cross_entropy_chunk_size
+        if labels is not None and chunk is None:
+            chunk = default_chunk_size(labels.numel(), self.config.hidden_size,
+                                       self.padded_vocab_size // self.tp)  # fmt: skip
         if labels is not None and chunk:
-            head = self.output_layer.weight if weight is None else weight
-            losses = linear_cross_entropy(
-                x, head, labels.t(), self.config.vocab_size, chunk, self.config.sequence_parallel
-            )
+            losses = self.output_layer(x, weight, labels.t(), self.config.vocab_size, chunk)
             return losses.t().contiguous()
         logits = self.output_layer(x, weight=weight)
         if labels is None:

@@ -46,6 +46,7 @@ from engine.planning.lora import (
     targeted_modules,
 )
 from engine.tensor_parallel import pad_vocab_size
+from engine.tensor_parallel.linear_cross_entropy import default_chunk_size
 from engine.training.config import JobConfig
 
 GB = 10**9
@@ -159,15 +160,26 @@ def output_activation_bytes(
     cp: int = 1,
 ) -> int:
     """What the last stage keeps after the decoder layers, per microbatch: the final norm's
-    input, the output head's input (the sequence shard with sequence parallelism) and the cross
-    entropy's float32 softmax over this rank's vocabulary slice, for its ``seq_length / cp``
-    tokens; with ``--cross-entropy-chunk-size`` a float32 log-sum-exp per token instead of the
-    softmax (the backward recomputes each chunk's logits)."""
+    input and the output head's input (the sequence shard with sequence parallelism), for its
+    ``seq_length / cp`` tokens, and the cross entropy's:
+
+    - chunked (`linear_cross_entropy`: by default where the vocabulary slice is wider than
+      the hidden size, `default_chunk_size`): a float32 log-sum-exp and the input's gradient
+      per token (the whole sequence) and the weight's float32 gradient, computed in the
+      forward (a chunk's logits live only during it);
+    - whole logits (``--cross-entropy-chunk-size 0``, or by default a narrower slice): the
+      float32 softmax over this rank's vocabulary slice.
+    """
     s, b, h = seq_length // cp, micro_batch_size, model.hidden_size
     sp = tp if model.sequence_parallel else 1
     vocab_shard = pad_vocab_size(model.vocab_size, tp, model.make_vocab_size_divisible_by) // tp
-    per_token = 4 if model.cross_entropy_chunk_size else 4 * vocab_shard
-    return 2 * s * b * h // sp * bytes_per_value + s * b * per_token
+    inputs = 2 * s * b * h // sp * bytes_per_value
+    chunk = model.cross_entropy_chunk_size
+    if chunk is None:
+        chunk = default_chunk_size(s * b, h, vocab_shard)
+    if chunk == 0:
+        return inputs + s * b * 4 * vocab_shard
+    return inputs + s * b * (4 + h * bytes_per_value) + vocab_shard * h * 4
 
 
 def rank_trainable_parameters(job: JobConfig) -> list[int]:

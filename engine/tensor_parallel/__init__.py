@@ -2,7 +2,7 @@
 the RNG streams and activation recomputation that go with them."""
 
 from engine.tensor_parallel.attributes import mark_partial_over_tp
-from engine.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from engine.tensor_parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from engine.tensor_parallel.layers import (
     ColumnParallelLinear,
     InitMethod,
@@ -33,6 +33,7 @@ from engine.tensor_parallel.random import (
 )
 
 __all__ = [
+    "IGNORE_INDEX",
     "MODEL_PARALLEL_RNG_NAME",
     "RNGStatesTracker",
     "checkpoint",

@@ -4,6 +4,8 @@ The full ``[tokens, vocab]`` logits are never gathered: each rank reduces its sl
 a sum of exponentials and (on the rank that owns it) the target's logit, and three small
 all-reduces of ``[tokens]`` tensors combine them. Entries past the real vocabulary (padding)
 are set to -inf, so they can never win the max, take probability or carry gradient.
+
+A label of `IGNORE_INDEX` (PyTorch's and HF's -100) is a token without loss: 0, and no gradient.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import torch
 import torch.distributed as dist
 
 from engine import parallel_state
+
+IGNORE_INDEX = -100
+"""The label of a token that has no loss (0) and no gradient, as ``F.cross_entropy``'s."""
 
 
 def mask_padding(logits: torch.Tensor, vocab_size: int | None, group: dist.ProcessGroup) -> None:
@@ -76,8 +81,9 @@ def cross_entropy_terms(
         dist.all_reduce(both, group=group)
         target_logit, sum_exp = both[0], both[1]
     log_sum_exp = sum_exp.log()
+    loss = (log_sum_exp - target_logit).masked_fill(target == IGNORE_INDEX, 0.0)
     return CrossEntropyTerms(
-        log_sum_exp - target_logit, exp_logits, sum_exp, log_sum_exp + logits_max,
+        loss, exp_logits, sum_exp, log_sum_exp + logits_max,
         local_target, outside,
     )  # fmt: skip
 
@@ -102,14 +108,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rows = rows.view(-1, rows.size(-1))
         terms = cross_entropy_terms(rows, target.reshape(-1), vocab_size, group)
         softmax = terms.exp_logits.div_(terms.sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, terms.outside, terms.local_target)
+        ctx.save_for_backward(softmax, terms.outside, terms.local_target, target)
         ctx.logits_shape = logits.shape
         return terms.loss.view(shape)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, outside, local_target = ctx.saved_tensors
-        grad = softmax_grad_(softmax, local_target, outside, grad_loss.reshape(-1))
+        softmax, outside, local_target, target = ctx.saved_tensors
+        grads = grad_loss.reshape(-1).masked_fill(target.reshape(-1) == IGNORE_INDEX, 0.0)
+        grad = softmax_grad_(softmax, local_target, outside, grads)
         return grad.view(ctx.logits_shape), None, None, None
 
 
@@ -123,7 +130,7 @@ def vocab_parallel_cross_entropy(
 
     Args:
         logits: ``[*, padded_vocab/tp]``, this rank's slice of the (padded) vocabulary.
-        target: ``[*]`` token ids in the full vocabulary.
+        target: ``[*]`` token ids in the full vocabulary, or `IGNORE_INDEX` (loss 0).
         vocab_size: the real vocabulary size; entries at or past it are padding and ignored.
             ``None`` means no padding.
         group: the TP group (default: `engine.parallel_state`'s).

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from engine import parallel_state
+from engine.tensor_parallel import IGNORE_INDEX
 from engine.training.data import Batch
 from engine.wrappers import unwrap
 
@@ -30,13 +31,16 @@ def forward_step(
     inner = unwrap(model)
     # Packed documents (SFT, --reset-attention-mask): attention stays inside each one.
     docs = {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}
+    mask = batch["loss_mask"].float()
+    # Masked tokens' labels are IGNORE_INDEX: the chunked head then knows every other token's
+    # loss gets the same gradient, and computes the gradients in its forward.
+    labels = batch["labels"].masked_fill(mask == 0, IGNORE_INDEX) if inner.post_process else None
     output = model(
         batch["tokens"] if inner.pre_process else None,
         position_ids=batch["position_ids"],
-        labels=batch["labels"] if inner.post_process else None,
+        labels=labels,
         **docs,
     )
-    mask = batch["loss_mask"].float()
     tokens = batch["loss_tokens"].float() if "loss_tokens" in batch else mask.sum()
     cp = parallel_state.get_context_parallel_world_size()
 

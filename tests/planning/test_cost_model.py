@@ -341,16 +341,25 @@ def test_context_parallel_traffic_per_layer():
 
 
 def test_a_chunked_head_keeps_no_softmax():
-    """LLaMA-3-8B at TP=1, 8k tokens: the float32 softmax over 128,256 ids (4.2 GB) gives way
-    to one float32 log-sum-exp per token."""
+    """LLaMA-3-8B at TP=1, 8k tokens: the whole logits' float32 softmax over 128,256 ids
+    (4.2 GB) gives way, by default, to a float32 log-sum-exp and the input's gradient per
+    token and the weight's float32 gradient; at TP=8 with a 32,000-id vocabulary (a slice
+    of 4,096, the hidden size) the default is the whole logits."""
     from engine.planning.cost_model import output_activation_bytes
 
-    model = ModelConfig.from_preset("llama3-8b")
-    s, h = 8192, 4096
-    whole = output_activation_bytes(model, s, 1, 1)
-    assert whole == 2 * s * h * 2 + 4 * s * 128256
+    model = ModelConfig.from_preset("llama3-8b", cross_entropy_chunk_size=0)
+    s, h, v = 8192, 4096, 128256
+    inputs = 2 * s * h * 2
+    whole = inputs + 4 * s * v
+    assert output_activation_bytes(model, s, 1, 1) == whole
+    model.cross_entropy_chunk_size = None
+    chunked = inputs + s * (4 + 2 * h) + v * h * 4
+    assert output_activation_bytes(model, s, 1, 1) == chunked
+    assert whole / chunked > 1.8  # the weight gradient (2.1 GB) is the most of it
     model.cross_entropy_chunk_size = 1024
-    assert output_activation_bytes(model, s, 1, 1) == 2 * s * h * 2 + 4 * s
+    assert output_activation_bytes(model, s, 1, 1) == chunked
+    narrow = ModelConfig.from_preset("llama2-7b")
+    assert output_activation_bytes(narrow, 4096, 1, 8) == 2 * 4096 * h * 2 + 4 * 4096 * 4096
 
 
 def test_fsdp2_plan_counts_the_gathered_layers_and_the_all_gathers():

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 
 from engine import parallel_state
 from engine.tensor_parallel import (
+    IGNORE_INDEX,
     copy_to_tensor_model_parallel_region,
     linear_with_sequence_parallel_input,
     pad_vocab_size,
     vocab_parallel_cross_entropy,
 )
-from engine.tensor_parallel.linear_cross_entropy import linear_cross_entropy
+from engine.tensor_parallel.linear_cross_entropy import default_chunk_size, linear_cross_entropy
 from tests.rank_pool import module_pool
 
 pool = module_pool(2)
@@ -26,7 +27,21 @@ pool = module_pool(2)
 VOCAB, HIDDEN = 1001, 32  # 1001 = 7 x 11 x 13: padded for every TP size
 
 
-def both_paths(tp: int, seq: int, batch: int, chunk: int, sequence_parallel: bool) -> dict:
+def both_paths(tp: int, seq: int, batch: int, chunk: int, sequence_parallel: bool,
+               mean: bool = False) -> dict:  # fmt: skip
+    """Both paths on the same data. ``mean``: the trainer's loss gradients (one value for
+    every token, every third token's label `IGNORE_INDEX`), which the chunked path answers
+    from its forward without recomputing; else random loss gradients, which it recomputes."""
+    from engine.tensor_parallel import linear_cross_entropy as module
+
+    recomputed: list[int] = []
+    general = module._recomputed_gradients
+
+    def counting(*args, **kwargs):
+        recomputed.append(1)
+        return general(*args, **kwargs)
+
+    module._recomputed_gradients = counting
     parallel_state.initialize_model_parallel(tp)
     try:
         rank = parallel_state.get_tensor_model_parallel_rank()
@@ -37,6 +52,9 @@ def both_paths(tp: int, seq: int, batch: int, chunk: int, sequence_parallel: boo
         x_full = torch.randn(seq, batch, HIDDEN, generator=generator)
         target = torch.randint(0, VOCAB, (seq, batch), generator=generator)
         grad_loss = torch.rand(seq, batch, generator=generator)
+        if mean:
+            target.view(-1)[::3] = IGNORE_INDEX
+            grad_loss = torch.full((seq, batch), 0.37)
         shard = padded // tp
         weight = full_weight[rank * shard : (rank + 1) * shard].clone()
         local = seq // tp if sequence_parallel else seq
@@ -62,19 +80,25 @@ def both_paths(tp: int, seq: int, batch: int, chunk: int, sequence_parallel: boo
                     loss = vocab_parallel_cross_entropy(logits, target, VOCAB)
             loss.backward(grad_loss)
             results.append({"loss": loss.detach(), "dx": x.grad, "dw": w.grad, "saved": saved})
-        return {"plain": results[0], "chunked": results[1], "shard": shard}
+        return {"plain": results[0], "chunked": results[1], "shard": shard,
+                "recomputed": len(recomputed)}  # fmt: skip
     finally:
+        module._recomputed_gradients = general
         parallel_state.destroy_model_parallel()
 
 
+@pytest.mark.parametrize("mean", [False, True], ids=["any-gradients", "mean-loss"])
 @pytest.mark.parametrize(
     "tp, seq, batch, chunk, sp",
     [(1, 13, 3, 5, False), (1, 13, 3, 64, False), (2, 13, 3, 4, False), (2, 14, 3, 5, True)],
     ids=["tp1", "tp1-one-chunk", "tp2", "tp2-sp"],
 )
-def test_chunked_equals_whole_logits(pool, tp, seq, batch, chunk, sp):
-    for rank, result in enumerate(pool.run(both_paths, tp, seq, batch, chunk, sp)):
+def test_chunked_equals_whole_logits(pool, tp, seq, batch, chunk, sp, mean):
+    for rank, result in enumerate(pool.run(both_paths, tp, seq, batch, chunk, sp, mean)):
         plain, chunked = result["plain"], result["chunked"]
+        assert result["recomputed"] == (0 if mean else 1), rank
+        if mean:  # ignored tokens: loss 0 and no gradient
+            assert (plain["loss"].view(-1)[::3] == 0).all()
         for key in ("loss", "dx", "dw"):
             torch.testing.assert_close(chunked[key], plain[key], rtol=1e-6, atol=1e-6,
                                        msg=f"rank {rank} {key}")  # fmt: skip
@@ -90,31 +114,49 @@ def test_chunk_size_must_be_positive():
         linear_cross_entropy(torch.zeros(2, 1, 4), torch.zeros(8, 4), torch.zeros(2, 1), 8, 0)
 
 
-def model_paths(tp: int, overrides: dict) -> list[float]:
+def model_paths(tp: int, overrides: dict, mean: bool) -> list[float]:
     """The largest difference, loss and every gradient, between the tiny LLaMA with the
-    chunked head (7 tokens a chunk) and with the whole logits."""
+    whole logits and with the chunked head (7 tokens a chunk, and the default chunks).
+    ``mean``: the trainer's loss (the mean over a loss mask, masked labels ignored); else
+    weights that differ per token."""
     from engine.models import LlamaModel, ModelConfig
 
     parallel_state.initialize_model_parallel(tp)
     try:
         tokens = torch.randint(0, 1000, (3, 17), generator=torch.Generator().manual_seed(1))
+        labels, mask = tokens[:, 1:], torch.ones(3, 16)
+        if mean:
+            mask[:, :5] = 0  # a prompt without loss, as SFT's
+            labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+        weights = mask / mask.sum() if mean else torch.linspace(0, 1, 48).view(3, 16)
         runs = []
-        for chunk in (None, 7):
+        for chunk in (0, 7, None):
             config = ModelConfig.from_preset("tiny", cross_entropy_chunk_size=chunk, **overrides)
             model = LlamaModel(config)
-            loss = model(tokens[:, :-1], labels=tokens[:, 1:])
-            (loss * torch.linspace(0, 1, loss.numel()).view(loss.shape)).sum().backward()
+            loss = model(tokens[:, :-1], labels=labels)
+            (loss * weights).sum().backward()
             runs.append([loss.detach()] + [p.grad for p in model.parameters()])
-        return [(a - b).abs().max().item() for a, b in zip(*runs, strict=True)]
+        return [(a - b).abs().max().item() for run in runs[1:]
+                for a, b in zip(runs[0], run, strict=True)]  # fmt: skip
     finally:
         parallel_state.destroy_model_parallel()
 
 
+@pytest.mark.parametrize("mean", [False, True], ids=["any-gradients", "mean-loss"])
 @pytest.mark.parametrize(
     "tp, overrides",
     [(1, {}), (2, {"sequence_parallel": True, "tie_word_embeddings": True}), (2, {})],
     ids=["tp1", "tp2-sp-tied", "tp2"],
 )
-def test_the_model_with_a_chunked_head_equals_the_whole_logits(pool, tp, overrides):
-    for rank, errors in enumerate(pool.run(model_paths, tp, overrides)):
+def test_the_model_with_a_chunked_head_equals_the_whole_logits(pool, tp, overrides, mean):
+    for rank, errors in enumerate(pool.run(model_paths, tp, overrides, mean)):
         assert max(errors) < 1e-6, (rank, errors)
+
+
+def test_the_default_chunks_hold_logits_about_the_size_of_the_input():
+    """Liger's rule, at least 256 tokens a chunk; the whole logits when the vocabulary slice
+    is no wider than the hidden size."""
+    assert default_chunk_size(8192, 4096, 128256) == 512  # 8192 x 4096 / 128256 = 262
+    assert default_chunk_size(2048, 512, 128256) == 256  # 9 wanted: too thin a GEMM
+    assert default_chunk_size(100, 64, 256) == 100  # all the tokens, in one chunk
+    assert default_chunk_size(4096, 4096, 4096) == 0  # TP=8 of 32,768 ids: the whole logits
