@@ -54,7 +54,13 @@ setup(
             "megatron-core~=0.16.1",  # the version the reference tests were written against
             "zstandard>=0.22",
             "tiktoken>=0.7",
+            # Parquet / Arrow input and output of tools/preprocess_data.py and clean_data.py.
+            "pyarrow>=14",
+            # benchmarks/dedup.py's reference (its test runs it small): datatrove's MinHash.
+            "datatrove>=0.4",
         ],
+        # benchmarks/dedup.py against datatrove; Parquet in the data tools.
+        "benchmark": ["datatrove>=0.4", "pyarrow>=14"],
         "triton": ["triton>=3.0"],
         # `make quickstart`: a SentencePiece tokenizer, TensorBoard logs, checkpoints.
         "quickstart": ["sentencepiece>=0.1.99", "tensorboard>=2.14", "safetensors>=0.4"],
