@@ -195,10 +195,14 @@ class Report:
             mine.extend(samples[: self.samples_per_reason - len(mine)])
 
     def to_dict(self) -> dict[str, Any]:
+        """The counts, stages in pipeline order and reasons sorted (the same for any run
+        order)."""
+        removed = {stage: dict(sorted(self.removed[stage].items()))
+                   for stage in STAGES if stage in self.removed}  # fmt: skip
         return {
             "documents": self.documents, "bytes": self.bytes,
             "kept_documents": self.kept_documents, "kept_bytes": self.kept_bytes,
-            "removed": self.removed,
+            "removed": removed,
         }  # fmt: skip
 
     @classmethod
