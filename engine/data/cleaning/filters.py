@@ -40,8 +40,9 @@ Script
 from __future__ import annotations
 
 import unicodedata
-from collections import Counter
 from dataclasses import dataclass, field
+
+import numpy as np
 
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "–", "-", "*", "·", "‣", "➢", "✓")
@@ -103,27 +104,46 @@ def _repeated(items: list[str]) -> tuple[int, int]:
     return count, chars
 
 
-def _top_ngram_chars(words: list[str], n: int) -> int:
-    """Characters of the most frequent word n-gram, times its count (Gopher)."""
-    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    if not grams:
-        return 0
-    gram, count = grams.most_common(1)[0]
-    return sum(len(w) for w in gram) * count
+class _WordGrams:
+    """A document's words as integers, for counting its word n-grams in numpy: each n-gram is
+    a polynomial hash of its words' ids (distinct words, distinct ids; uint64 arithmetic)."""
 
+    def __init__(self, words: list[str]):
+        ids: dict[str, int] = {}
+        self.ids = np.array([ids.setdefault(w, len(ids) + 1) for w in words], dtype=np.uint64)
+        self.lengths = np.array([len(w) for w in words], dtype=np.int64)
 
-def _duplicate_ngram_chars(words: list[str], n: int) -> int:
-    """Characters of the words covered by n-grams that occur more than once (each word
-    counted once, Gopher)."""
-    starts: dict[tuple[str, ...], list[int]] = {}
-    for i in range(len(words) - n + 1):
-        starts.setdefault(tuple(words[i : i + n]), []).append(i)
-    covered = bytearray(len(words))
-    for positions in starts.values():
-        if len(positions) > 1:
-            for i in positions:
-                covered[i : i + n] = b"\x01" * n
-    return sum(len(w) for w, c in zip(words, covered, strict=True) if c)
+    def grams(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(the n-gram at each start as an index into the distinct ones, their counts, the
+        characters of the n-gram at each start)."""
+        count = self.ids.size - n + 1
+        hashes = self.ids[:count].copy()
+        with np.errstate(over="ignore"):
+            for k in range(1, n):
+                hashes = hashes * np.uint64(1_000_003) + self.ids[k : k + count]
+        _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+        chars = np.convolve(self.lengths, np.ones(n, dtype=np.int64), mode="valid")
+        return inverse, counts, chars
+
+    def top_chars(self, n: int) -> int:
+        """Characters of the most frequent n-gram, times its count (Gopher)."""
+        if self.ids.size < n:
+            return 0
+        inverse, counts, chars = self.grams(n)
+        top = int(np.argmax(counts))
+        return int(chars[np.argmax(inverse == top)]) * int(counts[top])
+
+    def duplicate_chars(self, n: int) -> int:
+        """Characters of the words covered by n-grams that occur more than once (each word
+        counted once, Gopher)."""
+        if self.ids.size < n:
+            return 0
+        inverse, counts, _ = self.grams(n)
+        starts = np.flatnonzero(counts[inverse] > 1)
+        cover = np.zeros(self.ids.size + 1, dtype=np.int64)
+        np.add.at(cover, starts, 1)
+        np.add.at(cover, starts + n, -1)
+        return int(self.lengths[np.cumsum(cover[:-1]) > 0].sum())
 
 
 def script_of(char: str) -> str | None:
@@ -218,11 +238,17 @@ def _repetition_reason(
             return f"duplicate_{name}s"
         if most_chars is not None and repeated_chars / chars > most_chars:
             return f"duplicate_{name}_chars"
-    word_chars = max(sum(len(w) for w in words), 1)
+    if not (c.max_top_ngram_chars or c.max_duplicate_ngram_chars):
+        return None
+    grams = _WordGrams(words)
+    word_chars = max(int(grams.lengths.sum()), 1)
     for n, most in sorted((c.max_top_ngram_chars or {}).items()):
-        if _top_ngram_chars(words, n) / word_chars > most:
+        if grams.top_chars(n) / word_chars > most:
             return f"top_{n}gram"
     for n, most in sorted((c.max_duplicate_ngram_chars or {}).items()):
-        if _duplicate_ngram_chars(words, n) / word_chars > most:
+        repeated = grams.duplicate_chars(n)
+        if repeated / word_chars > most:
             return f"duplicate_{n}grams"
+        if repeated == 0:  # no n-gram repeats, so no longer one does
+            break
     return None
