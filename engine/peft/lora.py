@@ -15,8 +15,9 @@ module, so the update equals PEFT's. Where A and B live over TP follows the laye
   replicated. ``A x`` is partial on each rank and goes through the layer's reduction
   (all-reduce, or reduce-scatter along the sequence), again on ``r`` features; B's gradient is
   partial under sequence parallelism (as the layer's bias);
-- replicated K|V (fewer K/V heads than TP ranks, `ReplicatedKeyValue`): A and B replicated;
-  each rank applies the rows of B of its own K/V head, so B's gradient is always partial.
+- replicated K|V (fewer K/V heads than TP ranks: a replicated layer that computes only this
+  rank's rows, which it picks with its ``head_rows(t)``): A and B replicated; each rank
+  applies the rows of B of its own K/V head, so B's gradient is always partial.
 
 Partial gradients are marked `mark_partial_over_tp` and summed by `finalize_model_grads`;
 sharded adapters carry the TP attributes of `engine.tensor_parallel.attributes`. The adapters
@@ -38,7 +39,6 @@ from torch.utils.hooks import RemovableHandle
 from engine import parallel_state
 from engine.models.chunk import config_of, inventory_of
 from engine.models.inventory import CanonicalTensor, ParameterSpec
-from engine.models.llama.model import ReplicatedKeyValue
 from engine.models.weights import copy_shard, global_name
 from engine.peft.config import LoraConfig
 from engine.tensor_parallel import (
@@ -132,7 +132,15 @@ def _kaiming_uniform(seed: int) -> InitMethod:
     return init
 
 
-LoraTarget = ColumnParallelLinear | RowParallelLinear | ReplicatedKeyValue
+LoraTarget = nn.Module
+"""A column- or row-parallel linear, or a replicated one computing only some rows (it has
+``head_rows``: a model family's replicated K|V projection)."""
+
+
+def _is_target(module: nn.Module) -> bool:
+    return isinstance(module, ColumnParallelLinear | RowParallelLinear) or callable(
+        getattr(module, "head_rows", None)
+    )
 
 
 class LoraLinear(nn.Module):
@@ -163,12 +171,12 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(lora.dropout)
         self.hook: RemovableHandle | None = None
         """Adds the update to the layer's output (set by `apply_lora`)."""
-        # ReplicatedKeyValue computes only this rank's K and V head: B's rows follow it.
-        self.select_rows = layer._head_rows if isinstance(layer, ReplicatedKeyValue) else None
+        # A replicated K|V layer computes only this rank's K and V head: B's rows follow it.
+        self.select_rows = getattr(layer, "head_rows", None)
         self.adapters = nn.ModuleDict()
         group = parallel_state.get_tensor_model_parallel_group()
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        r, weight = lora.rank, layer.weight
+        r, weight = lora.rank, cast(torch.Tensor, layer.weight)
         for block in blocks:
             if block.name not in targeted:
                 continue
@@ -250,7 +258,7 @@ def _lora_targets(model: nn.Module) -> list[tuple[str, LoraTarget]]:
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, ColumnParallelLinear | RowParallelLinear | ReplicatedKeyValue)
+        if _is_target(module)
     ]
 
 
@@ -356,7 +364,8 @@ def merge_lora(model: nn.Module) -> None:
     weights `engine.models.weights.gather_full_state` exports. Base parameters stay frozen.
     No communication: each rank's shard of ``B A`` is its own B (or A) shard times the other."""
     for _, layer, path in _lora_layers(model):
-        layer.weight.add_(path.delta_weight().to(layer.weight.dtype))
+        weight = cast(torch.Tensor, layer.weight)
+        weight.add_(path.delta_weight().to(weight.dtype))
         if path.hook is not None:
             path.hook.remove()
         delattr(layer, "lora")

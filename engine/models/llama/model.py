@@ -136,11 +136,12 @@ class ReplicatedKeyValue(nn.Module):
             x = gather_from_sequence_parallel_region(x)
         else:
             x = copy_to_tensor_model_parallel_region(x)
-        bias = None if self.bias is None else self._head_rows(self.bias)
-        return F.linear(x, self._head_rows(self.weight), bias)
+        bias = None if self.bias is None else self.head_rows(self.bias)
+        return F.linear(x, self.head_rows(self.weight), bias)
 
-    def _head_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's K head and V head rows of the K|V weight or bias."""
+    def head_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's K head and V head rows of the K|V weight or bias (or of anything laid
+        out as its rows: LoRA's B)."""
         d, start = self.head_dim, self.head * self.head_dim
         v_start = self.kv_heads * d + start
         return torch.cat([t[start : start + d], t[v_start : v_start + d]])
