@@ -6,7 +6,8 @@ records and PII:
   samples are written beside the output and are the removed records;
 - the output is the same for 1 and 2 workers, and ``--shard 0/2``, ``1/2`` + ``--merge`` gives
   the single run's output, report and samples byte for byte;
-- Parquet in gives what the same records as JSONL give; Parquet out holds the records;
+- Parquet and .zst in give what the same records as JSONL give; Parquet and .zst out hold
+  them;
 - ``--mask-pii`` masks the planted addresses; the output feeds `tools/preprocess_data.py`;
 - bad input is refused before any work with one line naming the flag or file; a run that
   keeps nothing exits non-zero.
@@ -150,9 +151,10 @@ def test_merge_refuses_missing_shards_and_other_settings(corpus, tmp_path):
     assert result.returncode != 0 and "was made with other settings" in result.stderr
 
 
-def test_parquet_in_and_out(corpus, tmp_path):
+def test_parquet_and_zstandard_in_and_out(corpus, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import zstandard
 
     source = corpus["paths"][2]
     as_jsonl = tmp_path / "c.jsonl"
@@ -166,6 +168,12 @@ def test_parquet_in_and_out(corpus, tmp_path):
     rows = pq.read_table(out).to_pylist()
     assert rows == [json.loads(line) for line in from_jsonl.read_text().splitlines()]
     assert isinstance(pq.read_table(out), pa.Table)
+    packed = tmp_path / "c.jsonl.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(as_jsonl.read_bytes()))
+    out = tmp_path / "z" / "o.jsonl.zst"
+    run("--input", str(packed), "--output", str(out))
+    unpacked = zstandard.ZstdDecompressor().stream_reader(out.open("rb")).read()
+    assert unpacked == from_jsonl.read_bytes()
 
 
 def test_pii_masked_and_the_output_feeds_preprocess_data(corpus, tmp_path):
