@@ -263,3 +263,20 @@ def test_the_index_holds_what_its_docstring_says():
     blocks = sum(b.nbytes for b in index._signatures + index._previous)
     assert blocks == -(-500 // index._BLOCK) * index._BLOCK * (448 + 56)
     assert 24 * 14 * 500 <= index.buckets.nbytes <= 2 * 24 * 14 * 500
+
+
+def test_the_bucket_table_keeps_every_key_through_its_growth():
+    """Keys that collide in their low bits (the table's slot) and random ones, past several
+    doublings: each keeps its value; absent keys are absent; at most half the slots used."""
+    from engine.data.cleaning import HashTable
+
+    table = HashTable(capacity=16)
+    colliding = [(k << 20) | 5 for k in range(1, 3000)]
+    random_keys = np.random.default_rng(0).integers(1, 2**63, 5000, dtype=np.uint64).tolist()
+    keys = colliding + random_keys
+    for value, key in enumerate(keys):
+        table.put(key, value)
+    table.put(keys[0], 99)  # a new value for a present key
+    assert table.size == len(keys) and 2 * table.size <= table._keys.size
+    assert [table.get(k) for k in keys] == [99, *range(1, len(keys))]
+    assert table.get((4000 << 20) | 5) is None and table.get(7) is None

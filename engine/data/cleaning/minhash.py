@@ -172,13 +172,24 @@ class HashTable:
         self._keys[i], self._values[i] = key, value
 
     def _grow(self) -> None:
-        keys, values = self._keys, self._values
-        self._keys = np.zeros(2 * keys.size, dtype=np.uint64)
-        self._values = np.zeros(2 * keys.size, dtype=np.uint32)
+        """Double the table, reinserting every key at once: each round places the keys whose
+        slot is free (the first of those wanting the same one) and moves the rest on a slot,
+        so a doubling costs a few numpy passes, not a Python step per key."""
+        used = np.flatnonzero(self._keys)
+        keys, values = self._keys[used], self._values[used]
+        self._keys = np.zeros(2 * self._keys.size, dtype=np.uint64)
+        self._values = np.zeros(2 * self._values.size, dtype=np.uint32)
         self._mask = self._keys.size - 1
-        for i in np.flatnonzero(keys):
-            j = self._slot(int(keys[i]))
-            self._keys[j], self._values[j] = keys[i], values[i]
+        slots = (keys & np.uint64(self._mask)).astype(np.int64)
+        while keys.size:
+            free = self._keys[slots] == 0
+            _, first = np.unique(slots[free], return_index=True)
+            placed = np.flatnonzero(free)[first]
+            self._keys[slots[placed]], self._values[slots[placed]] = keys[placed], values[placed]
+            rest = np.ones(keys.size, dtype=bool)
+            rest[placed] = False
+            keys, values = keys[rest], values[rest]
+            slots = (slots[rest] + 1) & self._mask
 
 
 class NearDuplicateIndex:
