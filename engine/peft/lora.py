@@ -255,11 +255,7 @@ def _add_lora_update(module: nn.Module, args: tuple[Any, ...], output: torch.Ten
 
 
 def _lora_targets(model: nn.Module) -> list[tuple[str, LoraTarget]]:
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if _is_target(module)
-    ]
+    return [(name, module) for name, module in model.named_modules() if _is_target(module)]
 
 
 def _blocks(model: nn.Module, name: str, layer: LoraTarget, tp: int) -> list[_Block]:
