@@ -82,3 +82,24 @@ def test_memory_benchmark_prints_its_ratios():
     assert re.fullmatch(r"peak_whole_over_chunked=\d+\.\d\d", lines[-3]), lines[-3]
     assert re.fullmatch(r"time_chunked_over_whole=\d+\.\d{3}", lines[-2]), lines[-2]
     assert re.fullmatch(r"time_recomputing_over_whole=\d+\.\d{3}", lines[-1]), lines[-1]
+
+
+def test_dedup_benchmark_prints_its_ratios():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "dedup.py"), "--documents", "300",
+         "--repeats", "1"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    names = ["ours_recall", "datatrove_recall", "ours_precision", "datatrove_precision"]
+    for line, name in zip(lines[-5:-1], names, strict=True):
+        assert re.fullmatch(rf"{name}=[01]\.\d{{3}}", line), line
+    assert re.fullmatch(r"ours_over_datatrove_docs_per_s=\d+\.\d{3}", lines[-1]), lines[-1]
+    # Counted, not timed: both sides remove every exact duplicate (equal shingle sets give
+    # equal signatures), and ours, which checks the estimated similarity, no base document.
+    exact = next(line for line in lines if line.startswith("  J = 1: "))
+    pairs, ours, datatrove = map(int, exact.removeprefix("  J = 1: ").split(", "))
+    assert pairs > 0 and ours == pairs and datatrove == pairs, exact
+    assert "ours_removed_background=0" in lines, lines
+    assert "datatrove_removed_background=0" in lines, lines
