@@ -253,15 +253,15 @@ class TableFile:
     memory-mapped)."""
 
     def __init__(self, path: str, kind: str) -> None:
-        pa = self._pa = _import_pyarrow(path)
+        pa = self.pyarrow = _import_pyarrow(path)
         self.path = path
-        self._reader: Any = None
+        self._parquet: Any = None  # a pyarrow.parquet.ParquetFile
+        self._reader: Any = None  # an Arrow IPC file or stream reader
         try:
             if kind == "parquet":
-                self._parquet: Any = pa.parquet.ParquetFile(path)
+                self._parquet = pa.parquet.ParquetFile(path)
                 self.schema = self._parquet.schema_arrow
             else:
-                self._parquet = None
                 source = pa.memory_map(path)
                 try:  # the IPC file format first; HF datasets' cache files are streams
                     self._reader = pa.ipc.open_file(source)
@@ -276,7 +276,7 @@ class TableFile:
 
     def batches(self, columns: list[str]) -> Iterator[Any]:
         """Record batches of `columns` in row order; a corrupt file is an error naming it."""
-        pa = self._pa
+        pa = self.pyarrow
         try:
             if self._parquet is not None:
                 yield from self._parquet.iter_batches(batch_size=_BATCH_LINES, columns=columns)
@@ -321,7 +321,7 @@ def check_inputs(paths: list[str], keys: list[str]) -> list[InputFile]:
             _check_keys(path, keys, table.schema.names, "its columns are")
             for key in keys:
                 column_type = table.schema.field(key).type
-                if not _is_text_type(table._pa, column_type):
+                if not _is_text_type(table.pyarrow, column_type):
                     raise PreprocessError(
                         f"--json-keys {key!r} in {path} is a column of {column_type}: "
                         "expected strings (or lists of strings)"
