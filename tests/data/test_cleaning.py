@@ -280,3 +280,10 @@ def test_the_bucket_table_keeps_every_key_through_its_growth():
     assert table.size == len(keys) and 2 * table.size <= table._keys.size
     assert [table.get(k) for k in keys] == [99, *range(1, len(keys))]
     assert table.get((4000 << 20) | 5) is None and table.get(7) is None
+
+
+def test_documents_without_words_are_not_near_duplicates_of_each_other():
+    config = MinHashConfig()
+    hasher, index = MinHasher(config), NearDuplicateIndex(config)
+    verdicts = [index.check(hasher.signature(t)) for t in ("", "!!! ...", "--", "hello world")]
+    assert verdicts == [None, None, None, None] and index.kept == 1

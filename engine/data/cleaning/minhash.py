@@ -212,7 +212,10 @@ class NearDuplicateIndex:
 
     def check(self, signature: np.ndarray) -> tuple[int, float] | None:
         """``(kept index, estimated Jaccard)`` of a kept document this one duplicates, or None
-        after keeping it."""
+        after keeping it. A document without shingles (no words) is kept and not indexed:
+        its signature says nothing about similarity."""
+        if bool((signature == np.iinfo(np.uint32).max).all()):
+            return None
         keys = band_keys(signature, self.config.bands, self.config.rows)
         needed = self.config.threshold * signature.size
         seen: set[int] = set()
