@@ -75,7 +75,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         log_sum_exp = torch.empty_like(loss)
         # The backward's GEMMs run here, so the backward need not recompute the logits.
         wanted = any(ctx.needs_input_grad[:2])
-        ahead = _Ahead(hidden, weight, ctx.needs_input_grad) if wanted else None
+        ahead = _HeadGradients(hidden, weight, ctx.needs_input_grad[1]) if wanted else None
         for rows in _chunks(hidden.size(0), chunk_size):
             logits = F.linear(hidden[rows], weight).float()
             terms = cross_entropy_terms(logits, targets[rows], vocab_size, group)
@@ -98,9 +98,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         counted = targets != IGNORE_INDEX
         scale = _common_gradient(grads, counted) if ahead else None
         if scale is not None:  # the forward's gradients, times the one gradient of every loss
-            grad_full, grad_weight = ahead[0].mul_(scale).view(-1, *x.shape[1:]), ahead[1]
-            if grad_weight.numel():
-                grad_weight = grad_weight.mul_(scale)
+            grad_full = ahead[0].mul_(scale).view(-1, *x.shape[1:])
+            grad_weight = ahead[1].mul_(scale)
         else:
             full = all_gather_along_first_dim(x, group) if gather else x
             grad_full, grad_weight = _recomputed_gradients(
@@ -113,23 +112,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if tp > 1:  # each rank's vocabulary slice contributes to every token's gradient
                 dist.all_reduce(grad_full, group=group)
             grad_x = grad_full
-        if not ctx.needs_input_grad[1]:  # a frozen head (a LoRA base) gets no weight gradient
-            grad_weight = None
-        elif grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+        # A frozen head (a LoRA base) gets no weight gradient.
+        grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_weight, None, None, None, None, None
 
 
-class _Ahead:
-    """The head's gradients computed in the forward, for a loss gradient of 1 on every token
-    that is not ignored: ``dx = g W`` per chunk and ``dW = Σ gᵀ x`` in float32. The backward
-    only scales them, when every such token's loss gets the same gradient (the trainer's mean
-    over the loss mask: the masked tokens are ignored)."""
+class _HeadGradients:
+    """The head's gradients, accumulated chunk by chunk from each chunk's logits gradient
+    ``g``: ``dx = g W`` per chunk and ``dW = Σ gᵀ x`` in float32 (empty when the weight is
+    frozen). The forward fills them for a loss gradient of 1 on every token that is not
+    ignored, and the backward only scales them when every such token's loss gets the same
+    gradient (the trainer's mean over the loss mask: the masked tokens are ignored); the
+    general path fills them from the recomputed logits."""
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, ...]):
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, weight_grad: bool):
         self.hidden, self.weight = hidden, weight
         self.grad_hidden = torch.empty_like(hidden)
-        shape = weight.shape if needs[1] else (0,)
+        shape = weight.shape if weight_grad else (0,)
         self.grad_weight = torch.zeros(shape, dtype=torch.float32, device=weight.device)
 
     def add(self, rows: slice, grad_logits: torch.Tensor) -> None:
@@ -154,25 +153,18 @@ def _recomputed_gradients(
     full: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, log_sum_exp: torch.Tensor,
     grads: torch.Tensor, vocab_size: int | None, chunk_size: int, group: dist.ProcessGroup,
     weight_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(dx [n, h] in the input's shape, dW)`` for any loss gradients: each chunk's logits
     are recomputed and the softmax rebuilt from the log-sum-exp."""
     hidden = full.reshape(-1, full.size(-1))
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = None
-    if weight_grad:
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    gradients = _HeadGradients(hidden, weight, weight_grad)
     for rows in _chunks(hidden.size(0), chunk_size):
         logits = F.linear(hidden[rows], weight).float()
         mask_padding(logits, vocab_size, group)
         softmax = logits.sub_(log_sum_exp[rows].unsqueeze(-1)).exp_()
         local_target, outside = local_targets(targets[rows], logits.size(-1), group)
-        grad_logits = softmax_grad_(softmax, local_target, outside, grads[rows])
-        grad_logits = grad_logits.to(weight.dtype)
-        grad_hidden[rows] = grad_logits @ weight
-        if grad_weight is not None:
-            grad_weight.addmm_(grad_logits.t().float(), hidden[rows].float())
-    return grad_hidden.view(full.shape), grad_weight
+        gradients.add(rows, softmax_grad_(softmax, local_target, outside, grads[rows]))
+    return gradients.grad_hidden.view(full.shape), gradients.grad_weight
 
 
 def linear_cross_entropy(
