@@ -11,6 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"engine", "kernels", "tests", "tools"}
 
 
+def benchmark_lines(script: str, *args: str) -> list[str]:
+    """Run ``benchmarks/{script}`` as a user would; its stdout lines (it must exit 0)."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip().splitlines()
+
+
 def test_no_script_shadows_a_package():
     # A script's directory comes first on sys.path: benchmarks/kernels.py once made
     # `import kernels` find itself, breaking every benchmark that imports the model.
@@ -20,38 +28,30 @@ def test_no_script_shadows_a_package():
 
 
 def test_model_cpu_benchmark_prints_its_ratio():
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "model_cpu.py"), "--layers", "1",
-         "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vocab", "500", "--seq", "32",
-         "--batch", "2", "--repeats", "1"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+    lines = benchmark_lines(
+        "model_cpu.py", "--layers", "1",
+        "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vocab", "500", "--seq", "32",
+        "--batch", "2", "--repeats", "1"
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert re.fullmatch(r"ratio_vs_hf=\d+\.\d\d", result.stdout.strip().splitlines()[-1])
+    assert re.fullmatch(r"ratio_vs_hf=\d+\.\d\d", lines[-1])
 
 
 def test_checkpoint_io_benchmark_prints_its_ratios(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "checkpoint_io.py"), "--size-mb", "3",
-         "--rounds", "1", "--dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+    lines = benchmark_lines(
+        "checkpoint_io.py", "--size-mb", "3",
+        "--rounds", "1", "--dir", str(tmp_path)
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("hash GB/s (one core): xxh3_64 "), lines[0]
     assert re.fullmatch(r"async_stall_over_sync_stall=\d+\.\d{3}", lines[-6]), lines[-6]
     assert re.fullmatch(r"verify_overhead_pct=-?\d+\.\d", lines[-1]), lines[-1]
 
 
 def test_context_parallel_benchmark_prints_its_ratios():
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "context_parallel.py"), "--seq", "64",
-         "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--repeats", "1",
-         "--cp-sizes", "2,4"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+    lines = benchmark_lines(
+        "context_parallel.py", "--seq", "64",
+        "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--repeats", "1",
+        "--cp-sizes", "2,4"
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
     balance = [line for line in lines if line.startswith("cp=")]
     assert len(balance) == 2, lines
     for line, cp in zip(balance, (2, 4), strict=True):
@@ -66,14 +66,11 @@ def test_context_parallel_benchmark_prints_its_ratios():
 
 
 def test_memory_benchmark_prints_its_ratios():
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "memory.py"), "--vocab", "5000",
-         "--hidden", "64", "--tokens", "256", "--chunk", "64", "--repeats", "1",
-         "--dp-world", "2", "--dp-hidden", "64", "--dp-layers", "1"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+    lines = benchmark_lines(
+        "memory.py", "--vocab", "5000",
+        "--hidden", "64", "--tokens", "256", "--chunk", "64", "--repeats", "1",
+        "--dp-world", "2", "--dp-hidden", "64", "--dp-layers", "1"
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
     # Counted, not timed: FSDP2 at DP=2 holds half of DDP's weights, gradients and state.
     fsdp = float(lines[-6].removeprefix("fsdp2_over_ddp_state="))
     assert lines[-6].startswith("fsdp2_over_ddp_state=") and 0.45 < fsdp < 0.55, lines[-6]
@@ -85,13 +82,10 @@ def test_memory_benchmark_prints_its_ratios():
 
 
 def test_dedup_benchmark_prints_its_ratios():
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "dedup.py"), "--documents", "300",
-         "--repeats", "1"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+    lines = benchmark_lines(
+        "dedup.py", "--documents", "300",
+        "--repeats", "1"
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
     names = ["ours_recall", "datatrove_recall", "ours_precision", "datatrove_precision"]
     for line, name in zip(lines[-5:-1], names, strict=True):
         assert re.fullmatch(rf"{name}=[01]\.\d{{3}}", line), line
