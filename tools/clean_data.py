@@ -261,14 +261,10 @@ def outcomes(
             yield index, result.get()
 
 
-def _samples_dir(output: str) -> Path:
-    return Path(output + ".removed")
-
-
 def write_report(report: Report, output: str) -> None:
     """``{output}.report.json`` and the samples beside it (their directory replaced)."""
     Path(output + ".report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    samples = _samples_dir(output)
+    samples = Path(output + ".removed")
     samples.mkdir(exist_ok=True)
     for old in samples.glob("*.jsonl"):
         old.unlink()

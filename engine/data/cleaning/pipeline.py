@@ -139,12 +139,6 @@ class Deduplicator:
         if self.exact is not None:
             self.exact.put(outcome.exact_hash, 1)
 
-    @property
-    def index_bytes(self) -> int:
-        """What the indexes hold (the memory that grows with the kept documents)."""
-        exact = 0 if self.exact is None else self.exact.nbytes
-        return exact + (0 if self.near is None else self.near.nbytes)
-
 
 @dataclass
 class Report:
@@ -160,8 +154,9 @@ class Report:
     """stage -> reason -> [documents, bytes]."""
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
-    def count(self, outcome: Outcome, record: dict[str, Any] | None = None) -> None:
-        """Count one document; ``record`` (the original) is sampled if it was removed."""
+    def count(self, outcome: Outcome) -> None:
+        """Count one document; a removed one is sampled (its original record, or its cleaned
+        one when deduplication removed it)."""
         self.documents += 1
         self.bytes += outcome.size_bytes
         if outcome.stage is None:
@@ -174,7 +169,7 @@ class Report:
         entry[1] += outcome.size_bytes
         samples = self.samples.setdefault(outcome.reason, [])
         if len(samples) < self.samples_per_reason:
-            original = record if record is not None else outcome.record
+            original = outcome.record
             if original is None and outcome.line is not None:
                 original = json.loads(outcome.line)
             samples.append(original or {})
