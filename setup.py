@@ -58,11 +58,26 @@ setup(
             "pyarrow>=14",
             # benchmarks/dedup.py's reference (its test runs it small): datatrove's MinHash.
             "datatrove>=0.4",
+            # Evaluation (tests/evaluation): lm-evaluation-harness as the reference and host of
+            # the engine's adapter, sacrebleu for BLEU/chrF, wandb offline runs, plot PNGs.
+            "lm_eval>=0.4.5",
+            "sacrebleu>=2.3",
+            "wandb>=0.17",
+            "matplotlib>=3.7",
         ],
+        # lm_eval --model engine, tools/evaluate.py --task generation --metric bleu,chrf.
+        "eval": ["lm_eval>=0.4.5", "sacrebleu>=2.3"],
+        # --wandb-project: the trainer's scalars to Weights & Biases (offline works).
+        "wandb": ["wandb>=0.17"],
         # benchmarks/dedup.py against datatrove; Parquet in the data tools.
         "benchmark": ["datatrove>=0.4", "pyarrow>=14"],
         "triton": ["triton>=3.0"],
-        # `make quickstart`: a SentencePiece tokenizer, TensorBoard logs, checkpoints.
-        "quickstart": ["sentencepiece>=0.1.99", "tensorboard>=2.14", "safetensors>=0.4"],
+        # `make quickstart`: a SentencePiece tokenizer, TensorBoard logs, checkpoints, the plot.
+        "quickstart": [
+            "sentencepiece>=0.1.99",
+            "tensorboard>=2.14",
+            "safetensors>=0.4",
+            "matplotlib>=3.7",  # tools/plot_run.py: the quickstart's PNG of its run
+        ],
     },
 )
