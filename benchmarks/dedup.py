@@ -3,6 +3,7 @@ pipeline: throughput on one core and agreement with planted duplicates, same cor
 
     python benchmarks/dedup.py [--documents 200000] [--words 200] [--planted 0.1]
                                [--repeats 1] [--text PATH] [--datatrove-precision 64]
+                               [--agreement 0.72]
 
 **Corpus** (a temporary JSONL file, ``{"id", "text"}`` a line). Base documents are sequences of
 ``--words`` whitespace tokens on average (half to 1.5 times that), drawn at random with their
@@ -20,11 +21,15 @@ dropped): the corpus line says in how many sampled documents its word sequence d
 ours. In tinyshakespeare only the token "3" (27 of ~200,000) does, so about 3% of documents
 differ by that one word, alike in a copy and its source.
 
-**The two sides**, one process, one core each, one after the other:
+**The sides**, one process, one core each, one after the other:
 
 - **ours**: read the JSONL (`json.loads`, as `tools/clean_data.py` does), `MinHasher.signature`
   of each document, then `NearDuplicateIndex.check` in corpus order. A document is removed
   when ``check`` returns a match.
+- **ours_agreement**: the same with ``--minhash-agreement`` (``--agreement``; by default
+  the threshold less two standard errors of the estimate there, ``sqrt(t (1 - t) / 112)``:
+  0.72 at 0.8): the signatures need agree only in that share of positions, which finds
+  nearly every candidate pair at or above the threshold.
 - **datatrove**: its four stages, each a `LocalPipelineExecutor` with one worker writing to
   a temporary folder: `MinhashDedupSignature` (one task: the JSONL read by `JsonlReader`),
   `MinhashDedupBuckets` (one task per bucket, run one after another: it demands as many),
@@ -48,8 +53,9 @@ found pairs among those of exact Jaccard >= ``--threshold``. Precision: among al
 documents, the copies of pairs at or above the threshold (a removed copy below it, or a removed
 base document, is a false removal). Also printed: removals in the grey zone [threshold - 0.1,
 threshold), below threshold - 0.1, and of base documents (background), and a table per
-similarity bin. The last lines: ``ours_recall``, ``datatrove_recall``, ``ours_precision``,
-``datatrove_precision``, ``ours_over_datatrove_docs_per_s``.
+similarity bin. The last lines: each side's recall and precision (``ours_recall``,
+``ours_agreement_recall``, ``datatrove_recall``, then the same for precision),
+``ours_over_datatrove_docs_per_s`` and ``ours_agreement_over_datatrove_docs_per_s``.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -64,7 +71,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -381,6 +388,9 @@ def main() -> None:
     parser.add_argument("--planted", type=float, default=0.1, help="share of planted copies")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threshold", type=float, default=MinHashConfig.threshold)
+    parser.add_argument(
+        "--agreement", type=float, default=None, help="ours_agreement's bar (default: module doc)"
+    )
     parser.add_argument("--datatrove-precision", type=int, choices=(32, 64), default=64)
     parser.add_argument("--text", default=str(SHARED / "tinyshakespeare.txt"))
     parser.add_argument("--seed", type=int, default=0, help="of the corpus")
@@ -388,6 +398,10 @@ def main() -> None:
     if not os.path.isfile(args.text):
         raise SystemExit(f"--text {args.text}: not found (the shared data is beside the repo)")
     config = MinHashConfig(threshold=args.threshold)
+    if args.agreement is None:
+        spread = math.sqrt(args.threshold * (1 - args.threshold) / config.num_hashes)
+        args.agreement = round(args.threshold - 2 * spread, 2)
+    configs = {"ours": config, "ours_agreement": replace(config, agreement=args.agreement)}
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -405,12 +419,12 @@ def main() -> None:
             f"{corpus.background_max:.3f}; datatrove's simplified words differ from ours in "
             f"{corpus.simplify_differs} of {corpus.simplify_sampled} sampled documents"
         )
-        runs: dict[str, list[Run]] = {"ours": [], "datatrove": []}
+        runs: dict[str, list[Run]] = {"ours": [], "ours_agreement": [], "datatrove": []}
         for round_ in range(args.repeats):
-            order = ("ours", "datatrove") if round_ % 2 == 0 else ("datatrove", "ours")
+            order = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
             for side in order:
-                if side == "ours":
-                    runs[side].append(run_ours(corpus, config))
+                if side in configs:
+                    runs[side].append(run_ours(corpus, configs[side]))
                 else:
                     work = Path(tmp) / f"datatrove_{round_}"
                     runs[side].append(run_datatrove(corpus, config, args.datatrove_precision,
@@ -421,22 +435,22 @@ def main() -> None:
     rate = {side: corpus.documents / seconds[side] for side in runs}
     # Both sides are deterministic (fixed seeds): the first round's decisions stand for all.
     counts = {side: _counts(runs[side][0].removed, corpus, args.threshold) for side in runs}
-    print(f"one core each, median of {args.repeats}; "
-          f"{config.bands} bands x {config.rows} rows, word {config.ngram}-grams")  # fmt: skip
+    print(f"one core each, median of {args.repeats}; {config.bands} bands x {config.rows} "
+          f"rows, word {config.ngram}-grams; ours_agreement at {args.agreement}")  # fmt: skip
     for side in runs:
         parts = ", ".join(
             f"{name} {statistics.median(r.parts[name] for r in runs[side]):.2f} s"
             for name in runs[side][0].parts
         )
         print(f"{side}: {seconds[side]:.2f} s, {rate[side]:.0f} documents/s ({parts})")
-    print("pairs by exact Jaccard: pairs, removed by ours, removed by datatrove")
+    print(f"pairs by exact Jaccard: pairs, removed by {', '.join(runs)}")
     low = -np.inf
     for high in (*BINS, np.inf):
         j = corpus.jaccard
         in_bin = copies & (j >= low) & (j < high) if high <= 1 else copies & (j == 1)
         label = "J = 1" if high > 1 else f"J in [{max(low, 0):.1f}, {high:.1f})"
         found = [int(np.count_nonzero(runs[side][0].removed & in_bin)) for side in runs]
-        print(f"  {label}: {int(np.count_nonzero(in_bin))}, {found[0]}, {found[1]}")
+        print(f"  {label}: {', '.join(map(str, [int(np.count_nonzero(in_bin)), *found]))}")
         low = high
     for side, c in counts.items():
         print(
@@ -452,7 +466,8 @@ def main() -> None:
     for kind in ("recall", "precision"):
         for side in runs:
             print(f"{side}_{kind}={counts[side][kind]:.3f}")
-    print(f"ours_over_datatrove_docs_per_s={rate['ours'] / rate['datatrove']:.3f}")
+    for side in configs:
+        print(f"{side}_over_datatrove_docs_per_s={rate[side] / rate['datatrove']:.3f}")
 
 
 if __name__ == "__main__":

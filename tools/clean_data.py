@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import multiprocessing
 import os
@@ -45,6 +44,8 @@ from engine.data.cleaning.pipeline import (  # noqa: E402
     Report,
     process_records,
 )
+from engine.data.input_files import InputError  # noqa: E402
+from engine.data.input_files import input_files as data_input_files  # noqa: E402
 
 _BATCH = 256  # records a worker task holds
 _QUALITY_FIELDS = set(QualityConfig.__dataclass_fields__)
@@ -86,6 +87,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     dedup.add_argument("--minhash-bands", type=int, default=defaults.bands)
     dedup.add_argument("--minhash-rows", type=int, default=defaults.rows)
     dedup.add_argument("--minhash-threshold", type=float, default=defaults.threshold)
+    dedup.add_argument("--minhash-agreement", type=float, default=None,
+                       help="share of signature positions that must agree (default: the "
+                       "threshold; lower finds more pairs near it: docs/cleaning.md)")  # fmt: skip
     dedup.add_argument("--minhash-seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
     _check(parser, args)
@@ -135,7 +139,7 @@ def build_config(args: argparse.Namespace) -> CleanConfig:
     if not args.no_near_dedup:
         minhash = MinHashConfig(
             args.minhash_ngram, args.minhash_shingles, args.minhash_bands, args.minhash_rows,
-            args.minhash_threshold, args.minhash_seed,
+            args.minhash_threshold, args.minhash_agreement, args.minhash_seed,
         )  # fmt: skip
     config = CleanConfig(args.text_key, normalize, quality, args.mask_pii,
                          not args.no_exact_dedup, minhash)  # fmt: skip
@@ -147,16 +151,7 @@ def build_config(args: argparse.Namespace) -> CleanConfig:
 
 def input_files(patterns: list[str]) -> list[str]:
     """Every file the patterns name, sorted within each pattern (the corpus order)."""
-    files = []
-    for pattern in patterns:
-        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matched:
-            raise ValueError(f"--input {pattern}: no file matches")
-        for path in matched:
-            if not os.path.isfile(path):
-                raise ValueError(f"--input {path}: no such file")
-        files.extend(matched)
-    return files
+    return [path for pattern in patterns for path in data_input_files(pattern)]
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -398,6 +393,14 @@ def merge(args: argparse.Namespace) -> Report:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
+    try:
+        return _run(args)
+    except InputError as error:  # a corrupt or unreadable input, found while reading it
+        print(f"clean_data.py: error: {error.message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.shard is not None:
         total = shard(args)
         print(f"shard {args.shard}: {total.documents:,} documents, {total.removed_documents():,} "

@@ -37,13 +37,8 @@ How it differs:
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
-import io
 import itertools
-import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -52,14 +47,29 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.data.indexed_dataset import IndexedDatasetBuilder, optimal_dtype  # noqa: E402
+from engine.data.input_files import (  # noqa: E402
+    InputError,
+    InputFile,
+    TableFile,
+    check_inputs,
+    input_files,
+    one_line,
+    parse_line,
+    read_lines,
+    row_texts,
+)
+from engine.data.long_texts import (  # noqa: E402
+    PIECE_CHARS,
+    TokenIds,
+    cuts_keep_the_tokens,
+    tokenize_texts,
+)
 from engine.data.tokenizer import (  # noqa: E402
     TOKENIZER_TYPES,
     SentencePieceTokenizer,
@@ -71,15 +81,6 @@ PROG = "preprocess_data.py"
 _BATCH_LINES = 1024
 _BATCH_BYTES = 2 << 20  # a batch holds at most this much JSON (plus one line)
 _REPORTED_MALFORMED = 10
-_PEEK_LINES = 100  # JSONL lines read per file to check --json-keys before the run
-_PEEK_BYTES = 16 << 20  # ... or fewer, once this much has been read
-_PIECE_CHARS = 1 << 18  # a longer text is tokenized in pieces of about this many characters
-_CHARS_IN_FLIGHT = 8 << 20  # at most this much of one long text is being tokenized at once
-_PARQUET_SUFFIXES = (".parquet",)
-_ARROW_SUFFIXES = (".arrow", ".feather")
-
-TokenIds = list[int] | np.ndarray
-"""One text's ids: the tokenizer's list, or an array for a text tokenized in pieces."""
 
 
 class PreprocessError(SystemExit):
@@ -164,208 +165,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------- input files
 
 
-@dataclass(frozen=True)
-class InputFile:
-    """One file `--input` names and how it is read: "jsonl", "parquet" or "arrow"."""
-
-    path: str
-    kind: str
-
-
-def input_files(pattern: str) -> list[str]:
-    """The files `--input` names: one path, or every match of a glob (sorted)."""
-    if os.path.isfile(pattern):
-        return [pattern]
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise PreprocessError(f"--input {pattern}: no such file (and no glob match)")
-    return files
-
-
-def input_format(path: str) -> str:
-    """How to read `path`: by its suffix (.parquet; .arrow, .feather), else by its first bytes
-    (the Parquet and Arrow magic numbers, so a misnamed file still reads), else as JSONL."""
-    name = path.lower()
-    if name.endswith(_PARQUET_SUFFIXES):
-        return "parquet"
-    if name.endswith(_ARROW_SUFFIXES):
-        return "arrow"
-    if name.endswith((".gz", ".zst")):
-        return "jsonl"
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as error:
-        raise PreprocessError(f"--input {path}: cannot read it: {error}") from error
-    if head.startswith(b"PAR1"):
-        return "parquet"
-    # An Arrow IPC file starts with ARROW1, a stream with the 0xFFFFFFFF continuation marker
-    # (never the start of UTF-8 text).
-    if head.startswith((b"ARROW1", b"\xff\xff\xff\xff")):
-        return "arrow"
-    return "jsonl"
-
-
-def open_lines(path: str) -> io.BufferedIOBase:
-    """A binary stream of the decompressed file (gzip by `.gz`, zstd by `.zst`)."""
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError as error:
-            message = f"--input {path}: reading .zst needs `pip install zstandard`"
-            raise PreprocessError(message) from error
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
-    return open(path, "rb")
-
-
-def _read_errors() -> tuple[type[Exception], ...]:
-    """What a corrupt or unreadable input raises while it is read (zstd's own error too)."""
-    zstandard = sys.modules.get("zstandard")
-    return (OSError, EOFError) + ((zstandard.ZstdError,) if zstandard else ())
-
-
-def read_lines(path: str) -> Iterator[bytes]:
-    """The lines of a JSONL file; an unreadable or corrupt file is an error naming it."""
-    try:
-        with open_lines(path) as stream:
-            yield from stream
-    except _read_errors() as error:
-        raise PreprocessError(f"--input {path}: cannot read it: {error}") from error
-
-
-def _import_pyarrow(path: str) -> ModuleType:
-    """pyarrow (with its parquet and ipc modules), imported only when such a file is given."""
-    try:
-        import pyarrow
-        import pyarrow.ipc
-        import pyarrow.parquet
-    except ImportError as error:
-        message = f"--input {path}: reading Parquet or Arrow needs `pip install pyarrow`"
-        raise PreprocessError(message) from error
-    return pyarrow
-
-
-class TableFile:
-    """A Parquet or Arrow IPC file (file or stream format): its schema, then its record
-    batches, each read when it is needed (Parquet row groups decoded one at a time, Arrow
-    memory-mapped)."""
-
-    def __init__(self, path: str, kind: str) -> None:
-        pa = self.pyarrow = _import_pyarrow(path)
-        self.path = path
-        self._parquet: Any = None  # a pyarrow.parquet.ParquetFile
-        self._reader: Any = None  # an Arrow IPC file or stream reader
-        try:
-            if kind == "parquet":
-                self._parquet = pa.parquet.ParquetFile(path)
-                self.schema = self._parquet.schema_arrow
-            else:
-                source = pa.memory_map(path)
-                try:  # the IPC file format first; HF datasets' cache files are streams
-                    self._reader = pa.ipc.open_file(source)
-                except pa.ArrowInvalid:
-                    source.seek(0)
-                    self._reader = pa.ipc.open_stream(source)
-                self.schema = self._reader.schema
-        except (pa.ArrowException, OSError) as error:
-            what = "Parquet" if kind == "parquet" else "Arrow IPC"
-            message = f"--input {path}: not a readable {what} file: {_one_line(error)}"
-            raise PreprocessError(message) from error
-
-    def batches(self, columns: list[str]) -> Iterator[Any]:
-        """Record batches of `columns` in row order; a corrupt file is an error naming it."""
-        pa = self.pyarrow
-        try:
-            if self._parquet is not None:
-                yield from self._parquet.iter_batches(batch_size=_BATCH_LINES, columns=columns)
-            elif isinstance(self._reader, pa.ipc.RecordBatchFileReader):
-                for i in range(self._reader.num_record_batches):
-                    yield self._reader.get_batch(i).select(columns)
-            else:
-                for batch in self._reader:
-                    yield batch.select(columns)
-        except (pa.ArrowException, OSError) as error:
-            message = f"--input {self.path}: cannot read it: {_one_line(error)}"
-            raise PreprocessError(message) from error
-
-
-def _is_text_type(pa: ModuleType, arrow_type: Any) -> bool:
-    """Whether a column holds what a JSONL value may be: strings, or lists of strings."""
-    types = pa.types
-    if types.is_dictionary(arrow_type):
-        arrow_type = arrow_type.value_type
-    if types.is_list(arrow_type) or types.is_large_list(arrow_type):
-        arrow_type = arrow_type.value_type
-    return (
-        types.is_string(arrow_type)
-        or types.is_large_string(arrow_type)
-        or (hasattr(types, "is_string_view") and types.is_string_view(arrow_type))
-    )
-
-
-def check_inputs(paths: list[str], keys: list[str]) -> list[InputFile]:
-    """Each file's format, checked to hold `keys` (the first JSONL records, the Arrow
-    schema) before any work: a typo is an error in a second, not after a day's tokenizing."""
-    files = []
-    for path in paths:
-        kind = input_format(path)
-        if kind == "jsonl":
-            present = _jsonl_keys(path, keys)
-            # No JSON object among the first lines: the run reports them as malformed.
-            if present is not None:
-                _check_keys(path, keys, present, "its records have keys")
-        else:
-            table = TableFile(path, kind)
-            _check_keys(path, keys, table.schema.names, "its columns are")
-            for key in keys:
-                column_type = table.schema.field(key).type
-                if not _is_text_type(table.pyarrow, column_type):
-                    raise PreprocessError(
-                        f"--json-keys {key!r} in {path} is a column of {column_type}: "
-                        "expected strings (or lists of strings)"
-                    )
-        files.append(InputFile(path, kind))
-    return files
-
-
-def _jsonl_keys(path: str, wanted: list[str]) -> list[str] | None:
-    """The keys of the JSON objects among a JSONL file's first lines, in the order seen
-    (reading stops once all of `wanted` are seen); None where none of them is an object."""
-    keys: dict[str, None] = {}
-    objects, read = 0, 0
-    for number, line in enumerate(read_lines(path)):
-        read += len(line)
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):  # JSON and UTF-8 errors are ValueErrors
-            record = None
-        if isinstance(record, dict):
-            objects += 1
-            keys.update(dict.fromkeys(record))
-            if all(key in keys for key in wanted):
-                break
-        if number + 1 >= _PEEK_LINES or read >= _PEEK_BYTES:
-            break
-    return list(keys) if objects else None
-
-
-def _check_keys(path: str, keys: list[str], present: list[str], what: str) -> None:
-    """An error listing what `path` has, if some of `keys` are not in `present`."""
-    missing = [key for key in keys if key not in present]
-    if not missing:
-        return
-    listed = ", ".join(present) if present else "none"
-    message = f"--json-keys {', '.join(map(repr, missing))} not in {path}: {what} {listed}"
-    if any("," in key for key in missing):
-        # `--json-keys text,title` is one key named "text,title"; Megatron's flag takes
-        # several keys separated by spaces.
-        split = " ".join(part.strip() for key in keys for part in key.split(",") if part.strip())
-        message += f" (separate keys with spaces: --json-keys {split})"
-    raise PreprocessError(message)
-
-
 def check_output_prefix(prefix: str) -> None:
     """Create the output directory, and fail now (not after hours of work) if it is unwritable."""
     directory = os.path.dirname(os.path.abspath(prefix))
@@ -397,7 +196,7 @@ def load_tokenizer(args: argparse.Namespace) -> tuple[Tokenizer, type[np.number]
     # Each library raises its own kind (RuntimeError, OSError, the Rust bindings' Exception,
     # JSON and key errors): all of them mean this file is not a usable tokenizer.
     except Exception as error:
-        reason = _one_line(error)
+        reason = one_line(error)
         if not reason.startswith("--"):  # the engine's messages name their flag already
             reason = (
                 f"--tokenizer-model {args.tokenizer_model}: cannot load it as a "
@@ -405,11 +204,6 @@ def load_tokenizer(args: argparse.Namespace) -> tuple[Tokenizer, type[np.number]
             )
         raise PreprocessError(reason) from error
     return tokenizer, dtype, eod
-
-
-def _one_line(error: BaseException) -> str:
-    """An exception's message on one line (some libraries' span several)."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -452,63 +246,6 @@ class Batch:
     sentences: dict[str, list[int]]  # per key: how many texts each document has
     partitions: list[int]
     input_bytes: int
-
-
-def parse_line(line: bytes, keys: list[str]) -> tuple[dict[str, list[str]] | None, str]:
-    """The texts of each key of one JSONL line, or (None, why it is malformed)."""
-    if not line.strip():
-        return None, "empty line"
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        return None, f"invalid JSON ({error.msg if hasattr(error, 'msg') else error})"
-    except RecursionError:
-        return None, "invalid JSON (nested too deeply)"
-    if not isinstance(record, dict):
-        return None, f"expected a JSON object, got {type(record).__name__}"
-    texts = {}
-    for key in keys:
-        if key not in record:
-            return None, f"missing key {key!r}"
-        value = record[key]
-        if isinstance(value, str):
-            texts[key] = [value]
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            texts[key] = value  # pre-split sentences, as Megatron accepts
-        else:
-            return None, f"key {key!r} is {type(value).__name__}, expected a string"
-    # json.loads lets an unpaired surrogate through (a \ud800 escape, or its raw bytes),
-    # which no tokenizer can encode; checked only where the line could hold one.
-    if b"\\ud" in line or b"\\uD" in line or b"\xed" in line:
-        for key, values in texts.items():
-            if not all(_encodable(value) for value in values):
-                return None, f"key {key!r} holds an unpaired surrogate (not valid Unicode)"
-    return texts, ""
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def row_texts(columns: dict[str, list], row: int) -> tuple[dict[str, list[str]] | None, str]:
-    """The texts of each key of one Arrow row, or (None, why it is unusable): the JSONL rules,
-    with Arrow's nulls where JSON could have had anything else."""
-    texts = {}
-    for key, values in columns.items():
-        value = values[row]
-        if isinstance(value, str):
-            texts[key] = [value]
-        elif value is None:
-            return None, f"key {key!r} is null"
-        elif all(isinstance(v, str) for v in value):
-            texts[key] = value
-        else:
-            return None, f"key {key!r} holds a null among its strings"
-    return texts, ""
 
 
 def read_batches(args: argparse.Namespace, files: list[InputFile], stats: Stats) -> Iterator[Batch]:
@@ -594,103 +331,6 @@ def _new_batch(keys: list[str]) -> Batch:
 
 
 # --------------------------------------------------------------------------- tokenizing
-
-# A space that follows a non-space: the first of a run of spaces, where long texts are cut.
-_CUT = re.compile(r"(?<! ) ")
-
-
-def text_pieces(text: str, piece_chars: int) -> Iterator[str]:
-    """`text` in pieces of at least `piece_chars` characters (but the last), each cut before
-    the first space of a run of spaces. The space at a cut is left out of the piece after it:
-    SentencePiece's dummy prefix "▁" stands for it there (see `cuts_keep_the_tokens`).
-
-    A text with no such space past `piece_chars` stays whole from there (text without
-    spaces, such as Chinese, is not cut).
-    """
-    start = 0
-    while len(text) - start > piece_chars:
-        cut = _CUT.search(text, start + piece_chars)
-        # At the last character the piece after it would be empty, which encodes to nothing
-        # rather than to the "▁" the space is.
-        if cut is None or cut.start() == len(text) - 1:
-            break
-        yield text[start : cut.start()]
-        start = cut.start() + 1
-    yield text[start:]
-
-
-def cuts_keep_the_tokens(model_path: str | os.PathLike) -> bool:
-    """Whether this SentencePiece model gives a text's tokens when `text_pieces` are encoded
-    one by one and their ids joined.
-
-    SentencePiece normalizes the text, puts the dummy prefix "▁" in front, and BPE merges
-    adjacent symbols (best-scored first) only into a vocabulary piece. If the normalizer maps
-    each character on its own and the only whitespace change is " " -> "▁" (identity rules,
-    no character map, no collapsing or trimming of spaces, whitespace as a prefix), then a
-    piece cut before a space encodes, with its dummy prefix in place of that space, exactly
-    the string the whole text has from the space on. If, further, no vocabulary piece holds
-    "▁" after another character, no merge can join the symbol before the cut with the one
-    after it, so both sides are merged independently, in the same order as alone: the ids
-    are the same. Unigram models are not cut: their Viterbi search adds float scores across
-    the cut, so a near-tie could break differently. LLaMA-2's model passes every check.
-    """
-    try:
-        from sentencepiece import sentencepiece_model_pb2
-
-        model = sentencepiece_model_pb2.ModelProto.FromString(Path(model_path).read_bytes())
-    # Without protobuf, or with a model it cannot read, keep texts whole: always correct.
-    except Exception:
-        return False
-    bpe = sentencepiece_model_pb2.TrainerSpec.BPE
-    normalizer = model.normalizer_spec
-    if (
-        model.trainer_spec.model_type != bpe
-        or model.trainer_spec.treat_whitespace_as_suffix
-        or normalizer.name != "identity"
-        or normalizer.precompiled_charsmap
-        or normalizer.normalization_rule_tsv
-        or not normalizer.add_dummy_prefix
-        or normalizer.remove_extra_whitespaces
-        or not normalizer.escape_whitespaces
-    ):
-        return False
-    joins = re.compile("[^▁]▁")  # "▁" after another character
-    return not any(joins.search(piece.piece) for piece in model.pieces)
-
-
-def tokenize_texts(
-    texts: list[str],
-    tokenizer: Tokenizer,
-    workers: int,
-    piece_chars: int | None,
-    dtype: type[np.number],
-) -> list[TokenIds]:
-    """Token ids of each text, with the tokenizer's threaded batch encoder.
-
-    With `piece_chars`, a longer text is tokenized in `text_pieces`, at most
-    `_CHARS_IN_FLIGHT` characters at a time, and its ids are kept as one array of `dtype`:
-    memory stays bounded (a 50 MB text tokenized whole peaked at 2.3 GB: SentencePiece's
-    working state for every character at once, then 36 bytes per id as Python ints).
-    """
-    if piece_chars is None or all(len(text) <= piece_chars for text in texts):
-        return tokenizer.tokenize_batch(texts, num_threads=workers)
-    ids: list[TokenIds] = []
-    short = [text for text in texts if len(text) <= piece_chars]
-    short_ids = iter(tokenizer.tokenize_batch(short, num_threads=workers))
-    group = max(1, min(workers, _CHARS_IN_FLIGHT // piece_chars))
-    for text in texts:
-        if len(text) <= piece_chars:
-            ids.append(next(short_ids))
-            continue
-        parts = []
-        pieces = text_pieces(text, piece_chars)
-        while chunk := list(itertools.islice(pieces, group)):
-            parts.extend(
-                np.array(piece_ids, dtype)
-                for piece_ids in tokenizer.tokenize_batch(chunk, num_threads=workers)
-            )
-        ids.append(np.concatenate(parts))
-    return ids
 
 
 def encode_batch(
@@ -796,12 +436,19 @@ def preprocess(args: argparse.Namespace) -> Stats:
     Checks come first and in this order, each before the work it guards: the input exists,
     the output directory is writable, the tokenizer loads, every file holds the keys.
     """
+    try:
+        return _preprocess(args)
+    except InputError as error:  # a file that cannot be read: found before or during the run
+        raise PreprocessError(error.message) from error
+
+
+def _preprocess(args: argparse.Namespace) -> Stats:
     paths = input_files(args.input)
     check_output_prefix(args.output_prefix)
     tokenizer, dtype, eod = load_tokenizer(args)
     files = check_inputs(paths, args.json_keys)
     cut = isinstance(tokenizer, SentencePieceTokenizer) and cuts_keep_the_tokens(tokenizer.path)
-    piece_chars = _PIECE_CHARS if cut else None
+    piece_chars = PIECE_CHARS if cut else None
     # The fraction done is known only for plain JSONL (bytes read of the file sizes).
     plain = all(f.kind == "jsonl" and not f.path.endswith((".gz", ".zst")) for f in files)
     total_bytes = sum(os.path.getsize(f.path) for f in files) if plain else None

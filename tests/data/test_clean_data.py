@@ -176,6 +176,32 @@ def test_parquet_and_zstandard_in_and_out(corpus, tmp_path):
     assert unpacked == from_jsonl.read_bytes()
 
 
+def test_arrow_in_and_a_corrupt_input_is_one_line(corpus, tmp_path):
+    """HF datasets' cache files (Arrow IPC streams) read as their rows would as JSONL; a
+    truncated .gz stops the run with the file's name, exit 2, no traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(corpus["paths"][2])
+    arrow = tmp_path / "c.arrow"
+    with pa.ipc.new_stream(str(arrow), table.schema) as stream:
+        for batch in table.to_batches(max_chunksize=7):
+            stream.write_batch(batch)
+    from_arrow, from_parquet = tmp_path / "a" / "o.jsonl", tmp_path / "p" / "o.jsonl"
+    run("--input", str(arrow), "--output", str(from_arrow))
+    run("--input", corpus["paths"][2], "--output", str(from_parquet))
+    assert from_arrow.read_bytes() == from_parquet.read_bytes()
+    gz = next(p for p in corpus["paths"] if p.endswith(".gz"))
+    broken = tmp_path / "broken.jsonl.gz"
+    data = Path(gz).read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    result = run("--input", str(broken), "--output", str(tmp_path / "b" / "o.jsonl"), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"clean_data.py: error: --input {broken}: cannot read it"
+    ), result.stderr
+
+
 def test_pii_masked_and_the_output_feeds_preprocess_data(corpus, tmp_path):
     out = tmp_path / "clean.jsonl"
     result = run("--input", *corpus["paths"], "--output", str(out), "--mask-pii")

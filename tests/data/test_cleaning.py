@@ -30,6 +30,7 @@ from engine.data.cleaning import (
     normalize,
     quality_reason,
     shingle_hashes,
+    simplify,
 )
 from tests.paths import REPO
 
@@ -229,16 +230,74 @@ def test_minhash_finds_planted_near_duplicates_above_the_threshold_only():
     assert found_above / total_above >= 0.95
 
 
+def reference_shingles(text: str, ngram: int) -> set[int]:
+    """Word n-gram hashes in plain Python: the regex simplification, xxh3 per word, the
+    polynomial mod 2^64 (what `shingle_hashes` computes in numpy, with an ASCII fast path)."""
+    import xxhash
+
+    words = [xxhash.xxh3_64_intdigest(w.encode()) for w in simplify(text).split()]
+    n = min(ngram, len(words))
+    grams: set[int] = set()
+    for start in range(len(words) - n + 1 if words else 0):
+        value = 0
+        for word in words[start : start + n]:
+            value = (value * 0x100000001B3 + word) % 2**64
+        grams.add(value)
+    return grams
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["The cat_sat, on the MAT!!  (twice) 3 times: x1 y2 z3 -- done.\n\tnew line here",
+     "Ünïcode wörds ß and ǅ mixed with ascii words to pass five", "one two", ""],
+)  # fmt: skip
+def test_shingles_and_signatures_equal_a_plain_python_reference(text):
+    config = MinHashConfig()
+    mine = shingle_hashes(text, config).tolist()
+    assert mine == sorted(reference_shingles(text, config.ngram))
+    hasher = MinHasher(config)
+    if mine:  # each position: min over shingles of ((a h + b) mod 2^64) >> 32
+        a, b = hasher.a[:, 0].tolist(), hasher.b[:, 0].tolist()
+        expected = [
+            min(((x * h + y) % 2**64) >> 32 for h in mine) for x, y in zip(a, b, strict=True)
+        ]
+        assert hasher.signature(text).tolist() == expected
+
+
+def test_a_lower_agreement_bar_finds_more_pairs_at_the_threshold():
+    """The estimate's spread hides pairs just above the threshold; two standard errors
+    lower (0.72 at 0.8 with 112 hashes) finds them all here, and removes only candidates
+    whose signatures still agree in 72% of positions."""
+    documents, copies = planted_corpus(bases=400)
+    found = {}
+    for agreement in (None, 0.72):
+        config = MinHashConfig(agreement=agreement)
+        hasher, index = MinHasher(config), NearDuplicateIndex(config)
+        for doc in documents:
+            index.check(hasher.signature(doc))
+        verdicts = [index.check(hasher.signature(copy)) for copy in copies]
+        above = [
+            jaccard(d, c, config) >= config.threshold
+            for d, c in zip(documents, copies, strict=True)
+        ]
+        found[agreement] = sum(
+            v is not None for v, a in zip(verdicts, above, strict=True) if a
+        ) / sum(above)
+        assert all(v is None or v[1] >= config.agreement_bar for v in verdicts)
+    assert found[0.72] > found[None] and found[0.72] >= 0.98, found
+
+
 def test_char_shingles_and_config_errors():
     config = MinHashConfig(ngram=4, shingles="char", threshold=0.7)
     hasher = MinHasher(config)
     a = "the quick brown fox jumps over the lazy dog " * 3
     assert np.array_equal(hasher.signature(a), hasher.signature(a.upper()))  # simplified first
     assert jaccard(a, a + "!", config) == 1.0
-    assert MinHashConfig(bands=0, threshold=1.5, shingles="line").errors() == [
+    assert MinHashConfig(bands=0, threshold=1.5, shingles="line", agreement=0).errors() == [
         "--minhash-bands must be at least 1, got 0",
         "--minhash-shingles must be word or char, got 'line'",
         "--minhash-threshold must be in (0, 1], got 1.5",
+        "--minhash-agreement must be in (0, 1], got 0",
     ]
 
 

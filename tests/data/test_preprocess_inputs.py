@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.data import long_texts
 from engine.data.indexed_dataset import IndexedDataset
 from engine.data.tokenizer import build_tokenizer
 from tests.paths import REPO, SHARED_DATA
@@ -304,17 +305,17 @@ CUT_CASES = [
 def test_cut_pieces_encode_to_the_whole_texts_tokens(sp_model, shakespeare_docs):
     import sentencepiece
 
-    assert preprocess_data.cuts_keep_the_tokens(sp_model)  # LLaMA-2's model passes the checks
+    assert long_texts.cuts_keep_the_tokens(sp_model)  # LLaMA-2's model passes the checks
     sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
     texts = [*CUT_CASES, "\n\n".join(shakespeare_docs[:200])]
     for text in texts:
         whole = sp.encode(text)
         for piece_chars in (1, 2, 3, 5, 8, 13, 64, 1000):
-            pieces = list(preprocess_data.text_pieces(text, piece_chars))
+            pieces = list(long_texts.text_pieces(text, piece_chars))
             assert " ".join(pieces) == text  # one space dropped at each cut, nothing else
             joined = [i for piece in pieces for i in sp.encode(piece)]
             assert joined == whole, (text[:40], piece_chars, pieces[:4])
-    assert len(list(preprocess_data.text_pieces(texts[-1], 64))) > 300
+    assert len(list(long_texts.text_pieces(texts[-1], 64))) > 300
 
 
 def test_a_long_document_cut_in_pieces_gives_the_same_bytes(
@@ -324,10 +325,10 @@ def test_a_long_document_cut_in_pieces_gives_the_same_bytes(
     rows = [{"text": d} for d in shakespeare_docs[:50]] + [{"text": long}, {"text": "end"}]
     corpus = write_jsonl(tmp_path / "long.jsonl", rows)
     flags = ["--append-eod", "--workers", 2, *sp_flags(sp_model)]
-    monkeypatch.setattr(preprocess_data, "_PIECE_CHARS", 1 << 40)  # never cut
+    monkeypatch.setattr(preprocess_data, "PIECE_CHARS", 1 << 40)  # never cut
     run_tool(corpus, tmp_path / "whole", *flags)
-    monkeypatch.setattr(preprocess_data, "_PIECE_CHARS", 4096)  # ~770 pieces
-    monkeypatch.setattr(preprocess_data, "_CHARS_IN_FLIGHT", 64 << 10)  # in groups of 2
+    monkeypatch.setattr(preprocess_data, "PIECE_CHARS", 4096)  # ~770 pieces
+    monkeypatch.setattr(long_texts, "_CHARS_IN_FLIGHT", 64 << 10)  # in groups of 2
     run_tool(corpus, tmp_path / "cut", *flags)
     run_tool(corpus, tmp_path / "cut3", "--partitions", 3, *flags)
     run_tool(corpus, tmp_path / "whole3", "--partitions", 3, *flags)
@@ -335,7 +336,7 @@ def test_a_long_document_cut_in_pieces_gives_the_same_bytes(
     assert output_bytes(tmp_path / "cut3") == output_bytes(tmp_path / "whole3")
     # The cut path did run: the long text comes back as one array of the file's dtype.
     tokenizer = build_tokenizer("Llama2Tokenizer", sp_model)
-    ids = preprocess_data.tokenize_texts(["short", long[:20000]], tokenizer, 2, 4096, np.uint16)
+    ids = long_texts.tokenize_texts(["short", long[:20000]], tokenizer, 2, 4096, np.uint16)
     assert isinstance(ids[0], list) and ids[1].dtype == np.uint16
     assert ids[1].tolist() == tokenizer.tokenize(long[:20000])
 

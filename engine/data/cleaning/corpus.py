@@ -1,5 +1,6 @@
-"""Reading and writing corpora of JSON records, streamed in batches: JSONL (plain, ``.gz`` or
-``.zst``) and Parquet (``pyarrow``, imported only for it).
+"""Reading and writing corpora of JSON records, streamed in batches: in, JSONL (plain, ``.gz``
+or ``.zst``), Parquet and Arrow (`engine.data.input_files`); out, JSONL or Parquet (``pyarrow``,
+imported only for it).
 
 A line that is not a JSON object is not fatal: it comes out as `MALFORMED` with its line
 number, so the cleaning report counts it with the other removed documents.
@@ -13,6 +14,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from engine.data.input_files import TableFile, input_format, read_lines
 
 MALFORMED = "_malformed_line"
 """The key of the stand-in record of a line that is not a JSON object (its line number)."""
@@ -30,44 +33,41 @@ def _pyarrow():
     return parquet
 
 
-def open_text(path: str | Path, mode: str = "rt") -> IO[str]:
-    """A text stream of a plain, ``.gz`` or ``.zst`` file (UTF-8)."""
+def open_output(path: str | Path) -> IO[str]:
+    """A UTF-8 text stream writing a plain, ``.gz`` or ``.zst`` file, by its suffix."""
     name = str(path)
     if name.endswith(".gz"):
-        return gzip.open(name, mode, encoding="utf-8")  # type: ignore[return-value]
+        return gzip.open(name, "wt", encoding="utf-8")
     if name.endswith(".zst"):
         import zstandard
 
-        raw = open(name, mode.replace("t", "") + "b")
-        stream: Any
-        if "r" in mode:
-            stream = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-        else:
-            stream = zstandard.ZstdCompressor().stream_writer(raw, closefd=True)
+        raw = open(name, "wb")
+        stream = zstandard.ZstdCompressor().stream_writer(raw, closefd=True)
         return io.TextIOWrapper(stream, encoding="utf-8")
-    return open(name, mode, encoding="utf-8")
+    return open(name, "w", encoding="utf-8")
 
 
 def read_batches(path: str | Path, batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    """The records of ``path`` in batches of at most ``batch_size``."""
-    if is_parquet(path):
-        parquet = _pyarrow()
-        for table in parquet.ParquetFile(str(path)).iter_batches(batch_size=batch_size):
+    """The records of ``path`` (any format `engine.data.input_files` reads) in batches of at
+    most ``batch_size``; a file that cannot be read raises its `InputError`."""
+    name = str(path)
+    kind = input_format(name)
+    if kind != "jsonl":
+        for table in TableFile(name, kind).batches(None, batch_size):
             yield table.to_pylist()
         return
     batch: list[dict[str, Any]] = []
-    with open_text(path) as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            batch.append(record if isinstance(record, dict) else {MALFORMED: number})
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
+    for number, line in enumerate(read_lines(name), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # JSON and UTF-8 errors are ValueErrors
+            record = None
+        batch.append(record if isinstance(record, dict) else {MALFORMED: number})
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
     if batch:
         yield batch
 
@@ -81,7 +81,7 @@ class Writer:
         self.rows_per_group = rows_per_group
         self._rows: list[dict[str, Any]] = []
         self._parquet: Any = None
-        self._text = None if is_parquet(path) else open_text(path, "wt")
+        self._text = None if is_parquet(path) else open_output(path)
 
     def write(self, line: str) -> None:
         """One record, as its JSON line (no newline)."""
