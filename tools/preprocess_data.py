@@ -66,13 +66,14 @@ from engine.data.input_files import (  # noqa: E402
 )
 from engine.data.long_texts import (  # noqa: E402
     PIECE_CHARS,
+    SENTENCEPIECE_CUTS,
+    CutRule,
     TokenIds,
-    cuts_keep_the_tokens,
+    cut_rule,
     tokenize_texts,
 )
 from engine.data.tokenizer import (  # noqa: E402
     TOKENIZER_TYPES,
-    SentencePieceTokenizer,
     Tokenizer,
     build_tokenizer,
 )
@@ -339,10 +340,11 @@ def encode_batch(
     args: argparse.Namespace,
     piece_chars: int | None = None,
     dtype: type[np.number] = np.int32,
+    rule: CutRule = SENTENCEPIECE_CUTS,
 ) -> dict[str, list[TokenIds]]:
     """Token ids of every text in the batch, per key (runs while the next batch is parsed)."""
     return {
-        key: tokenize_texts(texts, tokenizer, args.workers, piece_chars, dtype)
+        key: tokenize_texts(texts, tokenizer, args.workers, piece_chars, dtype, rule)
         for key, texts in batch.texts.items()
     }
 
@@ -447,8 +449,8 @@ def _preprocess(args: argparse.Namespace) -> Stats:
     check_output_prefix(args.output_prefix)
     tokenizer, dtype, eod = load_tokenizer(args)
     files = check_inputs(paths, args.json_keys)
-    cut = isinstance(tokenizer, SentencePieceTokenizer) and cuts_keep_the_tokens(tokenizer.path)
-    piece_chars = PIECE_CHARS if cut else None
+    rule = cut_rule(tokenizer)
+    piece_chars = PIECE_CHARS if rule else None
     # The fraction done is known only for plain JSONL (bytes read of the file sizes).
     plain = all(f.kind == "jsonl" and not f.path.endswith((".gz", ".zst")) for f in files)
     total_bytes = sum(os.path.getsize(f.path) for f in files) if plain else None
@@ -469,7 +471,9 @@ def _preprocess(args: argparse.Namespace) -> Stats:
             pending = None
             # Encode batch k on the tokenizer's threads while batch k+1 is read and parsed.
             for batch in read_batches(args, files, stats):
-                future = encoder.submit(encode_batch, batch, tokenizer, args, piece_chars, dtype)
+                future = encoder.submit(
+                    encode_batch, batch, tokenizer, args, piece_chars, dtype, rule
+                )
                 if pending is not None:
                     write_batch(pending[0], pending[1].result(), builders, eod, stats)
                 pending = (batch, future)

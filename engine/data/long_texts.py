@@ -1,5 +1,6 @@
 """Long texts tokenized in bounded memory: cut at spaces into pieces whose ids, joined, are
-the whole text's, where that is provable for the tokenizer (`cuts_keep_the_tokens`).
+the whole text's, where that is provable for the tokenizer (`cut_rule`: SentencePiece BPE
+models that pass `cuts_keep_the_tokens`, TikToken).
 
 A 50 MB text tokenized whole peaked at 2.3 GB: SentencePiece's working state for every
 character at once, then 36 bytes per id as Python ints. In pieces of `PIECE_CHARS`, with at
@@ -13,12 +14,13 @@ import itertools
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine.data.tokenizer import Tokenizer
+from engine.data.tokenizer import SentencePieceTokenizer, TikTokenizer, Tokenizer
 
 PIECE_CHARS = 1 << 18
 """A longer text is tokenized in pieces of about this many characters."""
@@ -28,27 +30,54 @@ TokenIds = list[int] | np.ndarray
 """One text's ids: the tokenizer's list, or an array for a text tokenized in pieces."""
 
 
-# A space that follows a non-space: the first of a run of spaces, where long texts are cut.
-_CUT = re.compile(r"(?<! ) ")
+@dataclass(frozen=True)
+class CutRule:
+    """Where a tokenizer's long texts may be cut (before a space `at` matches), and whether
+    the piece after a cut starts with that space (`keep_space`) or leaves it out."""
+
+    at: re.Pattern[str]
+    keep_space: bool
 
 
-def text_pieces(text: str, piece_chars: int) -> Iterator[str]:
+SENTENCEPIECE_CUTS = CutRule(re.compile(r"(?<! ) "), keep_space=False)
+"""Before the first space of a run; SentencePiece's dummy prefix "▁" stands for the space
+(`cuts_keep_the_tokens`)."""
+TIKTOKEN_CUTS = CutRule(re.compile(r"(?<=\S) "), keep_space=True)
+r"""Before a space that follows a non-whitespace character, the space kept. In TikToken's
+pre-tokenizer patterns (`TikTokenizer.PATTERNS`) no split holds a non-whitespace character
+followed by a space, so every such space starts a split: the splits of the text before it
+and from it on are the whole text's (the regex alternatives see the same characters, and
+the lookahead ``(?!\S)`` a space either way), and BPE merges within a split only. Special
+tokens hold no spaces, so none is cut."""
+
+
+def cut_rule(tokenizer: Tokenizer) -> CutRule | None:
+    """How this tokenizer's long texts are cut so that the joined ids are the whole text's,
+    or None to keep them whole. HuggingFace tokenizers stay whole: their normalizers,
+    pre-tokenizers and post-processors (a BOS per call) vary too much to prove it."""
+    if isinstance(tokenizer, SentencePieceTokenizer) and cuts_keep_the_tokens(tokenizer.path):
+        return SENTENCEPIECE_CUTS
+    if isinstance(tokenizer, TikTokenizer) and tokenizer.pattern in TikTokenizer.PATTERNS:
+        return TIKTOKEN_CUTS
+    return None
+
+
+def text_pieces(text: str, piece_chars: int, rule: CutRule = SENTENCEPIECE_CUTS) -> Iterator[str]:
     """`text` in pieces of at least `piece_chars` characters (but the last), each cut before
-    the first space of a run of spaces. The space at a cut is left out of the piece after it:
-    SentencePiece's dummy prefix "▁" stands for it there (see `cuts_keep_the_tokens`).
+    a space `rule.at` matches, which the piece after the cut starts with or leaves out.
 
     A text with no such space past `piece_chars` stays whole from there (text without
     spaces, such as Chinese, is not cut).
     """
     start = 0
     while len(text) - start > piece_chars:
-        cut = _CUT.search(text, start + piece_chars)
+        cut = rule.at.search(text, start + piece_chars)
         # At the last character the piece after it would be empty, which encodes to nothing
         # rather than to the "▁" the space is.
-        if cut is None or cut.start() == len(text) - 1:
+        if cut is None or (cut.start() == len(text) - 1 and not rule.keep_space):
             break
         yield text[start : cut.start()]
-        start = cut.start() + 1
+        start = cut.start() if rule.keep_space else cut.start() + 1
     yield text[start:]
 
 
@@ -99,10 +128,11 @@ def tokenize_texts(
     workers: int,
     piece_chars: int | None,
     dtype: type[np.number],
+    rule: CutRule = SENTENCEPIECE_CUTS,
 ) -> list[TokenIds]:
     """Token ids of each text, with the tokenizer's threaded batch encoder.
 
-    With `piece_chars`, a longer text is tokenized in `text_pieces`, at most
+    With `piece_chars`, a longer text is tokenized in `text_pieces` cut by `rule`, at most
     `_CHARS_IN_FLIGHT` characters at a time, and its ids are kept as one array of `dtype`:
     memory stays bounded (module docstring).
     """
@@ -117,7 +147,7 @@ def tokenize_texts(
             ids.append(next(short_ids))
             continue
         parts: list[np.ndarray] = []
-        pieces = text_pieces(text, piece_chars)
+        pieces = text_pieces(text, piece_chars, rule)
         while chunk := list(itertools.islice(pieces, group)):
             parts.extend(
                 np.array(piece_ids, dtype)

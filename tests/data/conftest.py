@@ -70,7 +70,8 @@ def hf_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiktoken_vocab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     """A TikToken vocabulary in Megatron's JSON format: the 256 bytes, then every prefix of
-    some common words (with and without a leading space) so BPE can reach them. Returns the
+    some common words (with and without a leading space) and whitespace runs, so BPE can reach
+    them. Returns the
     path and the `--vocab-size` that uses all of it (entries + 1,000 special ids)."""
     import base64
 
@@ -78,13 +79,16 @@ def tiktoken_vocab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]
     words += " what thou will we by all shall her thy our do no lord are him king good now"
     tokens = [bytes([i]) for i in range(256)]
     seen = set(tokens)
+    # Runs of whitespace too, so that a cut inside one would change the ids.
+    forms = [" " * 4, "\n  ", "\n\n", " \n", "\t "]
     for word in words.split():
-        for form in (word, " " + word, word.capitalize(), " " + word.capitalize()):
-            raw = form.encode()
-            for end in range(2, len(raw) + 1):
-                if raw[:end] not in seen:
-                    seen.add(raw[:end])
-                    tokens.append(raw[:end])
+        forms += [word, " " + word, word.capitalize(), " " + word.capitalize()]
+    for form in forms:
+        raw = form.encode()
+        for end in range(2, len(raw) + 1):
+            if raw[:end] not in seen:
+                seen.add(raw[:end])
+                tokens.append(raw[:end])
     vocab = [
         {"rank": i, "token_bytes": base64.b64encode(t).decode(), "token_str": t.decode("latin-1")}
         for i, t in enumerate(tokens)

@@ -197,9 +197,8 @@ def test_arrow_in_and_a_corrupt_input_is_one_line(corpus, tmp_path):
     broken.write_bytes(data[: len(data) // 2])
     result = run("--input", str(broken), "--output", str(tmp_path / "b" / "o.jsonl"), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        f"clean_data.py: error: --input {broken}: cannot read it"
-    ), result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"clean_data.py: error: --input {broken}: cannot read it"), last
 
 
 def test_pii_masked_and_the_output_feeds_preprocess_data(corpus, tmp_path):

@@ -341,6 +341,34 @@ def test_a_long_document_cut_in_pieces_gives_the_same_bytes(
     assert ids[1].tolist() == tokenizer.tokenize(long[:20000])
 
 
+@pytest.mark.parametrize("pattern", ["v1", "v2"])
+def test_tiktoken_cuts_keep_the_space_and_the_tokens(
+    tmp_path, tiktoken_vocab, shakespeare_docs, shakespeare_text, pattern, monkeypatch
+):
+    vocab, vocab_size = tiktoken_vocab
+    tokenizer = build_tokenizer("TikTokenizer", vocab, vocab_size=vocab_size,
+                                tiktoken_pattern=pattern)  # fmt: skip
+    rule = long_texts.cut_rule(tokenizer)
+    assert rule is long_texts.TIKTOKEN_CUTS
+    extra = ["x \n  y\t z 12 345 6789 a.b, c! <s> d</s> e's", "\n \n  \t  end "]
+    for text in [*CUT_CASES, *extra, "\n\n".join(shakespeare_docs[:100])]:
+        whole = tokenizer.tokenize(text)
+        for piece_chars in (1, 2, 3, 5, 8, 13, 64, 1000):
+            pieces = list(long_texts.text_pieces(text, piece_chars, rule))
+            assert "".join(pieces) == text  # every space kept
+            joined = [i for piece in pieces for i in tokenizer.tokenize(piece)]
+            assert joined == whole, (pattern, text[:40], piece_chars, pieces[:4])
+    # Through the tool: a 1 MB document cut in ~250 pieces gives the whole text's bytes.
+    corpus = write_jsonl(tmp_path / "long.jsonl", [{"text": shakespeare_text[: 1 << 20]}])
+    flags = ["--append-eod", "--tokenizer-type", "TikTokenizer", "--tokenizer-model", vocab,
+             "--vocab-size", vocab_size, "--tiktoken-pattern", pattern]  # fmt: skip
+    monkeypatch.setattr(preprocess_data, "PIECE_CHARS", 1 << 40)
+    run_tool(corpus, tmp_path / "whole", *flags)
+    monkeypatch.setattr(preprocess_data, "PIECE_CHARS", 4096)
+    run_tool(corpus, tmp_path / "cut", *flags)
+    assert output_bytes(tmp_path / "cut") == output_bytes(tmp_path / "whole")
+
+
 def test_a_20_mb_document_takes_bounded_memory(tmp_path, sp_model, shakespeare_text):
     corpus = tmp_path / "big.jsonl"
     corpus.write_text(json.dumps({"text": (shakespeare_text * 19)[: 20 << 20]}) + "\n")
