@@ -19,17 +19,23 @@ import argparse
 import sys
 
 from engine.planning.cost_model import format_plan
-from engine.training.arguments import parse_args
+from engine.training.arguments import build_parser, parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    own = argparse.ArgumentParser(add_help=False)
-    own.add_argument(
-        "--world-size", type=int, required=True, help="ranks (GPUs) in the job, e.g. 32"
+    own = argparse.ArgumentParser(
+        prog="plan.py", usage="%(prog)s --world-size N [the trainer's flags]", add_help=False
     )
+    own.add_argument("--world-size", type=int, help="ranks (GPUs) in the job, e.g. 32")
     args, rest = own.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
+        print(__doc__.split("\n\n")[0] + "\n")
         own.print_help()
+        print("\nThe trainer's flags:")
+        build_parser().print_help()
+        return 0
+    if args.world_size is None:
+        own.error("--world-size is required (the ranks in the job, e.g. --world-size 32)")
     job = parse_args(rest)
     try:
         print(format_plan(job, args.world_size))
