@@ -16,6 +16,7 @@ import pytest
 
 from tests.paths import REPO
 
+
 def programs() -> list[str]:
     found = []
     for folder in ("tools", "benchmarks", "examples"):
@@ -29,8 +30,14 @@ def programs() -> list[str]:
 def helps() -> dict[str, subprocess.CompletedProcess]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running = {
-        name: subprocess.Popen([sys.executable, name, "--help"], cwd=REPO, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        name: subprocess.Popen(
+            [sys.executable, name, "--help"],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
         for name in programs()
     }
     results = {}
