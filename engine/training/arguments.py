@@ -148,6 +148,9 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--seed", "training", "seed", {"type": int}),
     ("--peak-tflops", "training", "peak_tflops", {"type": float}),
     ("--tensorboard-dir", "training", "tensorboard_dir", {}),
+    ("--wandb-project", "training", "wandb_project", {}),
+    ("--wandb-exp-name", "training", "wandb_exp_name", {}),
+    ("--wandb-save-dir", "training", "wandb_save_dir", {}),
     ("--device-memory-gb", "training", "device_memory_gb", {"type": float}),
     ("--dry-run", "training", "dry_run", {"type": bool}),
     # Data.

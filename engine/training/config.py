@@ -15,6 +15,7 @@ from engine.models.config import ModelConfig, layout_errors
 from engine.optimizer.config import OptimizerConfig
 from engine.parallel_state import ParallelConfig
 from engine.peft.config import LoraConfig
+from engine.training.wandb_writer import wandb_import_problem
 
 
 @dataclass
@@ -62,6 +63,15 @@ class TrainingConfig:
     """Device peak TFLOP/s for MFU (``--peak-tflops``); None = detected from the device."""
     tensorboard_dir: str | None = None
     """Write TensorBoard event files here (``--tensorboard-dir``); None disables them."""
+    wandb_project: str | None = None
+    """Log the same scalars to this Weights & Biases project (``--wandb-project``; None or
+    empty: no W&B, as in Megatron). Needs the ``wandb`` extra; ``WANDB_MODE=offline`` logs with
+    no network."""
+    wandb_exp_name: str | None = None
+    """The W&B run's name (``--wandb-exp-name``); None: one W&B makes up."""
+    wandb_save_dir: str | None = None
+    """Where W&B keeps the run's files, under ``<dir>/wandb/`` (``--wandb-save-dir``); None:
+    ``<--save>/wandb`` as in Megatron, or the working directory without ``--save``."""
     device_memory_gb: float | None = None
     """Memory of one device in GB (10^9 bytes) that the plan checks against
     (``--device-memory-gb``); None = detected or unchecked."""
@@ -119,7 +129,20 @@ class TrainingConfig:
                 "--max-consecutive-skipped-steps must be at least 0, got "
                 f"{self.max_consecutive_skipped_steps}"
             )
-        return errors
+        return errors + self.wandb_errors()
+
+    def wandb_errors(self) -> list[str]:
+        """The W&B flags: their siblings need ``--wandb-project``, which needs the package
+        (imported here, so that a missing one is a usage error before any process starts)."""
+        if not self.wandb_project:
+            return [
+                f"{flag} ({value}) needs --wandb-project"
+                for flag, value in (("--wandb-exp-name", self.wandb_exp_name),
+                                    ("--wandb-save-dir", self.wandb_save_dir))
+                if value
+            ]  # fmt: skip
+        problem = wandb_import_problem()
+        return [] if problem is None else [f"--wandb-project {self.wandb_project}: {problem}"]
 
 
 @dataclass

@@ -11,11 +11,11 @@ One iteration, on every rank (Megatron-LM's order)::
                        scheduler.step(...)         # LR and weight decay of the next step
     else: skip the step, count it (or save and stop with --exit-on-nan)
 
-then every ``--log-interval`` a console line and TensorBoard scalars
-(`engine.training.metrics`), every ``--eval-interval`` the validation loss and perplexity,
-every ``--save-interval`` a checkpoint, and after each iteration the exit checks
-(`engine.training.exit`: SIGTERM, ``--exit-interval``, ``--exit-duration-in-mins``), all
-decided identically on every rank.
+then every ``--log-interval`` a console line and its scalars to TensorBoard and W&B
+(`engine.training.metrics`, `engine.training.wandb_writer`), every ``--eval-interval`` the
+validation loss and perplexity, every ``--save-interval`` a checkpoint, and after each
+iteration the exit checks (`engine.training.exit`: SIGTERM, ``--exit-interval``,
+``--exit-duration-in-mins``), all decided identically on every rank.
 
 Everything that shapes the next iteration is either in the checkpoint (weights, optimizer state
 and loss scaler, LR schedule, RNG states, ``consumed_samples``) or a pure function of the
@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -38,14 +39,22 @@ from engine.device import init_distributed
 from engine.models.families import ModelFamily, register_family
 from engine.pipeline_parallel.schedules import ForwardStepFunc
 from engine.training import checkpoint as ckpt
+from engine.training.arguments import job_to_dict
 from engine.training.config import JobConfig
 from engine.training.data import DatasetsProvider, build_datasets
 from engine.training.divergence import DivergenceGuard, StepOutcome
 from engine.training.exit import ExitConditions, SignalHandler, exit_with_launcher
 from engine.training.liveness import StragglerMonitor, describe_failure, is_communication_error
-from engine.training.metrics import IntervalMeter, TensorBoardWriter, detect_peak_tflops, memory_gb
+from engine.training.metrics import (
+    IntervalMeter,
+    ScalarSink,
+    TensorBoardWriter,
+    detect_peak_tflops,
+    memory_gb,
+)
 from engine.training.preflight import check_save_dir
 from engine.training.state import TrainingRun
+from engine.training.wandb_writer import WandbWriter, wandb_dir
 
 
 @dataclass
@@ -117,10 +126,26 @@ def _print(run: TrainingRun, message: str) -> None:
         print(message, flush=True)
 
 
+def _open_sinks(run: TrainingRun, sinks: list[ScalarSink]) -> None:
+    """Appends the sinks the flags ask for (rank 0 only; the caller closes them, also when one
+    fails to open). Rank 0 knows every scalar, the loss included: it is all-reduced from the
+    last pipeline stage."""
+    t = run.job.training
+    if run.rank != 0:
+        return
+    if t.tensorboard_dir is not None:
+        sinks.append(TensorBoardWriter(t.tensorboard_dir))
+    if t.wandb_project:
+        directory = wandb_dir(t.wandb_save_dir, run.job.checkpoint.save)
+        wandb = WandbWriter(t.wandb_project, t.wandb_exp_name, directory, job_to_dict(run.job))
+        sinks.append(wandb)
+        _print(run, f"W&B run {wandb.run.name} in {wandb.directory}")
+
+
 def _log(
-    run: TrainingRun, meter: IntervalMeter, writer: TensorBoardWriter | None, iteration: int
+    run: TrainingRun, meter: IntervalMeter, sinks: Sequence[ScalarSink], iteration: int
 ) -> None:
-    """One console line and its TensorBoard scalars; memory is the maximum over ranks."""
+    """One console line and its scalars; memory is the maximum over ranks."""
     what, gb = memory_gb(run.device)
     peak = torch.tensor([gb], device=run.device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -130,21 +155,21 @@ def _log(
         nan_iterations=run.nan_iterations, memory=(what, peak.item()),
     )  # fmt: skip
     _print(run, entry.line())
-    if writer is not None:
-        writer.scalars(entry.scalars(), iteration)
+    for sink in sinks:
+        sink.scalars(entry.scalars(), iteration)
     meter.reset()
 
 
 def _log_evaluation(
-    run: TrainingRun, writer: TensorBoardWriter | None, split: str, result: dict[str, float]
+    run: TrainingRun, sinks: Sequence[ScalarSink], split: str, result: dict[str, float]
 ) -> None:
     _print(
         run,
         f"{split} at iteration {run.iteration} | loss {result['loss']:.6E} | "
         f"ppl {result['ppl']:.6E}",
     )
-    if writer is not None:
-        writer.scalars(
+    for sink in sinks:
+        sink.scalars(
             {f"{split}/loss": result["loss"], f"{split}/ppl": result["ppl"]}, run.iteration
         )
 
@@ -174,12 +199,11 @@ def _train(job: JobConfig, finetuning: bool, providers: Providers) -> TrainResul
         job = dataclasses.replace(job, model=dataclasses.replace(job.model, family=family.name))
     run = TrainingRun(job, device, providers.forward_step_func)
     t = job.training
-    writer = None
+    sinks: list[ScalarSink] = []
     try:
         run.phase = "setting up (the --save check, loading, datasets)"
         check_save_dir(job.checkpoint.save, run.model_config, not job.checkpoint.no_save_optim)
-        if t.tensorboard_dir is not None and run.rank == 0:
-            writer = TensorBoardWriter(t.tensorboard_dir)
+        _open_sinks(run, sinks)
         loaded = ckpt.load(run, finetuning)
         if loaded is not None:
             _print(run, f"loaded {loaded} at iteration {run.iteration}")
@@ -188,7 +212,7 @@ def _train(job: JobConfig, finetuning: bool, providers: Providers) -> TrainResul
         result = TrainResult(run.iteration, run.consumed_samples)
         with SignalHandler() as handler:
             exits = ExitConditions(t.exit_interval, t.exit_duration_in_mins, handler)
-            _loop(run, writer, result, exits)
+            _loop(run, sinks, result, exits)
         return result
     except Exception as error:
         if is_communication_error(error):
@@ -197,13 +221,13 @@ def _train(job: JobConfig, finetuning: bool, providers: Providers) -> TrainResul
             ) from error
         raise
     finally:
-        if writer is not None:
-            writer.close()
+        for sink in sinks:
+            sink.close()
         parallel_state.destroy_model_parallel()
 
 
 def _loop(
-    run: TrainingRun, writer: TensorBoardWriter | None, result: TrainResult, exits: ExitConditions
+    run: TrainingRun, sinks: Sequence[ScalarSink], result: TrainResult, exits: ExitConditions
 ) -> None:
     """Iterations from the loaded one to the last (or an exit); fills ``result``."""
     job, t = run.job, run.job.training
@@ -251,13 +275,13 @@ def _loop(
 
         run.phase = "logging"
         if run.iteration % t.log_interval == 0:
-            _log(run, meter, writer, run.iteration)
+            _log(run, meter, sinks, run.iteration)
         guard.observe(outcome, run.optimizer.loss_scale)  # raises once the run has diverged
         run.phase = "evaluation"
         if valid is not None and run.iteration % t.eval_interval == 0:
             evaluation_start = time.perf_counter()
             result.evaluations[run.iteration] = evaluate(run, valid)
-            _log_evaluation(run, writer, "validation", result.evaluations[run.iteration])
+            _log_evaluation(run, sinks, "validation", result.evaluations[run.iteration])
             start += time.perf_counter() - evaluation_start  # slow by design: not a straggler
         run.phase = "the exit check (SIGTERM, time limit)"
         reason = exits.reason(run.iteration)
@@ -287,10 +311,10 @@ def _loop(
     if result.exit_reason is None:
         if valid is not None and run.iteration not in result.evaluations:
             result.evaluations[run.iteration] = evaluate(run, valid)
-            _log_evaluation(run, writer, "validation", result.evaluations[run.iteration])
+            _log_evaluation(run, sinks, "validation", result.evaluations[run.iteration])
         if datasets.test is not None and eval_batches(run, datasets.test) > 0:
             result.test = evaluate(run, datasets.test)
-            _log_evaluation(run, writer, "test", result.test)
+            _log_evaluation(run, sinks, "test", result.test)
         if job.checkpoint.save and saved_at != run.iteration:
             result.checkpoint = ckpt.save(run) or result.checkpoint
     result.checkpoint = ckpt.finish(run) or result.checkpoint  # waits for an --async-save

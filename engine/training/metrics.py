@@ -1,5 +1,6 @@
 """What the trainer measures and how it reports it: FLOPs and MFU, memory, the per-iteration
-console line, and TensorBoard scalars.
+console line, and the scalar sinks that record it (`ScalarSink`: TensorBoard here, Weights &
+Biases in `engine.training.wandb_writer`).
 
 The console line starts exactly as DESIGN.md fixes it (scripts and tests parse it)::
 
@@ -18,6 +19,7 @@ import os
 import resource
 import sys
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -105,7 +107,7 @@ class IterationLog:
         )
 
     def scalars(self) -> dict[str, float]:
-        """The same numbers under TensorBoard tags."""
+        """The same numbers under the tags every `ScalarSink` receives."""
         out = {
             "train/loss": self.loss,
             "train/lr": self.lr,
@@ -177,8 +179,19 @@ class IntervalMeter:
         )  # fmt: skip
 
 
+class ScalarSink(Protocol):
+    """Where one rank records the logged scalars (``{"train/loss": ..., ...}`` by iteration):
+    `TensorBoardWriter`, `engine.training.wandb_writer.WandbWriter`."""
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Record ``values`` at iteration ``step``."""
+
+    def close(self) -> None:
+        """Flush and release; the sink takes nothing after this."""
+
+
 class TensorBoardWriter:
-    """TensorBoard scalars (``--tensorboard-dir``), written by one rank.
+    """TensorBoard scalars (``--tensorboard-dir``), written by one rank (a `ScalarSink`).
 
     Raises ImportError with the install command when the ``tensorboard`` package is missing
     (``torch.utils.tensorboard`` needs it), rather than silently writing nothing.
