@@ -198,6 +198,14 @@ class Progress:
             self.stream.flush()
         self.closed = True
 
+    def clear(self) -> None:
+        """Blank the terminal's progress line, so other output can be printed on it (it is
+        drawn again at the next update); nothing off a terminal."""
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
     def _record(
         self,
         done: float | None,

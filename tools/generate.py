@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,9 +37,18 @@ from engine.data.chat_template import AUTO, JinjaChatTemplate, encode_prompt, st
 from engine.data.sft_dataset import ROLES, ChatTemplate, chat_template_of, render
 from engine.data.tokenizer import Tokenizer
 from engine.device import init_distributed, leave_distributed
-from engine.inference.generation import SamplingParams, generate
+from engine.inference.decoding import (
+    DEFAULT_MICRO_BATCH_SIZE,
+    add_decoding_flags,
+    completion,
+    decode_batches,
+    encode,
+    sampling_params,
+)
+from engine.inference.generation import TokenCallback
 from engine.inference.loading import load_model, load_tokenizer
 from engine.models.families import add_model_provider_flag
+from engine.progress import Progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,13 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --chat: auto (default: the tokenizer's Jinja template), a .jinja file, or "
         "a built-in name (llama2, plain)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus filter")
-    parser.add_argument("--seed", type=int, default=1234, help="sampling seed")
-    parser.add_argument("--ignore-eos", action="store_true", help="always decode max tokens")
-    parser.add_argument("--no-bos", action="store_true", help="do not start prompts with BOS")
+    add_decoding_flags(parser)
     parser.add_argument("--tokenizer-type", default=None, help="default: the checkpoint's run's")
     parser.add_argument("--tokenizer-model", default=None, help="default: the checkpoint's run's")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -127,25 +131,24 @@ def chat_prompts(
     return [ids for ids, _ in encoded], [text for _, text in encoded], stop_ids(template, tokenizer)
 
 
-def encode(tokenizer: Tokenizer, text: str, add_bos: bool) -> list[int]:
-    """Prompt ids, starting with BOS when asked (SentencePiece's `tokenize` adds none; a HF
-    tokenizer's post-processor may already have)."""
-    ids = tokenizer.tokenize(text)
-    if add_bos and tokenizer.bos is not None and ids[:1] != [tokenizer.bos]:
-        ids = [tokenizer.bos] + ids
-    return ids
-
-
 class Printer:
     """Prints new text as tokens arrive (global rank 0 only).
 
     Text is decoded from the prompt plus all new tokens and only the part past what was
-    already printed is written: pieces such as SentencePiece's word-initial spaces or
-    multi-byte characters split over tokens only make sense in context.
+    already printed is written (`engine.inference.decoding.completion`). A single prompt
+    streams token by token; several print each as it finishes. `batch` gives the streaming
+    callback of the prompts ``[start, start + size)``, decoded as one batch.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompts: list[list[int]], texts: list[str]):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompts: list[list[int]],
+        texts: list[str],
+        before_print: Callable[[], None] | None = None,
+    ):
         self.tokenizer, self.prompts, self.texts = tokenizer, prompts, texts
+        self.before_print = before_print  # e.g. blank a progress line on the same terminal
         self.new: list[list[int]] = [[] for _ in prompts]
         self.done = [False] * len(prompts)
         self.printed = ""
@@ -153,11 +156,18 @@ class Printer:
         if self.stream:
             print(texts[0], end="", flush=True)
 
-    def __call__(self, tokens: torch.Tensor, finished: torch.Tensor) -> None:
-        for row, token in enumerate(tokens.tolist()):
+    def batch(self, start: int, size: int) -> TokenCallback:
+        def on_tokens(tokens: torch.Tensor, finished: torch.Tensor) -> None:
+            self.step(start, tokens, finished)
+
+        return on_tokens
+
+    def step(self, start: int, tokens: torch.Tensor, finished: torch.Tensor) -> None:
+        for offset, token in enumerate(tokens.tolist()):
+            row = start + offset
             if not self.done[row]:
                 self.new[row].append(token)
-                self.done[row] = bool(finished[row])
+                self.done[row] = bool(finished[offset])
                 if self.done[row] and not self.stream:
                     self.print_one(row)
         if self.stream:
@@ -167,23 +177,34 @@ class Printer:
                 self.printed = text
 
     def completion(self, row: int) -> str:
-        prompt = self.tokenizer.detokenize(self.prompts[row])
-        return self.tokenizer.detokenize(self.prompts[row] + self.new[row])[len(prompt) :]
+        return completion(self.tokenizer, self.prompts[row], self.new[row])
 
     def print_one(self, row: int) -> None:
+        if self.before_print is not None:
+            self.before_print()
         print(f"--- prompt {row} ---\n{self.texts[row]}{self.completion(row)}", flush=True)
+
+    def finish_batch(self, start: int, size: int) -> None:
+        """Print the prompts of a batch that reached --max-new-tokens without stopping."""
+        for row in range(start, start + size):
+            if not self.done[row] and not self.stream:
+                self.done[row] = True
+                self.print_one(row)
 
     def finish(self) -> None:
         if self.stream:
             print(self.completion(0)[len(self.printed) :], flush=True)
             return
-        for row, done in enumerate(self.done):
-            if not done:
-                self.print_one(row)
+        self.finish_batch(0, len(self.prompts))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        sampling_params(args)  # a bad flag fails before the model loads
+    except ValueError as error:
+        parser.error(str(error))
     conversations = read_conversations(args) if args.chat else None
     texts = read_prompts(args) if conversations is None else []
     init_distributed()
@@ -209,16 +230,28 @@ def main(argv: list[str] | None = None) -> int:
                 name = template.origin if isinstance(template, JinjaChatTemplate) else template.name
                 print(f"chat template {name}; stop ids {stops}", file=sys.stderr)
         model = load_model(args.load, args.ckpt_step)
-        printer = Printer(tokenizer, prompts, texts) if dist.get_rank() == 0 else None
-        generate(
+        rank0 = dist.get_rank() == 0
+        # Progress only for many prompts: one batch already shows itself as it streams.
+        size = args.micro_batch_size or DEFAULT_MICRO_BATCH_SIZE
+        progress = Progress(len(prompts), "prompts", label="generate",
+                            enabled=rank0 and len(prompts) > size)  # fmt: skip
+        printer = Printer(tokenizer, prompts, texts, progress.clear) if rank0 else None
+
+        def batch_done(start: int, size: int) -> None:
+            if printer is not None:
+                printer.finish_batch(start, size)
+            progress.update(advance=size)
+
+        decode_batches(
             model,
             prompts,
-            args.max_new_tokens,
-            SamplingParams(args.temperature, args.top_k, args.top_p, args.seed),
-            eos_id=None if args.ignore_eos else stops,
+            args,
+            stops,
             pad_id=tokenizer.pad if tokenizer.pad is not None else tokenizer.eod,
-            on_tokens=printer,
+            on_tokens=printer.batch if printer is not None else None,
+            on_batch=batch_done,
         )
+        progress.close()
         if printer is not None:
             printer.finish()
     finally:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,9 +104,12 @@ def evaluate_perplexity(
     seq_length: int,
     stride: int,
     micro_batch_size: int = 1,
+    on_windows: Callable[[int, int], None] | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``documents`` (collective over every rank of the job). Up to
-    ``micro_batch_size`` consecutive windows of the same length run as one batch."""
+    ``micro_batch_size`` consecutive windows of the same length run as one batch;
+    ``on_windows(done, total)`` follows this rank's windows (a progress display), called
+    before the first batch and after each."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     windows = [
@@ -116,7 +119,11 @@ def evaluate_perplexity(
     ]
     device = next(model.parameters()).device
     nll, count = torch.zeros((), dtype=torch.float64), 0
-    for batch in _batches(windows[dp_rank::dp_size], micro_batch_size):
+    mine = windows[dp_rank::dp_size]
+    done = 0
+    if on_windows is not None:
+        on_windows(done, len(mine))
+    for batch in _batches(mine, micro_batch_size):
         tokens = torch.tensor(
             [documents[w.document][w.begin : w.end] for w in batch], device=device
         )
@@ -127,6 +134,9 @@ def evaluate_perplexity(
                 scored = row[window.score_from - 1 :]
                 nll += scored.double().sum().cpu()
                 count += scored.numel()
+        done += len(batch)
+        if on_windows is not None:
+            on_windows(done, len(mine))
     totals = torch.tensor([nll.item(), float(count)], dtype=torch.float64)
     dist.all_reduce(totals)
     return PerplexityResult(totals[0].item(), int(totals[1].item()), len(windows))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,18 +21,17 @@ import pytest
 import torch
 
 from engine import parallel_state
-from engine.conversion.convert import hf_to_engine
 from engine.data.indexed_dataset import IndexedDatasetBuilder, bin_path, idx_path
 from engine.data.tokenizer import build_tokenizer
 from engine.inference.loading import load_model
 from engine.inference.perplexity import evaluate_perplexity, read_documents, sliding_windows
+from tests.inference.checkpoints import TOKENIZER, converted_checkpoint
 from tests.paths import REPO
 from tests.rank_pool import module_pool
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
 
 DATA = REPO.parent / "shared" / "data"
-TOKENIZER = DATA / "llama2-tokenizer.model"
 TEXT = DATA / "tinyshakespeare.txt"
 pytestmark = pytest.mark.skipif(
     not (TOKENIZER.exists() and TEXT.exists()), reason=f"needs {TOKENIZER} and {TEXT}"
@@ -72,17 +71,8 @@ def hf_perplexity(model, documents: list[list[int]], seq_length: int, stride: in
 def setup(tmp_path_factory):
     """(checkpoint, jsonl path, indexed prefix, documents, HF reference perplexity)."""
     tmp = tmp_path_factory.mktemp("evaluate")
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )).eval()  # fmt: skip
-    with torch.no_grad():  # sharper predictions than the near-uniform initialisation
-        hf.lm_head.weight.mul_(6)
-    hf.save_pretrained(tmp / "hf")
-    shutil.copyfile(TOKENIZER, tmp / "hf" / "tokenizer.model")  # the checkpoint records it
-    checkpoint = tmp / "engine"
-    hf_to_engine(tmp / "hf", checkpoint, tp_size=2)
+    # Sharper predictions than the near-uniform initialisation.
+    checkpoint, hf = converted_checkpoint(tmp, tp_size=2, lm_head_scale=6)
     paragraphs = TEXT.read_text()[:8000].split("\n\n")
     texts = ["\n\n".join(paragraphs[i : i + 12]) for i in range(0, 48, 12)]
     jsonl = tmp / "text.jsonl"
@@ -146,13 +136,19 @@ def test_perplexity_equals_transformers_at_every_layout(pool, setup):
 
 
 def test_tool_prints_the_perplexity(setup):
-    """JSONL without tokenizer flags: the converted checkpoint names the HF directory's."""
+    """JSONL without tokenizer flags: the converted checkpoint names the HF directory's. The
+    windows' progress goes to stderr (a log line per interval, the final one at 100%)."""
     checkpoint, jsonl, _, _, reference = setup
     result = subprocess.run(
         [sys.executable, "tools/evaluate.py", "--load", checkpoint, "--data-path", jsonl,
          "--seq-length", str(SEQ_LENGTH), "--stride", str(STRIDE)],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
+        env={**os.environ, "ENGINE_PROGRESS_INTERVAL_S": "0.001"},
     )  # fmt: skip
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith("perplexity ")
     assert abs(float(line.split()[1]) - reference) <= 1e-4 * reference
+    windows = line.split()[-1]
+    progress = [p for p in result.stderr.splitlines() if p.startswith("perplexity: [")]
+    assert len(progress) > 1, result.stderr  # lines along the way, not only at the end
+    assert f"100.0% {windows}/{windows} windows | " in progress[-1] and "ETA" in progress[0]
