@@ -7,7 +7,8 @@
 #   3. a tiny LLaMA trained with TP=2 x PP=2 x DP=2 (8 gloo processes), sequence parallel,
 #      the distributed optimizer, evaluation on the validation split; it stops at iteration
 #      $STOP with a checkpoint (--exit-interval), as a pre-empted job would;
-#   4. a second launch resumes from the checkpoint to iteration $ITERS, evaluates and saves.
+#   4. a second launch resumes from the checkpoint to iteration $ITERS, evaluates and saves;
+#      tools/plot_run.py draws both launches' TensorBoard scalars into $OUT/run.png.
 #
 # Settings (environment): QUICKSTART_DIR (default /tmp/engine-quickstart), QUICKSTART_ITERS
 # (300), QUICKSTART_STOP (250), NPROC (8: TP=2 x PP=2 x DP=2). Extra arguments go to both
@@ -26,7 +27,7 @@ start=$(date +%s)
 
 echo "== 1/4 corpus and tokenizer -> $OUT"
 mkdir -p "$OUT"
-rm -rf "$OUT/checkpoints" "$OUT/tensorboard" "$OUT/data"
+rm -rf "$OUT/checkpoints" "$OUT/tensorboard" "$OUT/data" "$OUT/run.png"
 "$PYTHON" examples/quickstart_data.py --output-dir "$OUT" --vocab-size 2000
 
 echo "== 2/4 preprocess"
@@ -59,6 +60,7 @@ echo "== 4/4 resume from the checkpoint to iteration $ITERS"
 first=$(grep -m1 -o 'loss [0-9.E+-]*' "$OUT/train.log" | cut -d' ' -f2)
 last=$(grep '^iteration' "$OUT/resume.log" | tail -1 | grep -o 'loss [0-9.E+-]*' | cut -d' ' -f2)
 valid=$(grep '^validation' "$OUT/resume.log" | tail -1 | sed 's/.*| loss //')
+"$PYTHON" tools/plot_run.py "$OUT/tensorboard" --output "$OUT/run.png"
 cat <<EOF
 
 == quickstart done in $(( $(date +%s) - start )) s
@@ -66,4 +68,5 @@ training loss: $first (first logged) -> $last (iteration $ITERS)
 validation:    loss $valid
 checkpoints:   $OUT/checkpoints (latest: iteration $(cat "$OUT/checkpoints/latest_checkpointed_iteration.txt"))
 tensorboard:   tensorboard --logdir $OUT/tensorboard
+plot:          $OUT/run.png
 EOF

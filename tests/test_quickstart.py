@@ -1,7 +1,8 @@
 """The quickstart as users run it (`examples/quickstart.sh`, behind `make quickstart`), shortened
 to 30 iterations: corpus and tokenizer from pydoc_data, preprocessing, 8 gloo processes under
-torchrun at TP=2 x PP=2 x DP=2, a stop with a checkpoint at 20, a resume to 30; and the entry
-point's checks that run before any process group starts."""
+torchrun at TP=2 x PP=2 x DP=2, a stop with a checkpoint at 20, a resume to 30, the PNG of both
+launches' scalars (`tools/plot_run.py`); and the entry point's checks that run before any process
+group starts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+from tools.plot_run import plot_run
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = re.compile(
@@ -44,6 +47,17 @@ def test_quickstart_trains_stops_resumes_and_reports(tmp_path):
     summary = result.stdout[result.stdout.index("== quickstart done") :]
     assert f"checkpoints:   {out}/checkpoints (latest: iteration 30)" in summary
     assert f"tensorboard --logdir {out}/tensorboard" in summary
+    assert f"plot:          {out}/run.png" in summary
+    assert (out / "run.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    # The same figure again, to look at: every panel, the loss over both launches.
+    figure = plot_run(out / "tensorboard", tmp_path / "again.png")
+    assert [axes.get_title() for axes in figure.axes] == [
+        "loss", "learning rate", "grad norm", "throughput", "memory",
+    ]  # fmt: skip
+    train = next(line for line in figure.axes[0].lines if line.get_label() == "train")
+    assert list(train.get_xdata()) == [5, 10, 15, 20, 25, 30]
+    validation = next(line for line in figure.axes[0].lines if line.get_label() == "validation")
+    assert list(validation.get_xdata()) == [10, 20, 30]
 
 
 def test_entry_point_rejects_a_bad_layout_before_starting():
