@@ -182,7 +182,7 @@ def generate(
         next_tokens = torch.empty(len(prompts), dtype=torch.long, device=device)
         if logits is not None:
             next_tokens = sample(logits[:, -1], sampling, generator)
-        _share_from_last_stage(next_tokens)
+        share_from_last_stage(next_tokens)
         # Finished sequences keep emitting pad (as HF's generate), never shown to the caller.
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
         tokens[:, end] = next_tokens
@@ -196,20 +196,21 @@ def generate(
     return [_until_stop(row[prompt_len:end].tolist(), stops) for row in tokens]
 
 
-def _share_from_last_stage(next_tokens: torch.Tensor) -> None:
-    """Make ``next_tokens [b]`` that of the last stage's TP rank 0, on every model-parallel rank.
+def share_from_last_stage(tensor: torch.Tensor) -> None:
+    """Make ``tensor`` that of the last stage's TP rank 0, on every model-parallel rank.
 
     TP ranks already agree (identical gathered logits, identical generator); the broadcast
-    makes it hold even if a reduction order ever differed between them.
+    makes it hold even if a reduction order ever differed between them. The other stages
+    pass an empty tensor of the same shape and dtype.
     """
     if parallel_state.is_pipeline_last_stage() and (
         parallel_state.get_tensor_model_parallel_world_size() > 1
     ):
-        dist.broadcast(next_tokens, group=parallel_state.get_tensor_model_parallel_group(),
+        dist.broadcast(tensor, group=parallel_state.get_tensor_model_parallel_group(),
                        group_src=0)  # fmt: skip
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if pp > 1:
-        dist.broadcast(next_tokens, group=parallel_state.get_pipeline_model_parallel_group(),
+        dist.broadcast(tensor, group=parallel_state.get_pipeline_model_parallel_group(),
                        group_src=pp - 1)  # fmt: skip
 
 
