@@ -99,9 +99,8 @@ class Progress:
         scale: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ):
-        if total is not None and total < 0:
-            raise ValueError(f"Progress total must be >= 0, got {total}")
-        self.total, self.unit, self.label, self.enabled = total, unit, label, enabled
+        self.set_total(total)
+        self.unit, self.label, self.enabled = unit, label, enabled
         self.scale, self.clock = scale, clock
         self.stream = stream if stream is not None else sys.stderr
         self.tty = enabled and _isatty(self.stream)
@@ -116,6 +115,12 @@ class Progress:
         self._width = 0  # of the last line drawn on a terminal, to blank what it leaves
         self._lines = 0  # shown so far
         self._changed = False  # recorded since the last line shown
+
+    def set_total(self, total: float | None) -> None:
+        """The amount of work, once known (e.g. after the inputs are read)."""
+        if total is not None and total < 0:
+            raise ValueError(f"Progress total must be >= 0, got {total}")
+        self.total = total
 
     def update(
         self,

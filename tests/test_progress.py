@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -15,6 +18,13 @@ from engine.progress import (
     format_duration,
     interval_from_env,
 )
+from tests.paths import REPO, SHARED_DATA
+
+LOG_EVERY_CALL = {**os.environ, INTERVAL_ENV: "0.001"}
+
+
+def progress_lines(stderr: str, label: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(f"{label}: ")]
 
 
 class Clock:
@@ -134,3 +144,44 @@ def test_bad_arguments():
         Progress(-1)
     with pytest.raises(ValueError, match="interval_s must be > 0"):
         Progress(1, interval_s=0, stream=io.StringIO())
+
+
+def test_the_conversion_tool_counts_tensors(tmp_path):
+    """hf-to-engine and engine-to-hf: log lines along the way, the last at every tensor."""
+    pytest.importorskip("transformers", reason="transformers is a test extra")
+    from safetensors import safe_open
+
+    from tests.inference.checkpoints import random_llama
+
+    random_llama().save_pretrained(tmp_path / "hf")
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        tensors = len(list(f.keys()))
+    for command, load, save in (
+        ("hf-to-engine", "hf", "engine"),
+        ("engine-to-hf", "engine", "out"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "tools/convert_checkpoint.py", command, "--load-dir",
+             str(tmp_path / load), "--save-dir", str(tmp_path / save)],
+            cwd=REPO, capture_output=True, text=True, timeout=120, env=LOG_EVERY_CALL,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = progress_lines(result.stderr, command)
+        assert len(lines) > 1 and "ETA" in lines[0], result.stderr
+        assert f"100.0% {tensors}/{tensors} tensors | " in lines[-1] and " MB/s | " in lines[-1]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "llama2-tokenizer.model").exists(), reason="no tokenizer")
+def test_preprocessing_shows_the_fraction_of_input_and_an_eta(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"line {i} " * 40}) + "\n" for i in range(3000)))
+    result = subprocess.run(
+        [sys.executable, "tools/preprocess_data.py", "--input", str(corpus), "--output-prefix",
+         str(tmp_path / "out"), "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model",
+         str(SHARED_DATA / "llama2-tokenizer.model"), "--workers", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=LOG_EVERY_CALL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = progress_lines(result.stderr, "preprocess")
+    assert len(lines) > 1 and "ETA" in lines[0] and " MB | " in lines[0], result.stderr
+    assert "100.0%" in lines[-1] and "tokens/s" in lines[-1] and "documents 3,000" in lines[-1]

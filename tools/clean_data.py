@@ -23,7 +23,6 @@ import json
 import multiprocessing
 import os
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -46,6 +45,7 @@ from engine.data.cleaning.pipeline import (  # noqa: E402
 )
 from engine.data.input_files import InputError  # noqa: E402
 from engine.data.input_files import input_files as data_input_files  # noqa: E402
+from engine.progress import Progress  # noqa: E402
 
 _BATCH = 256  # records a worker task holds
 _QUALITY_FIELDS = set(QualityConfig.__dataclass_fields__)
@@ -195,33 +195,21 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(str(error))
 
 
-class Progress:
-    """Documents/s, MB/s and removed so far, on stderr: redrawn in place on a terminal, a line
-    every ``interval_s`` elsewhere (a log)."""
+def new_progress() -> Progress:
+    """Documents, docs/s, MB/s and removed so far, on stderr (`engine.progress`)."""
+    return Progress(unit="docs", label="clean")
 
-    def __init__(self, interval_s: float | None = None):
-        self.tty = sys.stderr.isatty()
-        self.interval_s = interval_s if interval_s is not None else (0.5 if self.tty else 10.0)
-        self.start = self.last = time.monotonic()
 
-    def update(self, report: Report, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last < self.interval_s:
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        removed = report.documents - report.kept_documents
-        share = 100 * removed / max(report.documents, 1)
-        line = (f"{report.documents:,} docs | {report.documents / elapsed:,.0f} docs/s | "
-                f"{report.bytes / 2**20 / elapsed:,.1f} MB/s | removed {removed:,} "
-                f"({share:.1f}%)")  # fmt: skip
-        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
-        sys.stderr.flush()
-
-    def close(self, report: Report) -> None:
-        self.update(report, force=True)
-        if self.tty:
-            sys.stderr.write("\n")
+def show(progress: Progress, report: Report, close: bool = False) -> None:
+    """Advance ``progress`` to ``report``'s counts (``close``: the final line)."""
+    removed = report.documents - report.kept_documents
+    share = 100 * removed / max(report.documents, 1)
+    counters = {"MB": report.bytes / 2**20}
+    fields = {"removed": f"{removed:,} ({share:.1f}%)"}
+    if close:
+        progress.close(report.documents, counters=counters, fields=fields)
+    else:
+        progress.update(report.documents, counters=counters, fields=fields)
 
 
 def _work(records: list[dict[str, Any]], config: CleanConfig) -> list[Outcome]:
@@ -271,14 +259,14 @@ def write_report(report: Report, output: str) -> None:
 
 def _finish(writer: Writer, report: Report, output: str, progress: Progress) -> None:
     writer.close()
-    progress.close(report)
+    show(progress, report, close=True)
     write_report(report, output)
 
 
 def clean(args: argparse.Namespace) -> Report:
     """The single run: every stage, in corpus order, straight to ``--output``."""
     config: CleanConfig = args.config
-    report, progress = Report(args.samples_per_reason), Progress()
+    report, progress = Report(args.samples_per_reason), new_progress()
     dedup = Deduplicator(config)
     writer = Writer(args.output)
     for _, batch in outcomes(args.files, config, args.workers):
@@ -288,7 +276,7 @@ def clean(args: argparse.Namespace) -> Report:
             if outcome.stage is None:
                 assert outcome.line is not None
                 writer.write(outcome.line)
-        progress.update(report)
+        show(progress, report)
     _finish(writer, report, args.output, progress)
     return report
 
@@ -304,7 +292,7 @@ def shard(args: argparse.Namespace) -> Report:
     config: CleanConfig = args.config
     mine = [i for i in range(len(args.files)) if i % args.shard_count == args.shard_index]
     files = [args.files[i] for i in mine]
-    total, progress = Report(args.samples_per_reason), Progress()
+    total, progress = Report(args.samples_per_reason), new_progress()
     per_file: dict[int, tuple[Report, Any, list[tuple[int, int]], list[np.ndarray]]] = {}
 
     def close(local: int) -> None:
@@ -336,7 +324,7 @@ def shard(args: argparse.Namespace) -> Report:
             if outcome.signature is not None:
                 signatures.append(outcome.signature)
             total.documents += 1
-        progress.update(total)
+        show(progress, total)
     for done in list(per_file):
         close(done)
     for local in range(len(files)):  # a file with no records at all still has its entry
@@ -345,7 +333,7 @@ def shard(args: argparse.Namespace) -> Report:
             per_file[local] = (Report(args.samples_per_reason),
                                open(stem + ".jsonl", "w", encoding="utf-8"), [], [])  # fmt: skip
             close(local)
-    progress.close(total)
+    show(progress, total, close=True)
     return total
 
 
@@ -361,7 +349,7 @@ def merge(args: argparse.Namespace) -> Report:
         raise SystemExit(f"clean_data.py: error: --work-dir {args.work_dir} holds "
                          f"{len(reports)} of the corpus's {expected} files: run every "
                          f"--shard first")  # fmt: skip
-    report, progress = Report(args.samples_per_reason), Progress()
+    report, progress = Report(args.samples_per_reason), new_progress()
     dedup, writer = Deduplicator(config), Writer(args.output)
     for path in reports:
         data = json.loads(path.read_text())
@@ -386,7 +374,7 @@ def merge(args: argparse.Namespace) -> Report:
                 report.count(outcome)
                 if outcome.stage is None:
                     writer.write(line)
-        progress.update(report)
+        show(progress, report)
     _finish(writer, report, args.output, progress)
     return report
 

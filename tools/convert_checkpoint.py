@@ -27,6 +27,7 @@ from engine.checkpointing.storage import CheckpointError
 from engine.conversion.convert import ConversionError, engine_to_hf, hf_to_engine, reshard
 from engine.conversion.lora import lora_to_peft, merge_lora_checkpoint
 from engine.models.families import add_model_provider_flag
+from engine.progress import Progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,13 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
+    # hf-to-engine, reshard and engine-to-hf count the tensors converted.
+    progress = Progress(unit="tensors", label=args.command)
     try:
         dtype = None if args.dtype is None else getattr(torch, args.dtype)
         if args.command == "hf-to-engine":
             out = hf_to_engine(
                 args.load_dir, args.save_dir, args.target_tensor_parallel_size,
                 args.target_pipeline_parallel_size, dtype, args.make_vocab_size_divisible_by,
-                args.checkpoint_type,
+                args.checkpoint_type, progress,
             )  # fmt: skip
         elif args.command == "lora-merge":
             out = merge_lora_checkpoint(
@@ -108,16 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "reshard":
             out = reshard(
                 args.load_dir, args.save_dir, args.target_tensor_parallel_size,
-                args.target_pipeline_parallel_size, args.ckpt_step, dtype,
+                args.target_pipeline_parallel_size, args.ckpt_step, dtype, progress,
             )  # fmt: skip
         else:
             out = engine_to_hf(
                 args.load_dir, args.save_dir, args.ckpt_step, dtype,
-                int(args.max_shard_size_gb * 2**30), args.tokenizer_dir,
+                int(args.max_shard_size_gb * 2**30), args.tokenizer_dir, progress,
             )  # fmt: skip
     except (ConversionError, CheckpointError) as error:
+        progress.clear()
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if progress.total is not None:  # a command that counted
+        progress.close()
     print(f"{args.command}: wrote {out} in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -147,7 +147,7 @@ def _perplexity(args: argparse.Namespace, tokenizer: Tokenizer | None) -> None:
     progress = Progress(unit="windows", label="perplexity", enabled=dist.get_rank() == 0)
 
     def windows_done(done: int, total: int) -> None:
-        progress.total = total
+        progress.set_total(total)
         progress.update(done)
 
     result = evaluate_perplexity(

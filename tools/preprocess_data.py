@@ -77,6 +77,7 @@ from engine.data.tokenizer import (  # noqa: E402
     Tokenizer,
     build_tokenizer,
 )
+from engine.progress import Progress  # noqa: E402
 
 PROG = "preprocess_data.py"
 _BATCH_LINES = 1024
@@ -222,14 +223,14 @@ class Stats:
     examples: list[str] = field(default_factory=list)
     start: float = field(default_factory=time.perf_counter)
 
-    def progress(self, total_bytes: int | None) -> str:
-        """One progress line: a bar when the input size is known, then counts and rates."""
-        bar = ""
-        if total_bytes:
-            done = min(self.input_bytes / total_bytes, 1.0)
-            filled = int(done * 30)
-            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {done:6.1%} "
-        return f"{bar}{self.documents:,} documents ({self.rates()})"
+    def show(self, progress: Progress, force: bool = False) -> None:
+        """Advance ``progress`` (counting input bytes) to these counts."""
+        progress.update(
+            self.input_bytes,
+            counters={"docs": self.documents, "tokens": self.tokens},
+            fields={"documents": f"{self.documents:,}"},
+            force=force,
+        )
 
     def rates(self) -> str:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
@@ -466,6 +467,8 @@ def _preprocess(args: argparse.Namespace) -> Stats:
     staged: list[str] = []  # finished staging pairs, removed if the run fails after all
     stats = Stats()
     next_report = args.log_interval
+    # Input MB against the total when known: the bar, rates and ETA (`engine.progress`).
+    progress = Progress(total_bytes, "MB", label="preprocess", scale=2**20)
     try:
         with ThreadPoolExecutor(1) as encoder:
             pending = None
@@ -477,11 +480,14 @@ def _preprocess(args: argparse.Namespace) -> Stats:
                 if pending is not None:
                     write_batch(pending[0], pending[1].result(), builders, eod, stats)
                 pending = (batch, future)
-                if stats.documents >= next_report:
-                    print(stats.progress(total_bytes), file=sys.stderr)
+                report = stats.documents >= next_report  # --log-interval: a line regardless
+                stats.show(progress, force=report)
+                if report:
                     next_report = (stats.documents // args.log_interval + 1) * args.log_interval
             if pending is not None:
                 write_batch(pending[0], pending[1].result(), builders, eod, stats)
+            stats.show(progress)
+            progress.close()
         if stats.documents == 0:
             raise DataError(_no_documents(args.input, stats))
         for (key, p), builder in builders.items():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from engine.data.tokenizer import tokenizer_flags_of_directory
 from engine.models.config import ModelConfig
 from engine.models.families import FAMILIES, ModelFamily, family_for_hf, family_of
 from engine.parallel_state import ParallelConfig
+from engine.progress import Progress
 
 # HF config fields that belong to the tokenizer, not the architecture: carried through.
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -60,10 +62,12 @@ def hf_to_engine(
     dtype: torch.dtype | None = None,
     make_vocab_size_divisible_by: int = 128,
     checkpoint_type: str = "hf",
+    progress: Progress | None = None,
 ) -> Path:
     """Convert a HF model directory (``checkpoint_type="meta"``: Meta's ``params.json`` +
     ``consolidated.*.pth``, read by the family that knows the format) into an engine
-    checkpoint at TP x PP (``dtype``: as stored when None); returns its directory."""
+    checkpoint at TP x PP (``dtype``: as stored when None); returns its directory.
+    ``progress`` counts the tensors converted."""
     source, family = _open_source(load_dir, checkpoint_type)
     assert family.hf is not None  # _open_source only picks families with an HF adapter
     try:
@@ -86,13 +90,33 @@ def hf_to_engine(
     return write_engine_checkpoint(
         save_dir,
         config,
-        canonical,
+        _counted(canonical, len(tensors), progress),
         tp_size,
         pp_size,
         dtype,
         info,
         tokenizer_flags_of_directory(load_dir),
     )
+
+
+def _counted(
+    canonical: Callable[[str], torch.Tensor], total: int, progress: Progress | None
+) -> Callable[[str], torch.Tensor]:
+    """``canonical`` advancing ``progress`` (of ``total`` tensors, and their MB) per tensor
+    read: every canonical tensor is read once."""
+    if progress is None:
+        return canonical
+    progress.set_total(total)
+    read_bytes = 0
+
+    def read(name: str) -> torch.Tensor:
+        nonlocal read_bytes
+        tensor = canonical(name)
+        read_bytes += tensor.nbytes
+        progress.update(advance=1, counters={"MB": read_bytes / 2**20})
+        return tensor
+
+    return read
 
 
 def _open_source(load_dir: str | Path, checkpoint_type: str) -> tuple[HFSource, ModelFamily]:
@@ -133,9 +157,11 @@ def reshard(
     pp_size: int,
     iteration: int | None = None,
     dtype: torch.dtype | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Rewrite an engine checkpoint's weights at another TP x PP (weights only, iteration 0:
-    a training run resumes through `load_checkpoint`, which reshards by itself)."""
+    a training run resumes through `load_checkpoint`, which reshards by itself); ``progress``
+    counts the tensors."""
     directory, metadata, reader = _engine_reader(load_dir, iteration)
     config = ModelConfig.from_dict(metadata["model"])
     _check_layout(config, tp_size, pp_size, directory)
@@ -143,8 +169,9 @@ def reshard(
     info = {"format": "engine", "path": str(directory.resolve()), "layout": metadata["layout"]}
     data = metadata.get("config", {}).get("data") or {}
     tokenizer = {k: data[k] for k in ("tokenizer_type", "tokenizer_model") if data.get(k)}
+    canonical = _counted(reader.canonical, len(config.inventory().canonical_tensors()), progress)
     return write_engine_checkpoint(
-        save_dir, config, reader.canonical, tp_size, pp_size, dtype, info, tokenizer
+        save_dir, config, canonical, tp_size, pp_size, dtype, info, tokenizer
     )
 
 
@@ -155,9 +182,11 @@ def engine_to_hf(
     dtype: torch.dtype | None = None,
     max_shard_size_bytes: int = 5 * 2**30,
     tokenizer_dir: str | Path | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Write an engine checkpoint (any layout) as a HF model directory: sharded safetensors,
-    ``model.safetensors.index.json``, ``config.json`` and, if given, the tokenizer's files."""
+    ``model.safetensors.index.json``, ``config.json`` and, if given, the tokenizer's files;
+    ``progress`` counts the tensors."""
     directory, metadata, reader = _engine_reader(load_dir, iteration)
     config = ModelConfig.from_dict(metadata["model"])
     dtype = dtype or config.params_dtype
@@ -179,12 +208,13 @@ def engine_to_hf(
         shards[-1].append(name)
         size += nbytes
     weight_map = {}
+    canonical = _counted(reader.canonical, len(shapes), progress)
     for i, names in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         specs = [(to_hf(n), dtype, tensors[n].hf_shape) for n in names]
         writer = StreamingSafetensorsWriter(save_dir / file, specs, {"format": "pt"})
         for name in names:
-            tensor = reader.canonical(name).to(dtype)
+            tensor = canonical(name).to(dtype)
             writer.write(to_hf(name), tensor.t() if tensors[name].hf_transposed else tensor)
             weight_map[to_hf(name)] = file
         writer.close()

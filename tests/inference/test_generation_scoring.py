@@ -63,8 +63,12 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> dict:
     prompts_file = tmp / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
     result = run_tool("tools/generate.py", "--load", str(checkpoint), "--prompts-file",
-                      str(prompts_file), *FLAGS)  # fmt: skip
+                      str(prompts_file), *FLAGS, ENGINE_PROGRESS_INTERVAL_S="0.001")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    # Three batches: their progress on stderr, apart from the text.
+    progress = [line for line in result.stderr.splitlines() if line.startswith("generate: [")]
+    assert len(progress) >= 3 and "100.0% 5/5 prompts" in progress[-1], result.stderr
+    assert "generate:" not in result.stdout
     # Each prompt prints as "--- prompt i ---\n{prompt}{output}\n".
     blocks = re.split(r"--- prompt (\d+) ---\n", result.stdout)[1:]
     printed = {
