@@ -486,10 +486,10 @@ def _preprocess(args: argparse.Namespace) -> Stats:
                     next_report = (stats.documents // args.log_interval + 1) * args.log_interval
             if pending is not None:
                 write_batch(pending[0], pending[1].result(), builders, eod, stats)
-            stats.show(progress)
-            progress.close()
         if stats.documents == 0:
             raise DataError(_no_documents(args.input, stats))
+        stats.show(progress)
+        progress.close()
         for (key, p), builder in builders.items():
             prefix = staging_prefix(args, key, p if partitioned else None)
             staged.append(prefix)
@@ -501,6 +501,7 @@ def _preprocess(args: argparse.Namespace) -> Stats:
             for suffix in (".bin", ".idx"):
                 os.replace(staging_prefix(args, key) + suffix, output_prefix(args, key) + suffix)
     except BaseException:
+        progress.clear()  # the error starts its own line on a terminal
         for builder in builders.values():
             builder.abort()  # also safe after finalize: it removes only its temporary files
         for prefix in staged:
