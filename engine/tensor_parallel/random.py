@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from engine.device import default_device
 
@@ -308,12 +309,21 @@ def checkpoint(function: Callable[..., Any], *args: Any) -> Any:
     Returns:
         What ``function`` returns: a tensor or a tuple (which may mix tensors and other values).
 
-    Under ``torch.no_grad()`` (evaluation) ``function`` simply runs once. With grad enabled at
+    Inside a ``torch.compile`` region (``--compile``: the decoder layer that holds a
+    selectively recomputed attention) it is ``torch.utils.checkpoint``, which the compiler
+    traces without a graph break; dropout masks under it come from the compiled graph's own
+    RNG handling rather than the tracker. Under ``torch.no_grad()`` (evaluation) ``function``
+    simply runs once. With grad enabled at
     least one tensor input must require grad: otherwise autograd never calls the backward and the
     parameters inside ``function`` get no gradient (a warning says so).
     """
     if not torch.is_grad_enabled():
         return function(*args)
+    if torch.compiler.is_compiling():
+        # Inside a compiled region (--compile): saving RNG states would break the graph, and
+        # torch's own checkpoint is what the compiler understands; it marks the region for
+        # recomputation in the backward graph it builds.
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
     if not any(torch.is_tensor(arg) and arg.requires_grad for arg in args):
         warnings.warn(
             "checkpoint(): no tensor input requires grad, so the parameters inside the "

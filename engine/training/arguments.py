@@ -146,6 +146,7 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("--distributed-timeout-minutes", "training", "distributed_timeout_minutes",
      {"type": float}),
     ("--seed", "training", "seed", {"type": int}),
+    ("--compile", "training", "compile", {"type": bool}),
     ("--peak-tflops", "training", "peak_tflops", {"type": float}),
     ("--tensorboard-dir", "training", "tensorboard_dir", {}),
     ("--wandb-project", "training", "wandb_project", {}),

@@ -59,6 +59,9 @@ class TrainingConfig:
     and the operation (``--distributed-timeout-minutes``, Megatron's default 10)."""
     seed: int = 1234
     """Seeds data order, dropout and the parameter init (``--seed``)."""
+    compile: bool = False
+    """torch.compile each decoder layer (``--compile``, `engine.models.compile`); compiling
+    happens in the first iteration and its time is logged once."""
     peak_tflops: float | None = None
     """Device peak TFLOP/s for MFU (``--peak-tflops``); None = detected from the device."""
     tensorboard_dir: str | None = None

@@ -19,6 +19,7 @@ from engine.distributed import (
     finalize_model_grads,
 )
 from engine.models.build import build_model_chunks
+from engine.models.compile import compile_layers
 from engine.models.config import ModelConfig
 from engine.optimizer import build_lr_scheduler, build_optimizer
 from engine.peft import apply_lora
@@ -85,6 +86,10 @@ class TrainingRun:
             # buckets and the optimizer steps; the frozen base gets neither.
             for chunk in chunks:
                 apply_lora(chunk, job.lora)
+        if t.compile:
+            # Before DDP and FSDP2 wrap the chunks: their hooks stay outside the compiled
+            # layers (torchtitan's order), and the adapters above are compiled with the layer.
+            compile_layers(chunks)
         self.chunks: list[DataParallelChunk]
         if job.ddp.use_torch_fsdp2:
             dtype = compute_dtype(job)
