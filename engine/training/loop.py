@@ -36,7 +36,6 @@ import torch.distributed as dist
 from engine import parallel_state
 from engine.data.samplers import dataset_length
 from engine.device import init_distributed
-from engine.models.compile import compile_report
 from engine.models.families import ModelFamily, register_family
 from engine.pipeline_parallel.schedules import ForwardStepFunc
 from engine.training import checkpoint as ckpt
@@ -56,7 +55,6 @@ from engine.training.metrics import (
 from engine.training.preflight import check_save_dir
 from engine.training.state import TrainingRun
 from engine.training.wandb_writer import WandbWriter, wandb_dir
-from engine.wrappers import unwrap
 
 
 @dataclass
@@ -131,17 +129,33 @@ def _print(run: TrainingRun, message: str) -> None:
 def _open_sinks(run: TrainingRun, sinks: list[ScalarSink]) -> None:
     """Appends the sinks the flags ask for (rank 0 only; the caller closes them, also when one
     fails to open). Rank 0 knows every scalar, the loss included: it is all-reduced from the
-    last pipeline stage."""
+    last pipeline stage.
+
+    Collective: when rank 0 cannot open one (an unwritable directory, W&B online without a
+    login), every rank raises, rather than the others waiting for it in the next collective.
+    """
     t = run.job.training
-    if run.rank != 0:
-        return
-    if t.tensorboard_dir is not None:
-        sinks.append(TensorBoardWriter(t.tensorboard_dir))
-    if t.wandb_project:
-        directory = wandb_dir(t.wandb_save_dir, run.job.checkpoint.save)
-        wandb = WandbWriter(t.wandb_project, t.wandb_exp_name, directory, job_to_dict(run.job))
-        sinks.append(wandb)
-        _print(run, f"W&B run {wandb.run.name} in {wandb.directory}")
+    problem: Exception | None = None
+    if run.rank == 0:
+        try:
+            if t.tensorboard_dir is not None:
+                sinks.append(TensorBoardWriter(t.tensorboard_dir))
+            if t.wandb_project:
+                directory = wandb_dir(t.wandb_save_dir, run.job.checkpoint.save)
+                config = job_to_dict(run.job)
+                wandb = WandbWriter(t.wandb_project, t.wandb_exp_name, directory, config)
+                sinks.append(wandb)
+                _print(run, f"W&B run {wandb.run.name} in {wandb.directory}")
+        except Exception as error:  # noqa: BLE001 - W&B raises its own types; re-raised below
+            problem = error
+    failed = torch.tensor([0 if problem is None else 1], device=run.device)
+    dist.all_reduce(failed)
+    if problem is not None:
+        raise problem
+    if failed.item():
+        raise RuntimeError(
+            "rank 0 could not open --tensorboard-dir / --wandb-project logging (see its error)"
+        )
 
 
 def _log(
@@ -255,7 +269,6 @@ def _loop(
         f"{data_parallel_owner(job)}",
     )
     stragglers = StragglerMonitor(t.distributed_timeout_minutes, warn=run.rank == 0)
-    report_compile = t.compile
     while run.iteration < run.train_iters:
         start = time.perf_counter()
         run.optimizer.zero_grad()
@@ -275,9 +288,6 @@ def _loop(
         run.consumed_samples += run.global_batch
         result.losses[run.iteration] = loss
         meter.add(loss, outcome.grad_norm, tokens_per_iteration, time.perf_counter() - start)
-        if report_compile:  # the first iteration compiled the layers (forward and backward)
-            report_compile = False
-            _print(run, compile_report(unwrap(chunk) for chunk in run.chunks))
 
         run.phase = "logging"
         if run.iteration % t.log_interval == 0:

@@ -50,7 +50,8 @@ def test_every_flag_maps_to_an_existing_field_with_a_docstring():
         "--exit-interval --exit-duration-in-mins --exit-on-nan --attention-backend "
         "--norm-backend --rotary-base --norm-epsilon --untie-embeddings-and-output-weights "
         "--make-vocab-size-divisible-by --peak-tflops --dry-run --model-preset --config "
-        "--keep-last-n --data-cache-path --eod-mask-loss --sft --chat-template"
+        "--keep-last-n --data-cache-path --eod-mask-loss --sft --chat-template "
+        "--wandb-project --wandb-exp-name --wandb-save-dir"
     ).split()
     assert set(issue_flags) <= accepted
 

@@ -87,6 +87,30 @@ def test_wandb_history_holds_the_tensorboard_scalars_at_the_same_iterations(logg
     assert config["training"]["wandb_project"] == "engine-test"
 
 
+def failing_train(job):
+    """Runs on every rank: the error each rank raises, as text."""
+    try:
+        train_offline(job)
+    except Exception as error:  # noqa: BLE001 - the test compares the messages
+        return f"{type(error).__name__}: {error}"
+    return "trained"
+
+
+def test_a_wandb_dir_rank_0_cannot_create_stops_every_rank(pool, corpus, tmp_path):  # noqa: F811
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    # A short timeout: a rank left waiting for rank 0 would fail, but differently.
+    training = {"train_iters": ITERS, "wandb_project": "engine-test",
+                "wandb_save_dir": str(blocked / "wandb"),
+                "distributed_timeout_minutes": 0.5}  # fmt: skip
+    first, second = pool.run(failing_train, make_job(corpus, 1, 2, training=training))
+    assert str(blocked / "wandb") in first, first
+    assert second == (
+        "RuntimeError: rank 0 could not open --tensorboard-dir / --wandb-project logging "
+        "(see its error)"
+    )
+
+
 def test_wandb_flags_land_on_their_fields_and_need_the_project(capsys):
     job = parse_args("--model-preset tiny --train-iters 2 --wandb-project p --wandb-exp-name e "
                      "--wandb-save-dir w --save ck".split(), world_size=1)  # fmt: skip
