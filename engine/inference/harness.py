@@ -55,6 +55,7 @@ from engine.inference.generation import (
 )
 from engine.inference.loading import load_model, load_tokenizer
 from engine.models.chunk import config_of
+from engine.progress import Progress
 
 Scored = tuple[tuple[str | None, str], list[int], list[int]]
 """One log-likelihood request as lm_eval tokenises it: ``((context, continuation), context
@@ -167,11 +168,13 @@ class EngineLM(TemplateLM):
         continuation)`` of each request, longest first in batches (lm_eval's `Collator`)."""
         order = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])))
         results = []
-        for batch in order.get_batched(n=self.batch_size):
-            scores = self._score_batch([(r[1], r[2]) for r in batch])
-            for request, score in zip(batch, scores, strict=True):
-                results.append(score)
-                self.cache_hook.add_partial("loglikelihood", request[0], score)
+        with self._progress(len(requests), "loglikelihood") as progress:
+            for batch in order.get_batched(n=self.batch_size):
+                scores = self._score_batch([(r[1], r[2]) for r in batch])
+                for request, score in zip(batch, scores, strict=True):
+                    results.append(score)
+                    self.cache_hook.add_partial("loglikelihood", request[0], score)
+                progress.update(advance=len(batch))
         return order.get_original(results)
 
     def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -240,6 +243,7 @@ class EngineLM(TemplateLM):
         )
         eos = self.tok_decode([self.eot_token_id]) or None
         results = []
+        progress = self._progress(len(requests), "generate_until")
         for batch in order.get_batched(n=self.batch_size):
             contexts = [context for context, _ in batch]
             options = normalize_gen_kwargs(batch[0][1], self.max_gen_toks)
@@ -266,7 +270,13 @@ class EngineLM(TemplateLM):
                 text = postprocess_generated_text(self.tok_decode(ids), until, None)
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            progress.update(advance=len(batch))
+        progress.close()
         return order.get_original(results)
+
+    def _progress(self, total: int, label: str) -> Progress:
+        """Requests done, with rate and ETA, on global rank 0 (`engine.progress`)."""
+        return Progress(total, "requests", label=label, enabled=dist.get_rank() == 0)
 
     # Data-parallel communication (lm_eval's evaluator calls these when world_size > 1) -----
 

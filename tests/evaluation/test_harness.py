@@ -196,7 +196,7 @@ def test_engine_model_matches_hf_model(setup, pool, tp, pp):
 
 def test_command_line_under_torchrun(setup, tmp_path):
     checkpoint, tasks_dir, reference, _ = setup
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ENGINE_PROGRESS_INTERVAL_S": "0.001"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(REPO / "tools" / "lm_eval_harness.py"), "--model", "engine",
@@ -211,6 +211,9 @@ def test_command_line_under_torchrun(setup, tmp_path):
     for metric in ("acc,none", "acc_norm,none"):
         assert scores[metric] == pytest.approx(reference["results"]["engine_choice"][metric])
     assert "engine_choice" in result.stdout  # lm_eval's table, printed once by rank 0
+    # Progress on stderr from rank 0: 10 questions x 4 choices.
+    progress = [line for line in result.stderr.splitlines() if line.startswith("loglikelihood: [")]
+    assert progress and "100.0% 40/40 requests | " in progress[-1], result.stderr[-2000:]
 
 
 def bos_requests(checkpoint: str) -> tuple[list[int], list[int], list[int], float]:
