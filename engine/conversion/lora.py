@@ -27,6 +27,7 @@ from engine.checkpointing import (
 )
 from engine.conversion.errors import ConversionError
 from engine.device import leave_distributed
+from engine.models.build import build_uninitialised
 from engine.models.config import ModelConfig
 from engine.models.families import family_of
 from engine.peft import LoraConfig, apply_lora, merge_lora, save_peft_adapter
@@ -64,11 +65,12 @@ def _saved_lora(metadata: dict[str, Any]) -> LoraConfig:
 
 
 def _model_with_adapters(metadata: dict[str, Any], dtype: torch.dtype | None) -> nn.Module:
-    """The checkpoint's model at TP=1 with its adapters attached (fresh weights)."""
+    """The checkpoint's model at TP=1 with its adapters attached (fresh weights); the base is
+    uninitialised (its weights are loaded, or never read)."""
     config = ModelConfig.from_dict(metadata["model"])
     if dtype is not None:
         config.params_dtype = dtype
-    model = family_of(config).model(config)
+    model = build_uninitialised(lambda: family_of(config).model(config))
     apply_lora(model, _saved_lora(metadata))
     return model
 

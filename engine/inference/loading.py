@@ -10,14 +10,15 @@ from torch import nn
 
 from engine.checkpointing import load_checkpoint, open_checkpoint
 from engine.data.tokenizer import Tokenizer, build_tokenizer
+from engine.models.build import build_uninitialised
 from engine.models.config import ModelConfig
 from engine.models.families import family_of
 
 
 def load_model(load_dir: str | Path, iteration: int | None = None) -> nn.Module:
     """This rank's model chunk (of the family the checkpoint records) with the checkpoint's
-    weights (any saved layout); the parallel state must be initialised (no virtual
-    pipeline)."""
+    weights (any saved layout), on the CPU; the parallel state must be initialised (no
+    virtual pipeline). Built uninitialised: no weight is drawn only to be overwritten."""
     _, metadata = open_checkpoint(load_dir, iteration)
     # Training-only settings do not apply: windows have any length (no sequence parallelism),
     # nothing is recomputed without a backward, and stages compute in the weights' dtype.
@@ -27,7 +28,7 @@ def load_model(load_dir: str | Path, iteration: int | None = None) -> nn.Module:
         recompute_granularity=None,
         pipeline_dtype=None,
     )
-    model = family_of(config).model(config)
+    model = build_uninitialised(lambda: family_of(config).model(config))
     load_checkpoint(load_dir, [model], load_rng=False, iteration=iteration)
     return model.eval()
 

@@ -2,7 +2,10 @@
 
 Each parameter draws from its own generator, seeded by ``(init_seed, canonical name)``: the
 parallel layers fill the full weight and keep their shard, so gathered weights are identical
-at every TP size and pipeline split (what makes parity tests and resharding simple).
+at every TP size and pipeline split (what makes parity tests and resharding simple). A model
+built on the GPU draws there, from CUDA generators with the same seeds: other values than on
+the CPU, equally layout-free. A model whose weights a checkpoint fills draws nothing
+(`engine.models.build.build_uninitialised`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 from engine.models.config import ModelConfig
 from engine.tensor_parallel import InitMethod, normal_init
+from engine.tensor_parallel.layers import any_device, draws_on_any_device
 
 
 def seeded_init(config: ModelConfig, name: str, std: float | None = None) -> InitMethod:
@@ -37,4 +41,4 @@ def blocks_init(*inits: tuple[int, InitMethod]) -> InitMethod:
             method(full[row : row + rows])
             row += rows
 
-    return init
+    return any_device(init) if all(draws_on_any_device(m) for _, m in inits) else init

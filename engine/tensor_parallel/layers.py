@@ -5,9 +5,12 @@ all-gather and one reduce-scatter) covers a whole attention or MLP sub-block:
 
     x [s, b, h] -> ColumnParallel -> [s, b, o/tp] -> local op -> RowParallel -> [s, b, h]
 
-Initialisation does not depend on the layout: each layer builds its full (unsharded) weight on
-the CPU in float32, fills it with ``init_method``, and keeps its own slice. With seeded init
-methods, gathered weights are therefore identical for every TP size.
+Initialisation does not depend on the layout: each layer builds its full (unsharded) weight in
+float32, fills it with ``init_method``, and keeps its own slice. With seeded init methods,
+gathered weights are therefore identical for every TP size. The full weight is drawn on the CPU,
+or on the GPU when the layer is built there and its init method can draw on any device
+(`draws_on_any_device`: the normal inits): the GPU's generator gives other values than the
+CPU's, equally layout-free. Built on the meta device, a layer draws nothing.
 
 Parameters carry the attributes of `engine.tensor_parallel.attributes` that gradient clipping
 and reduction read: ``tensor_model_parallel``, ``partition_dim`` and ``partition_sizes`` (the
@@ -39,18 +42,36 @@ from engine.tensor_parallel.mappings import (
 from engine.tensor_parallel.sharding import shard_tensor
 
 InitMethod = Callable[[torch.Tensor], None]
-"""Fills a full, unsharded float32 CPU weight in place."""
+"""Fills a full, unsharded float32 weight in place: a CPU one, or one on any device if the
+method is marked with `any_device`."""
+
+_ANY_DEVICE = "_draws_on_any_device"
+
+
+def any_device(init_method: InitMethod) -> InitMethod:
+    """Mark ``init_method`` as able to fill a weight on any device (its generator, if any, made
+    on the weight's device); returns it."""
+    setattr(init_method, _ANY_DEVICE, True)
+    return init_method
+
+
+def draws_on_any_device(init_method: InitMethod) -> bool:
+    """Whether ``init_method`` is marked with `any_device` (unmarked ones get a CPU weight)."""
+    return bool(getattr(init_method, _ANY_DEVICE, False))
 
 
 def normal_init(std: float = 0.02, seed: int | None = None) -> InitMethod:
-    """Normal(0, std) init; with a seed it draws from its own generator (layout-independent)."""
+    """Normal(0, std) init; with a seed it draws from its own generator (layout-independent),
+    made on the weight's device: on the CPU the values are those of ``torch.Generator()``."""
 
     def init(weight: torch.Tensor) -> None:
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=weight.device).manual_seed(seed)
         with torch.no_grad():
             weight.normal_(0.0, std, generator=generator)
 
-    return init
+    return any_device(init)
 
 
 def vocab_padded_init(init_method: InitMethod, vocab_size: int) -> InitMethod:
@@ -61,7 +82,7 @@ def vocab_padded_init(init_method: InitMethod, vocab_size: int) -> InitMethod:
         with torch.no_grad():
             full[vocab_size:].zero_()
 
-    return init
+    return any_device(init) if draws_on_any_device(init_method) else init
 
 
 def _tp_group_rank_size(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup, int, int]:
@@ -91,10 +112,15 @@ def initialise_shard(
     world: int,
 ) -> None:
     """Fill ``weight`` with this rank's slice of a freshly initialised full weight (the whole
-    of it with ``world=1``, for a replicated weight); nothing on the meta device."""
+    of it with ``world=1``, for a replicated weight); nothing on the meta device.
+
+    The full weight is drawn on the weight's GPU when ``init_method`` `draws_on_any_device`
+    (no host generation, no host-to-device copy), else on the CPU."""
     if weight.device.type == "meta":
         return
-    full = torch.empty(full_shape, dtype=torch.float32)
+    on_gpu = weight.device.type == "cuda" and draws_on_any_device(init_method)
+    # Explicit: under a `torch.device(...)` context a bare `torch.empty` would follow it.
+    full = torch.empty(full_shape, dtype=torch.float32, device=weight.device if on_gpu else "cpu")
     init_method(full)
     with torch.no_grad():
         weight.copy_(shard_tensor(full, partition_dim, partition_sizes, rank, world))

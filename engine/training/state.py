@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from engine import parallel_state
+from engine.checkpointing import read_latest_iteration
 from engine.distributed import (
     DataParallelChunk,
     DistributedDataParallel,
@@ -49,6 +50,21 @@ def _model_config(job: JobConfig, tokenizer_vocab: int | None) -> ModelConfig:
     return dataclasses.replace(job.model, vocab_size=vocab, params_dtype=compute_dtype(job))
 
 
+def loads_every_weight(job: JobConfig) -> bool:
+    """Whether `engine.training.checkpoint.load` fills every weight of the model at the start,
+    from either entry point (`pretrain`, `finetune`): ``--load`` with ``--finetune`` (which
+    must hold a checkpoint) or holding one, or a LoRA run's ``--pretrained-checkpoint`` (the
+    base; its adapters are attached after, initialised). The model is then built
+    uninitialised. A ``--load`` that holds no checkpoint yet trains from scratch: initialised.
+    """
+    checkpoint = job.checkpoint
+    if job.lora is not None:
+        return checkpoint.pretrained_checkpoint is not None
+    if checkpoint.load is None:
+        return False
+    return checkpoint.finetune or read_latest_iteration(checkpoint.load) is not None
+
+
 class TrainingRun:
     """The state of one training run on this rank: process groups, model chunks in DDP,
     optimizer, LR schedule, counters (built here, driven by `_loop`)."""
@@ -78,9 +94,16 @@ class TrainingRun:
             context_parallel_size=p.context_parallel_size,
         )
         model_parallel_seed(t.seed)
-        chunks = build_model_chunks(self.model_config)
-        if not job.ddp.use_torch_fsdp2:  # FSDP moves each layer's shards there itself
-            chunks = [chunk.to(device) for chunk in chunks]
+        fsdp = job.ddp.use_torch_fsdp2  # FSDP moves each layer's shards to the device itself
+        if loads_every_weight(job):
+            # No weight drawn to be overwritten: allocated where it trains, uninitialised.
+            chunks = build_model_chunks(
+                self.model_config, initialise=False, device="cpu" if fsdp else device
+            )
+        else:
+            chunks = build_model_chunks(self.model_config)
+            if not fsdp:
+                chunks = [chunk.to(device) for chunk in chunks]
         if job.lora is not None:
             # Before DDP: what requires a gradient (the adapters only) decides what DDP
             # buckets and the optimizer steps; the frozen base gets neither.
