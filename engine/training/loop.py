@@ -36,6 +36,7 @@ import torch.distributed as dist
 from engine import parallel_state
 from engine.data.samplers import dataset_length
 from engine.device import init_distributed
+from engine.models.compile import compile_report
 from engine.models.families import ModelFamily, register_family
 from engine.pipeline_parallel.schedules import ForwardStepFunc
 from engine.training import checkpoint as ckpt
@@ -55,6 +56,7 @@ from engine.training.metrics import (
 from engine.training.preflight import check_save_dir
 from engine.training.state import TrainingRun
 from engine.training.wandb_writer import WandbWriter, wandb_dir
+from engine.wrappers import unwrap
 
 
 @dataclass
@@ -269,6 +271,7 @@ def _loop(
         f"{data_parallel_owner(job)}",
     )
     stragglers = StragglerMonitor(t.distributed_timeout_minutes, warn=run.rank == 0)
+    report_compile = t.compile
     while run.iteration < run.train_iters:
         start = time.perf_counter()
         run.optimizer.zero_grad()
@@ -288,6 +291,9 @@ def _loop(
         run.consumed_samples += run.global_batch
         result.losses[run.iteration] = loss
         meter.add(loss, outcome.grad_norm, tokens_per_iteration, time.perf_counter() - start)
+        if report_compile:  # the first iteration compiled the layers (forward and backward)
+            report_compile = False
+            _print(run, compile_report(unwrap(chunk) for chunk in run.chunks))
 
         run.phase = "logging"
         if run.iteration % t.log_interval == 0:
