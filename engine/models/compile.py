@@ -18,6 +18,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from engine.models.stage import PipelineStage
+
 # torch._dynamo's per-phase timings (seconds) that together make up compiling: tracing and
 # the forward graph, then the backward graph, which is compiled at the first backward.
 _COMPILE_PHASES = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
@@ -40,6 +42,24 @@ def compile_layers(chunks: Iterable[nn.Module]) -> int:
     return count
 
 
+def compile_loss_head(chunks: Iterable[nn.Module]) -> None:
+    """Compile the output head and loss (`PipelineStage.head`) of the chunks that hold it.
+    The head must take the whole logits (``cross_entropy_chunk_size=0``): the chunked head
+    computes its gradients in the forward with data-dependent checks, which break the graph,
+    whereas the compiler fuses the whole logits' log-softmax with the cross entropy itself."""
+    for chunk in chunks:
+        if not getattr(chunk, "post_process", False):
+            continue
+        if not isinstance(chunk, PipelineStage):
+            raise TypeError(
+                f"--compile-loss-head compiles PipelineStage.head: {type(chunk).__name__} is not "
+                "a PipelineStage"
+            )
+        if chunk.config.cross_entropy_chunk_size != 0:
+            raise ValueError("--compile-loss-head needs the whole-logits head (chunk size 0)")
+        chunk.head = torch.compile(chunk.head)  # type: ignore[method-assign]
+
+
 def compile_seconds() -> float | None:
     """Seconds this process has spent compiling so far, by torch's compile metrics (None
     when this torch version records none under the names read here)."""
@@ -49,8 +69,17 @@ def compile_seconds() -> float | None:
 
 
 def compile_report(chunks: Iterable[nn.Module]) -> str:
-    """The log line after the first compiled iteration: layers compiled here and the time."""
-    layers = sum(len(getattr(chunk, "layers", ())) for chunk in chunks)
+    """The log line after the first compiled iteration: what was compiled here and the time."""
+    chunks = list(chunks)
+    layers = sum(
+        getattr(layer, "_compiled_call_impl", None) is not None
+        for chunk in chunks
+        for layer in getattr(chunk, "layers", ())
+    )
+    parts = [f"{layers} decoder layers"] if layers else []
+    if any("head" in vars(chunk) for chunk in chunks):  # compile_loss_head's instance attribute
+        parts.append("the loss head")
     seconds = compile_seconds()
     took = "" if seconds is None else f" in {seconds:.1f} s"
-    return f"--compile: {layers} decoder layers compiled{took} (this rank, first iteration)"
+    what = " and ".join(parts) or "nothing"
+    return f"--compile: {what} compiled{took} (this rank, first iteration)"

@@ -147,6 +147,7 @@ _FLAGS: list[tuple[str, str, str, dict[str, Any]]] = [
      {"type": float}),
     ("--seed", "training", "seed", {"type": int}),
     ("--compile", "training", "compile", {"type": bool}),
+    ("--compile-loss-head", "training", "compile_loss_head", {"type": bool}),
     ("--peak-tflops", "training", "peak_tflops", {"type": float}),
     ("--tensorboard-dir", "training", "tensorboard_dir", {}),
     ("--wandb-project", "training", "wandb_project", {}),

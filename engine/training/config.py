@@ -62,6 +62,11 @@ class TrainingConfig:
     compile: bool = False
     """torch.compile each decoder layer (``--compile``, `engine.models.compile`); compiling
     happens in the first iteration and its time is logged once."""
+    compile_loss_head: bool = False
+    """torch.compile the last stage's output head and loss as one graph
+    (``--compile-loss-head``): the whole logits, which the compiler fuses with the cross
+    entropy, instead of the chunked head (whose hand-written backward does not trace), so it
+    takes ``--cross-entropy-chunk-size`` 0."""
     peak_tflops: float | None = None
     """Device peak TFLOP/s for MFU (``--peak-tflops``); None = detected from the device."""
     tensorboard_dir: str | None = None
@@ -220,6 +225,12 @@ class JobConfig:
         errors += self.data.errors()
         errors += self.packed_document_errors()
         errors += self.checkpoint.errors()
+        chunk = self.model.cross_entropy_chunk_size
+        if t.compile_loss_head and chunk:
+            errors.append(
+                f"--compile-loss-head compiles the head over the whole logits: "
+                f"--cross-entropy-chunk-size must be 0 or unset, got {chunk}"
+            )
         if self.lora is not None:
             errors += self.lora.errors()
         else:

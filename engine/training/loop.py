@@ -271,7 +271,7 @@ def _loop(
         f"{data_parallel_owner(job)}",
     )
     stragglers = StragglerMonitor(t.distributed_timeout_minutes, warn=run.rank == 0)
-    report_compile = t.compile
+    report_compile = t.compile or t.compile_loss_head
     while run.iteration < run.train_iters:
         start = time.perf_counter()
         run.optimizer.zero_grad()

@@ -20,7 +20,7 @@ from engine.distributed import (
     finalize_model_grads,
 )
 from engine.models.build import build_model_chunks
-from engine.models.compile import compile_layers
+from engine.models.compile import compile_layers, compile_loss_head
 from engine.models.config import ModelConfig
 from engine.optimizer import build_lr_scheduler, build_optimizer
 from engine.peft import apply_lora
@@ -42,12 +42,16 @@ def compute_dtype(job: JobConfig) -> torch.dtype:
 
 def _model_config(job: JobConfig, tokenizer_vocab: int | None) -> ModelConfig:
     """The model as trained: the tokenizer's vocabulary (when there is a tokenizer: the
-    embedding must cover its ids) and the parameters in the precision flags' dtype; under
-    FSDP2 they stay float32 (the sharded master weights) and FSDP casts them for compute."""
+    embedding must cover its ids), the whole-logits head under ``--compile-loss-head``, and
+    the parameters in the precision flags' dtype; under FSDP2 they stay float32 (the sharded
+    master weights) and FSDP casts them for compute."""
     vocab = job.model.vocab_size if tokenizer_vocab is None else tokenizer_vocab
+    model = dataclasses.replace(job.model, vocab_size=vocab)
+    if job.training.compile_loss_head:  # the compiled head takes the whole logits
+        model = dataclasses.replace(model, cross_entropy_chunk_size=0)
     if job.ddp.use_torch_fsdp2:
-        return dataclasses.replace(job.model, vocab_size=vocab, pipeline_dtype=compute_dtype(job))
-    return dataclasses.replace(job.model, vocab_size=vocab, params_dtype=compute_dtype(job))
+        return dataclasses.replace(model, pipeline_dtype=compute_dtype(job))
+    return dataclasses.replace(model, params_dtype=compute_dtype(job))
 
 
 def loads_every_weight(job: JobConfig) -> bool:
@@ -113,6 +117,8 @@ class TrainingRun:
             # Before DDP and FSDP2 wrap the chunks: their hooks stay outside the compiled
             # layers (torchtitan's order), and the adapters above are compiled with the layer.
             compile_layers(chunks)
+        if t.compile_loss_head:
+            compile_loss_head(chunks)
         self.chunks: list[DataParallelChunk]
         if job.ddp.use_torch_fsdp2:
             dtype = compute_dtype(job)

@@ -25,30 +25,30 @@ from tests.training.test_training import corpus, make_job, train  # noqa: F401  
 pool = module_pool(4)
 
 
-def layer_graph_breaks(recompute: str | None) -> tuple[dict, int, float, float]:
+def compiled_against_eager(compile_name: str, model: dict) -> tuple[dict, int, float, float]:
     """(graph breaks, graphs compiled, |loss - eager loss|, max |grad - eager grad|) of the
-    tiny model at TP=2 + SP with its layers compiled."""
+    tiny model (with ``model``'s fields) at TP=2 + SP, with ``engine.models.compile``'s
+    ``compile_name`` applied to it (`compile_layers` or `compile_loss_head`)."""
     import torch._dynamo.utils
 
     from engine import parallel_state
     from engine.models import LlamaModel, ModelConfig
-    from engine.models.compile import compile_layers
+    from engine.models import compile as compiling
 
     parallel_state.initialize_model_parallel(2, 1)
     try:
-        config = ModelConfig.from_preset("tiny", vocab_size=256, sequence_parallel=True,
-                                         recompute_granularity=recompute)  # fmt: skip
+        config = ModelConfig.from_preset("tiny", vocab_size=256, sequence_parallel=True, **model)
         eager, compiled = LlamaModel(config), LlamaModel(config)
         compiled.load_state_dict(eager.state_dict())
-        assert compile_layers([compiled]) == config.num_layers
+        getattr(compiling, compile_name)([compiled])
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, 256, (2, 32), generator=generator)
         labels = torch.randint(0, 256, (2, 32), generator=generator)
         losses = []
-        for model in (eager, compiled):
-            loss = model(ids, labels=labels).mean()
+        for chunk in (eager, compiled):
+            loss = chunk(ids, labels=labels).mean()
             loss.backward()
             losses.append(loss.item())
         counters = torch._dynamo.utils.counters
@@ -64,7 +64,8 @@ def layer_graph_breaks(recompute: str | None) -> tuple[dict, int, float, float]:
 
 @pytest.mark.parametrize("recompute", [None, "full", "selective"])
 def test_decoder_layer_compiles_to_one_graph_without_breaks(pool, recompute):
-    for breaks, graphs, loss, grads in pool.run(layer_graph_breaks, recompute):
+    runs = pool.run(compiled_against_eager, "compile_layers", {"recompute_granularity": recompute})
+    for breaks, graphs, loss, grads in runs:
         assert breaks == {}
         # One graph serves every layer; full recomputation adds the recomputed forward.
         assert graphs == (2 if recompute == "full" else 1)
@@ -79,10 +80,27 @@ def train_printing(job) -> tuple:
     return result, printed.getvalue()
 
 
+def test_loss_head_compiles_to_one_graph_without_breaks(pool):
+    # The whole logits and the vocabulary-parallel cross entropy, in one graph.
+    runs = pool.run(compiled_against_eager, "compile_loss_head", {"cross_entropy_chunk_size": 0})
+    for breaks, graphs, loss, grads in runs:
+        assert breaks == {} and graphs == 1
+        assert loss < 1e-6 and grads < 1e-6
+
+
+def test_compiled_loss_head_refuses_a_chunked_head(corpus):  # noqa: F811
+    job = make_job(corpus, 1, 1, training={"compile_loss_head": True},
+                   model={"cross_entropy_chunk_size": 64})  # fmt: skip
+    with pytest.raises(ValueError, match="--cross-entropy-chunk-size must be 0 or unset, got 64"):
+        job.validate(1)
+
+
 LAYOUTS = {
     # TP=2 + SP x PP=2, full recomputation, the distributed optimizer: one layer a rank.
     "tp2-sp-pp2": dict(pp=2, model={"recompute_granularity": "full"}),
     # TP=2 + SP x DP=2 under FSDP2 (compiled layers inside its per-layer shards): two layers.
+    # TP=2 + SP x DP=2 with the loss head compiled too (the whole logits): two layers.
+    "tp2-sp-head": dict(pp=1, training={"compile_loss_head": True}),
     "tp2-sp-fsdp2": dict(pp=1, ddp={"use_torch_fsdp2": True, "use_distributed_optimizer": False,
                                    "overlap_grad_reduce": False}),
 }  # fmt: skip
@@ -96,7 +114,8 @@ def test_compiled_training_equals_eager(pool, corpus, layout):  # noqa: F811
         model = {"sequence_parallel": True, **settings.get("model", {})}
         return make_job(
             corpus, 2, settings["pp"], train_iters=5, model=model,
-            training={"compile": compile, "eval_iters": 0, "log_interval": 1},
+            training={"compile": compile, "eval_iters": 0, "log_interval": 1,
+                      **(settings.get("training", {}) if compile else {})},
             **({"ddp": settings["ddp"]} if "ddp" in settings else {}),
         )  # fmt: skip
 
@@ -107,6 +126,8 @@ def test_compiled_training_equals_eager(pool, corpus, layout):  # noqa: F811
     for i in range(1, 6):
         assert compiled[i] == pytest.approx(eager[i], rel=1e-5, abs=0), i
     printed = [out for _, out in runs]
-    layers = 2 // settings["pp"]
-    assert printed[0].count(f"--compile: {layers} decoder layers compiled in ") == 1, printed[0]
+    compiled = f"{2 // settings['pp']} decoder layers"
+    if "training" in settings:
+        compiled += " and the loss head"
+    assert printed[0].count(f"--compile: {compiled} compiled in ") == 1, printed[0]
     assert not any("--compile" in out for out in printed[1:])  # rank 0 only
