@@ -99,3 +99,20 @@ def test_dedup_benchmark_prints_its_ratios():
     assert pairs > 0 and removed == [pairs] * 3, exact
     for side in sides:
         assert f"{side}_removed_background=0" in lines, lines
+
+
+def test_init_benchmark_prints_one_rank_per_tp_size(tmp_path):
+    lines = benchmark_lines(
+        "init.py", "--layers", "1", "--hidden", "64", "--heads", "4", "--ffn", "176",
+        "--vocab", "512", "--tp", "1,2", "--rounds", "1", "--load-dir", str(tmp_path)
+    )  # fmt: skip
+    number = r"(\d+\.\d+)"
+    sides = rf"layout_free_s={number} meta_s={number} plain_s={number}"
+    load = rf" initialised_then_load_s={number} meta_then_load_s={number}"
+    tp1 = re.fullmatch(rf"tp=1 local_params=(\d+) {sides}{load} ratio_vs_plain={number}",
+                       lines[-2])  # fmt: skip
+    tp2 = re.fullmatch(rf"tp=2 local_params=(\d+) {sides} ratio_vs_plain={number}", lines[-1])
+    assert tp1 and tp2, lines
+    # Counted, not timed: a rank at TP=2 holds fewer parameters than at TP=1.
+    assert int(tp2[1]) < int(tp1[1])
+    assert list(tmp_path.iterdir()) == []  # the load path's checkpoint is removed
