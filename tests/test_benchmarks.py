@@ -27,13 +27,30 @@ def test_no_script_shadows_a_package():
         assert not shadowing, f"{folder}/ has scripts named like packages: {shadowing}"
 
 
-def test_model_cpu_benchmark_prints_its_ratio():
+def test_model_cpu_benchmark_prints_its_ratios_for_both_shapes_and_modes():
+    # The size flags shrink both preset shapes; eager and compiled (torch.compile per layer).
     lines = benchmark_lines(
         "model_cpu.py", "--layers", "1",
         "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vocab", "500", "--seq", "32",
-        "--batch", "2", "--repeats", "1"
+        "--batch", "2", "--repeats", "1", "--shape", "both", "--mode", "both"
     )  # fmt: skip
-    assert re.fullmatch(r"ratio_vs_hf=\d+\.\d\d", lines[-1])
+    results = [line for line in lines if line.startswith("shape=")]
+    number = r"(\d+\.\d+)"
+    pattern = (
+        rf"shape=(\w+) mode=(\w+) tokens_per_s=\d+ hf_tokens_per_s=\d+ gflops={number} "
+        rf"hf_gflops={number} gemm_ceiling_gflops={number} ratio_vs_hf={number} "
+        rf"fraction_of_gemm_ceiling={number}"
+    )
+    matches = [re.fullmatch(pattern, line) for line in results]
+    assert all(matches), results
+    runs = [(m[1], m[2]) for m in matches if m]
+    assert runs == [(s, m) for s in ("default", "compute") for m in ("eager", "compiled")]
+    for m in matches:
+        assert m is not None
+        gflops, ceiling, fraction = float(m[3]), float(m[5]), float(m[7])
+        assert ceiling > 0 and gflops > 0, m[0]
+        # The fraction is the achieved GFLOP/s over the ceiling measured in the same run.
+        assert abs(fraction - gflops / ceiling) < 0.006, m[0]
 
 
 def test_checkpoint_io_benchmark_prints_its_ratios(tmp_path):
@@ -116,3 +133,14 @@ def test_init_benchmark_prints_one_rank_per_tp_size(tmp_path):
     # Counted, not timed: a rank at TP=2 holds fewer parameters than at TP=1.
     assert int(tp2[1]) < int(tp1[1])
     assert list(tmp_path.iterdir()) == []  # the load path's checkpoint is removed
+
+
+def test_kernel_throughput_refuses_bad_flags_up_front():
+    # Its sections run in tests/test_gpu_check.py (--cpu, through benchmarks/gpu_check.sh).
+    for args, message in [
+        (["--kv-heads", "3"], "--kv-heads must divide the 16 query heads, got 3"),
+        (["--cpu", "--dtype", "bfloat16"], "Triton's interpreter cannot compute in bfloat16"),
+    ]:
+        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_throughput.py"),
+                                 *args], capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, result.stderr
