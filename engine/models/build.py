@@ -11,7 +11,6 @@ fills every one of them or fails naming the missing tensor.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -23,6 +22,7 @@ from engine.models.chunk import check_model_chunk
 from engine.models.config import ModelConfig
 from engine.models.families import family_of
 from engine.models.stage import chunk_layer_numbers
+from engine.tensor_parallel.layers import initialisation_scratch
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -42,15 +42,16 @@ def build_model_chunks(
     at 0.
 
     Args:
-        initialise: draw every weight (the layout-free init), on the CPU; False: build on the
-            meta device and `materialise` on ``device``, uninitialised, for a checkpoint to
-            fill (no init method runs).
+        initialise: draw every weight (the layout-free init), on the CPU, into one reused
+            buffer (`initialisation_scratch`); False: build on the meta device and
+            `materialise` on ``device``, uninitialised, for a checkpoint to fill (no init
+            method runs).
         device: where uninitialised chunks are allocated (default: the CPU).
     """
     build = family_of(config).model
     v = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
-    with contextlib.nullcontext() if initialise else torch.device("meta"):
+    with initialisation_scratch() if initialise else torch.device("meta"):
         for chunk in range(v or 1):
             if v is not None:
                 parallel_state.set_virtual_pipeline_model_parallel_rank(chunk)

@@ -20,8 +20,9 @@ gate|up), and ``partial_grad_over_tp``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,6 @@ from engine.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-from engine.tensor_parallel.sharding import shard_tensor
 
 InitMethod = Callable[[torch.Tensor], None]
 """Fills a full, unsharded float32 weight in place: a CPU one, or one on any device if the
@@ -102,6 +102,37 @@ def _make_weight(
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
 
 
+_scratch: list[torch.Tensor] | None = None
+"""The buffer that CPU full weights are drawn into inside `initialisation_scratch`."""
+
+
+@contextlib.contextmanager
+def initialisation_scratch() -> Iterator[None]:
+    """Inside it, the full weights `initialise_shard` draws on the CPU share one buffer (grown
+    to the largest) instead of a fresh allocation each: the pages of a large fresh tensor are
+    faulted in one by one, which costs as much as drawing into them. Construction is one
+    thread; nested uses share the outer buffer."""
+    global _scratch
+    if _scratch is not None:
+        yield
+        return
+    _scratch = [torch.empty(0)]
+    try:
+        yield
+    finally:
+        _scratch = None
+
+
+def _cpu_full(shape: tuple[int, int]) -> torch.Tensor:
+    numel = math.prod(shape)
+    if _scratch is None:
+        return torch.empty(shape, dtype=torch.float32, device="cpu")
+    if _scratch[0].numel() < numel:
+        _scratch[0] = torch.empty(0)  # freed before the larger one is allocated
+        _scratch[0] = torch.empty(numel, dtype=torch.float32, device="cpu")
+    return _scratch[0][:numel].view(shape)
+
+
 def initialise_shard(
     weight: nn.Parameter,
     full_shape: tuple[int, int],
@@ -115,15 +146,33 @@ def initialise_shard(
     of it with ``world=1``, for a replicated weight); nothing on the meta device.
 
     The full weight is drawn on the weight's GPU when ``init_method`` `draws_on_any_device`
-    (no host generation, no host-to-device copy), else on the CPU."""
+    (no host generation, no host-to-device copy), else on the CPU. A float32 weight that is
+    the whole of it is drawn in place (the same values, without a copy)."""
     if weight.device.type == "meta":
         return
     on_gpu = weight.device.type == "cuda" and draws_on_any_device(init_method)
-    # Explicit: under a `torch.device(...)` context a bare `torch.empty` would follow it.
-    full = torch.empty(full_shape, dtype=torch.float32, device=weight.device if on_gpu else "cpu")
-    init_method(full)
     with torch.no_grad():
-        weight.copy_(shard_tensor(full, partition_dim, partition_sizes, rank, world))
+        if (
+            world == 1
+            and tuple(weight.shape) == tuple(full_shape)
+            and weight.dtype == torch.float32
+            and weight.is_contiguous()
+            and (on_gpu or weight.device.type == "cpu")
+        ):
+            init_method(weight)
+            return
+        # Explicit device: under a `torch.device(...)` context a bare `torch.empty` follows it.
+        if on_gpu:
+            full = torch.empty(full_shape, dtype=torch.float32, device=weight.device)
+        else:
+            full = _cpu_full(full_shape)
+        init_method(full)
+        # Block by block into the weight itself (`shard_tensor` would concatenate a copy).
+        offset = 0
+        for block in full.split(list(partition_sizes), dim=partition_dim):
+            piece = block.chunk(world, dim=partition_dim)[rank]
+            weight.narrow(partition_dim, offset, piece.size(partition_dim)).copy_(piece)
+            offset += piece.size(partition_dim)
 
 
 class _SequenceParallelLinear(torch.autograd.Function):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -250,6 +251,45 @@ def test_from_scratch_every_weight_is_initialised_as_before(solo, small, tmp_pat
         assert reference.keys() == out["held"].keys()
         for name, tensor in reference.items():
             assert torch.equal(out["held"][name], tensor), name
+
+
+def seeded_draws(dtype: torch.dtype) -> dict[str, bool]:
+    """Whether the initialised tiny model's weights are the seeded draws that define them
+    (normal(0, std) from ``torch.Generator().manual_seed(crc32(f"{init_seed}:{name}"))``,
+    full float32 weights cast to ``dtype``)."""
+    config = ModelConfig.from_preset("tiny", params_dtype=dtype)
+    parallel_state.initialize_model_parallel(1, 1)
+    try:
+        (chunk,) = build_model_chunks(config)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+    def draw(name: str, rows: int, columns: int, std: float) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{config.init_seed}:{name}".encode()))
+        return torch.empty(rows, columns).normal_(0.0, std, generator=generator).to(dtype)
+
+    h, q, std = config.hidden_size, config.hidden_size, config.init_method_std
+    kv = config.kv_heads * config.head_dim
+    qkv = chunk.layers[1].attention.qkv.weight
+    down, embedding = chunk.layers[1].mlp.down.weight, chunk.embedding.weight
+    return {
+        "embedding": torch.equal(
+            embedding[: config.vocab_size], draw("embedding", config.vocab_size, h, std)
+        )
+        and not embedding[config.vocab_size :].any(),  # vocabulary padding: zero
+        "q": torch.equal(qkv[:q], draw("layers.1.attention.q", q, h, std)),
+        "v": torch.equal(qkv[q + kv :], draw("layers.1.attention.v", kv, h, std)),
+        "down": torch.equal(
+            down,
+            draw("layers.1.mlp.down", h, config.ffn_hidden_size, model_init.output_std(config)),
+        ),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_initialised_weights_are_their_seeded_draws(solo, dtype):
+    # Drawn in place (float32, TP=1) or into the shared buffer and cast (bf16): the same values.
+    assert solo.run(seeded_draws, dtype)[0] == dict.fromkeys(["embedding", "q", "v", "down"], True)
 
 
 class Tied(nn.Module):
