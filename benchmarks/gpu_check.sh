@@ -131,8 +131,9 @@ from torch.utils.cpp_extension import include_paths
 
 target, optimise = sys.argv[1], sys.argv[2]
 tmp = f"{target}.tmp.{os.getpid()}"
-command = ["c++", optimise, "-shared", "-std=c++17", "-fPIC", "-I" + sysconfig.get_paths()["include"],
-           *("-I" + p for p in include_paths()), "csrc/helpers.cpp", "-o", tmp]
+headers = [sysconfig.get_paths()["include"], *include_paths()]
+command = ["c++", optimise, "-shared", "-std=c++17", "-fPIC", *("-I" + p for p in headers),
+           "csrc/helpers.cpp", "-o", tmp]
 print(" ".join(command), flush=True)
 subprocess.run(command, check=True)
 os.replace(tmp, target)  # a new file: a process that has the old one loaded keeps it intact
@@ -143,11 +144,13 @@ section_install() {
     seconds=$(limit INSTALL 50)
     began=$(date +%s)
     suffix=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+    printf '%s' "$BUILD_HELPERS_PY" >"$WORK/build_helpers.py"
     if [[ "$ON_CPU" == 1 ]]; then
         # A developer's environment (the test runs in it): build only, into the scratch dir.
         method=build-only
         # -O0: this only checks that the helpers build (5 s instead of 20 on two cores).
-        run_logged install "$seconds" "$PYTHON" -c "$BUILD_HELPERS_PY" "$WORK/helpers$suffix" -O0 ||
+        run_logged install "$seconds" "$PYTHON" "$WORK/build_helpers.py" \
+            "$WORK/helpers$suffix" -O0 ||
             { fail install "$(why $? INSTALL "$seconds")"; return; }
         HELPERS="$WORK/helpers$suffix"
     else
@@ -156,7 +159,7 @@ section_install() {
             ! run_logged install "$seconds" "$PYTHON" -m pip install --no-deps \
                 --no-build-isolation --no-index -e .; then
             method=torch-headers  # no pybind11 package, or pip failed: build in place
-            run_logged install "$seconds" "$PYTHON" -c "$BUILD_HELPERS_PY" \
+            run_logged install "$seconds" "$PYTHON" "$WORK/build_helpers.py" \
                 "engine/data/helpers$suffix" -O3 ||
                 { fail install "$(why $? INSTALL "$seconds")"; return; }
             export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -164,7 +167,8 @@ section_install() {
         HELPERS=""
     fi
     local missing
-    missing=$(cd / && "$PYTHON" - "$HELPERS" <<'EOF'
+    # From /: what is importable must come from the installation, not the working directory.
+    missing=$(cd / && "$PYTHON" - "$HELPERS" 2>"$WORK/install_check.log" <<'EOF'
 import importlib.util, sys
 if sys.argv[1]:  # load the built file itself: it is not installed
     spec = importlib.util.spec_from_file_location("engine.data.helpers", sys.argv[1])
@@ -174,7 +178,10 @@ else:
 needed = ["engine", "kernels", "numpy", "yaml", "safetensors", "jinja2", "pytest", "triton"]
 print(",".join(m for m in needed if importlib.util.find_spec(m) is None))
 EOF
-    ) || { fail install "the built helpers do not import (log $WORK/install.log)"; return; }
+    ) || {
+        fail install "the helpers do not import: $(tail -1 "$WORK/install_check.log")"
+        return
+    }
     if [[ -n "$missing" ]]; then
         fail install "missing Python packages: $missing (pip install them; nothing is downloaded)"
         return
@@ -190,7 +197,7 @@ section_kernel_tests() {
     selection="${GPU_CHECK_KERNEL_TESTS:-}"
     if [[ "$ON_CPU" == 1 ]]; then
         interpret=(env TRITON_INTERPRET=1)
-        selection="${selection:-test_documents_match_separate_sequences or test_non_contiguous_rows}"
+        selection="${selection:-test_documents_match_separate_sequences or non_contiguous_rows}"
     fi
     local args=(tests/kernels -m "slow or not slow" -q -p no:cacheprovider)
     [[ -n "$selection" ]] && args+=(-k "$selection")
