@@ -137,6 +137,8 @@ def load(run: TrainingRun, finetuning: bool) -> str | None:
     A fine-tuning run that has already saved to ``--save`` resumes from there, fully; its
     first start takes only the weights of ``--load``.
     """
+    # `engine.training.state.loads_every_weight` predicts from these rules whether the model
+    # could be built uninitialised: keep the two in step.
     if run.job.lora is not None:
         return _load_lora(run)
     config = run.job.checkpoint
