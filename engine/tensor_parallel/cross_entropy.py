@@ -64,7 +64,7 @@ def cross_entropy_terms(
     softmax only if it keeps it."""
     world = dist.get_world_size(group)
     mask_padding(logits, vocab_size, group)
-    logits_max = logits.max(dim=-1).values
+    logits_max = logits.amax(dim=-1)  # not max(): that also finds the argmax, several times slower
     if world > 1:
         dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
     logits.sub_(logits_max.unsqueeze(-1))
@@ -90,13 +90,18 @@ def cross_entropy_terms(
 
 def softmax_grad_(
     softmax: torch.Tensor, local_target: torch.Tensor, outside: torch.Tensor,
-    grad_loss: torch.Tensor,
+    grad_loss: torch.Tensor, sum_exp: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """d loss / d logits = (softmax - onehot(target)) · grad_loss, in place on ``softmax``
-    ``[n, V/tp]`` (targets outside this rank's slice have no one-hot entry here)."""
+    ``[n, V/tp]`` (targets outside this rank's slice have no one-hot entry here).
+
+    With ``sum_exp [n]``, ``softmax`` holds `CrossEntropyTerms.exp_logits`, not yet normalised:
+    the normalisation and the loss gradient then take one pass over the logits, not two."""
+    scale = grad_loss if sum_exp is None else grad_loss / sum_exp
+    softmax.mul_(scale.unsqueeze(-1))
     rows = torch.arange(softmax.size(0), device=softmax.device)
-    softmax[rows, local_target] -= (~outside).to(softmax.dtype)
-    return softmax.mul_(grad_loss.unsqueeze(-1))
+    softmax[rows, local_target] -= grad_loss.masked_fill(outside, 0.0).to(softmax.dtype)
+    return softmax
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -107,16 +112,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rows = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         rows = rows.view(-1, rows.size(-1))
         terms = cross_entropy_terms(rows, target.reshape(-1), vocab_size, group)
-        softmax = terms.exp_logits.div_(terms.sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, terms.outside, terms.local_target, target)
+        # Kept unnormalised: the backward normalises and applies the loss gradient in one pass.
+        ctx.save_for_backward(
+            terms.exp_logits, terms.sum_exp, terms.outside, terms.local_target, target
+        )
         ctx.logits_shape = logits.shape
         return terms.loss.view(shape)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, outside, local_target, target = ctx.saved_tensors
+        exp_logits, sum_exp, outside, local_target, target = ctx.saved_tensors
         grads = grad_loss.reshape(-1).masked_fill(target.reshape(-1) == IGNORE_INDEX, 0.0)
-        grad = softmax_grad_(softmax, local_target, outside, grads)
+        grad = softmax_grad_(exp_logits, local_target, outside, grads, sum_exp)
         return grad.view(ctx.logits_shape), None, None, None
 
 

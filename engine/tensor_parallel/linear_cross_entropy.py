@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from engine import parallel_state
 from engine.tensor_parallel.cross_entropy import (
@@ -76,14 +75,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # The backward's GEMMs run here, so the backward need not recompute the logits.
         wanted = any(ctx.needs_input_grad[:2])
         ahead = _HeadGradients(hidden, weight, ctx.needs_input_grad[1]) if wanted else None
+        chunk_logits = _ChunkLogits(weight, min(chunk_size, hidden.size(0)))
         for rows in _chunks(hidden.size(0), chunk_size):
-            logits = F.linear(hidden[rows], weight).float()
+            logits = chunk_logits(hidden[rows])
             terms = cross_entropy_terms(logits, targets[rows], vocab_size, group)
             loss[rows], log_sum_exp[rows] = terms.loss, terms.log_sum_exp
             if ahead is not None:
-                softmax = terms.exp_logits.div_(terms.sum_exp.unsqueeze(-1))
                 ones = (targets[rows] != IGNORE_INDEX).float()
-                ahead.add(rows, softmax_grad_(softmax, terms.local_target, terms.outside, ones))
+                grad_logits = softmax_grad_(
+                    terms.exp_logits, terms.local_target, terms.outside, ones, terms.sum_exp
+                )
+                ahead.add(rows, grad_logits)
         ctx.save_for_backward(x, weight, target, log_sum_exp, *ahead.saved() if ahead else ())
         ctx.vocab_size, ctx.chunk_size = vocab_size, chunk_size
         ctx.group, ctx.sequence_parallel = group, sequence_parallel
@@ -117,6 +119,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_weight, None, None, None, None, None
 
 
+class _ChunkLogits:
+    """A chunk's float32 logits ``[rows, V/tp]`` in one buffer that every chunk reuses: on the
+    CPU a fresh chunk of this size is a fresh mapping of pages (faulted in on first write) per
+    chunk, and the GPU's caching allocator would reuse the same block anyway."""
+
+    def __init__(self, weight: torch.Tensor, rows: int):
+        self.weight = weight
+        self.out = weight.new_empty(rows, weight.size(0))
+        # A lower-precision head's GEMM output is copied to float32 for the loss's math.
+        same = weight.dtype == torch.float32
+        self.float32 = self.out if same else self.out.new_empty(self.out.shape, dtype=torch.float32)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden ``[rows, h]`` (at most the buffer's rows) -> its logits, float32, in the
+        buffer (valid until the next call)."""
+        rows = hidden.size(0)
+        out = torch.mm(hidden, self.weight.t(), out=self.out[:rows])
+        return out if self.float32 is self.out else self.float32[:rows].copy_(out)
+
+
 class _HeadGradients:
     """The head's gradients, accumulated chunk by chunk from each chunk's logits gradient
     ``g``: ``dx = g W`` per chunk and ``dW = Σ gᵀ x`` in float32 (empty when the weight is
@@ -129,15 +151,24 @@ class _HeadGradients:
         self.hidden, self.weight = hidden, weight
         self.grad_hidden = torch.empty_like(hidden)
         shape = weight.shape if weight_grad else (0,)
-        self.grad_weight = torch.zeros(shape, dtype=torch.float32, device=weight.device)
+        # Not zeroed: the first chunk's product is written, not added (no pass over [V/tp, h]).
+        self.grad_weight = torch.empty(shape, dtype=torch.float32, device=weight.device)
+        self.started = False
 
     def add(self, rows: slice, grad_logits: torch.Tensor) -> None:
         grad_logits = grad_logits.to(self.weight.dtype)
-        self.grad_hidden[rows] = grad_logits @ self.weight
+        torch.mm(grad_logits, self.weight, out=self.grad_hidden[rows])  # [rows, h]
         if self.grad_weight.numel():
-            self.grad_weight.addmm_(grad_logits.t().float(), self.hidden[rows].float())
+            grad_t, hidden = grad_logits.t().float(), self.hidden[rows].float()
+            if self.started:
+                self.grad_weight.addmm_(grad_t, hidden)
+            else:
+                torch.mm(grad_t, hidden, out=self.grad_weight)
+        self.started = True
 
     def saved(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.started:  # no tokens: nothing was written
+            self.grad_weight.zero_()
         return self.grad_hidden, self.grad_weight
 
 
@@ -158,13 +189,15 @@ def _recomputed_gradients(
     are recomputed and the softmax rebuilt from the log-sum-exp."""
     hidden = full.reshape(-1, full.size(-1))
     gradients = _HeadGradients(hidden, weight, weight_grad)
+    chunk_logits = _ChunkLogits(weight, min(chunk_size, hidden.size(0)))
     for rows in _chunks(hidden.size(0), chunk_size):
-        logits = F.linear(hidden[rows], weight).float()
+        logits = chunk_logits(hidden[rows])
         mask_padding(logits, vocab_size, group)
         softmax = logits.sub_(log_sum_exp[rows].unsqueeze(-1)).exp_()
         local_target, outside = local_targets(targets[rows], logits.size(-1), group)
         gradients.add(rows, softmax_grad_(softmax, local_target, outside, grads[rows]))
-    return gradients.grad_hidden.view(full.shape), gradients.grad_weight
+    grad_hidden, grad_weight = gradients.saved()
+    return grad_hidden.view(full.shape), grad_weight
 
 
 def linear_cross_entropy(

@@ -442,14 +442,13 @@ class LlamaModel(PipelineStage):
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[b, s]`` ids -> ``[s(/tp), b, h]``."""
-        if self.config.sequence_parallel:
-            if input_ids.size(1) % self.tp != 0:
-                raise ValueError(
-                    f"sequence length {input_ids.size(1)} must be divisible by "
-                    f"--tensor-model-parallel-size ({self.tp}) with --sequence-parallel"
-                )
-            return self.embedding(input_ids.t())
-        return self.embedding(input_ids).transpose(0, 1).contiguous()
+        if self.config.sequence_parallel and input_ids.size(1) % self.tp != 0:
+            raise ValueError(
+                f"sequence length {input_ids.size(1)} must be divisible by "
+                f"--tensor-model-parallel-size ({self.tp}) with --sequence-parallel"
+            )
+        # Looking up the transposed ids gives sequence-first rows directly: no [b, s, h] copy.
+        return self.embedding(input_ids.t())
 
 
 def _tp_size() -> int:
