@@ -11,6 +11,7 @@ fills every one of them or fails naming the missing tensor.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -42,16 +43,19 @@ def build_model_chunks(
     at 0.
 
     Args:
-        initialise: draw every weight (the layout-free init), on the CPU, into one reused
-            buffer (`initialisation_scratch`); False: build on the meta device and
-            `materialise` on ``device``, uninitialised, for a checkpoint to fill (no init
-            method runs).
-        device: where uninitialised chunks are allocated (default: the CPU).
+        initialise: draw every weight (the layout-free init) on ``device``: on the CPU into
+            one reused buffer (`initialisation_scratch`), on a GPU there with the GPU's
+            generator; False: build on the meta device and `materialise` on ``device``,
+            uninitialised, for a checkpoint to fill (no init method runs).
+        device: where the chunks are allocated (default: the CPU).
     """
     build = family_of(config).model
     v = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
-    with initialisation_scratch() if initialise else torch.device("meta"):
+    # Initialised chunks are built where they will run: a layer built on a GPU draws its full
+    # weights there (`engine.tensor_parallel.layers.initialise_shard`), not on the host.
+    where = torch.device("meta") if not initialise else torch.device(device or "cpu")
+    with where, initialisation_scratch() if initialise else contextlib.nullcontext():
         for chunk in range(v or 1):
             if v is not None:
                 parallel_state.set_virtual_pipeline_model_parallel_rank(chunk)

@@ -104,10 +104,8 @@ class TrainingRun:
             chunks = build_model_chunks(
                 self.model_config, initialise=False, device="cpu" if fsdp else device
             )
-        else:
-            chunks = build_model_chunks(self.model_config)
-            if not fsdp:
-                chunks = [chunk.to(device) for chunk in chunks]
+        else:  # built and initialised where it trains (FSDP2: on the host, then sharded)
+            chunks = build_model_chunks(self.model_config, device="cpu" if fsdp else device)
         if job.lora is not None:
             # Before DDP: what requires a gradient (the adapters only) decides what DDP
             # buckets and the optimizer steps; the frozen base gets neither.
