@@ -21,7 +21,8 @@ from kernels.flash_attention import (  # noqa: E402
 from kernels.flash_attention_tuning import prune_configs  # noqa: E402
 from kernels.reference import attention_reference  # noqa: E402
 
-TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-2}  # atol and rtol
+# atol and rtol; bfloat16 keeps 8 bits of mantissa to float16's 11.
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 # batch, query heads, kv heads, Sq, Sk, head_dim, causal, dtype
 CASES = [
@@ -71,6 +72,25 @@ def _check_against_reference(q, k, v, do, is_causal, scale=None, document_ids=No
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_sdpa(case, device):
+    b, hq, hkv, sq, sk, d, causal, dtype = case
+    q, k, v, do = _random_qkv(b, hq, hkv, sq, sk, d, dtype, device)
+    _check_against_reference(q, k, v, do, causal)
+
+
+# bfloat16, what training runs in on GPUs, where the interpreter cannot go (numpy has no
+# bfloat16): a covering set over head dims, GQA and masks, run by benchmarks/gpu_check.sh.
+BF16_CASES = [
+    (1, 4, 1, 129, 129, 64, True, torch.bfloat16),
+    (2, 2, 2, 300, 300, 128, True, torch.bfloat16),
+    (1, 2, 1, 17, 129, 128, False, torch.bfloat16),
+    (1, 1, 1, 1, 300, 256, False, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=_case_id)
+def test_matches_sdpa_in_bfloat16_on_the_gpu(case, device):
+    if device != "cuda":
+        pytest.skip("bfloat16 kernels run compiled on a GPU only (the interpreter has none)")
     b, hq, hkv, sq, sk, d, causal, dtype = case
     q, k, v, do = _random_qkv(b, hq, hkv, sq, sk, d, dtype, device)
     _check_against_reference(q, k, v, do, causal)
