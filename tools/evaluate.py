@@ -42,6 +42,8 @@ from engine.inference.decoding import (
     completion,
     decode_batches,
     encode,
+    gather_replicas,
+    prompts_decoded_by,
     sampling_params,
 )
 from engine.inference.loading import load_model, load_tokenizer
@@ -121,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     except OSError as error:
         parser.error(f"--output {args.output}: cannot create its directory ({error})")
-        parser.error(str(error))
     init_distributed()
     parallel_state.initialize_model_parallel(
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -178,17 +179,23 @@ def _generation(
     prompts = [encode(tokenizer, e.prompt, not args.no_bos) for e in examples]
     model = load_model(args.load, args.ckpt_step)
     rank0 = dist.get_rank() == 0
-    progress = Progress(len(prompts), "prompts", label="generation", enabled=rank0)
-    new = decode_batches(
+    # The data-parallel replicas deal the batches out; rank 0 shows its own share.
+    replica = (parallel_state.get_data_parallel_rank(),
+               parallel_state.get_data_parallel_world_size())  # fmt: skip
+    share = prompts_decoded_by(replica, len(prompts), args)
+    progress = Progress(share, "prompts", label="generation", enabled=rank0)
+    decoded = decode_batches(
         model,
         prompts,
         args,
         [tokenizer.eod],
         pad_id=tokenizer.pad if tokenizer.pad is not None else tokenizer.eod,
         on_batch=lambda start, size: progress.update(advance=size),
+        replica=replica,
     )
     progress.close()
-    if not rank0:
+    new = gather_replicas(decoded, args, parallel_state.get_data_parallel_group())
+    if not rank0 or new is None:
         return
     stops = set() if args.ignore_eos else {tokenizer.eod}
     outputs = []

@@ -5,7 +5,8 @@ Both tools call `add_decoding_flags` and `sampling_params`, so a flag means the 
 and greedy outputs are the same text. Prompts are decoded ``--micro-batch-size`` at a time
 (one left-padded batch each; a padded prompt decodes exactly as it would alone, see
 `engine.inference.generation`); batch ``i`` samples with seed ``--seed + i``, so batches do
-not repeat each other's draws.
+not repeat each other's draws. Data-parallel replicas deal the batches round robin and
+`gather_replicas` merges their outputs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
+from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from engine.data.tokenizer import Tokenizer
@@ -80,6 +83,7 @@ def decode_batches(
     pad_id: int,
     on_tokens: Callable[[int, int], TokenCallback | None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    replica: tuple[int, int] = (0, 1),
 ) -> list[list[int]]:
     """The new ids of every prompt, ``--micro-batch-size`` prompts per `generate` call
     (collective: every model-parallel rank passes the same prompts).
@@ -88,12 +92,20 @@ def decode_batches(
         stops: the ids that end a sequence (ignored with ``--ignore-eos``).
         on_tokens: ``fn(first prompt index, batch size)`` giving a batch's streaming callback.
         on_batch: ``fn(first prompt index, batch size)`` after each batch (progress).
+        replica: ``(r, n)``: this model replica (data-parallel rank ``r`` of ``n``) decodes
+            batches ``r, r + n, ...`` only, and the other prompts' entries stay empty
+            (`gather_replicas` fills them). Batch ``i`` samples with ``--seed + i`` whoever
+            decodes it, so the outputs do not depend on ``n``.
     """
     sampling = sampling_params(args)
     size = args.micro_batch_size or DEFAULT_MICRO_BATCH_SIZE
+    rank, replicas = replica
     outputs: list[list[int]] = []
     for number, start in enumerate(range(0, len(prompts), size)):
         batch = prompts[start : start + size]
+        if number % replicas != rank:
+            outputs += [[] for _ in batch]
+            continue
         outputs += generate(
             model,
             batch,
@@ -106,3 +118,31 @@ def decode_batches(
         if on_batch is not None:
             on_batch(start, len(batch))
     return outputs
+
+
+def prompts_decoded_by(replica: tuple[int, int], num_prompts: int, args: argparse.Namespace) -> int:
+    """How many of ``num_prompts`` prompts `decode_batches` decodes on ``replica``."""
+    size = args.micro_batch_size or DEFAULT_MICRO_BATCH_SIZE
+    rank, replicas = replica
+    return sum(
+        min(size, num_prompts - start)
+        for number, start in enumerate(range(0, num_prompts, size))
+        if number % replicas == rank
+    )
+
+
+def gather_replicas(
+    outputs: list[list[int]], args: argparse.Namespace, group: dist.ProcessGroup | None = None
+) -> list[list[int]] | None:
+    """Every replica's `decode_batches` outputs merged, on the group's rank 0 (None on the
+    others): each batch from the replica that decoded it (collective over ``group``, the
+    data-parallel group)."""
+    replicas = dist.get_world_size(group)
+    if replicas == 1:
+        return outputs
+    gathered: list[Any] | None = [None] * replicas if dist.get_rank(group) == 0 else None
+    dist.gather_object(outputs, gathered, group=group, group_dst=0)
+    if gathered is None:
+        return None
+    size = args.micro_batch_size or DEFAULT_MICRO_BATCH_SIZE
+    return [gathered[(i // size) % replicas][i] for i in range(len(outputs))]

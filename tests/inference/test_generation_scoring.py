@@ -180,6 +180,26 @@ def test_qa_exact_match_and_accuracy_recount_at_tp2(task):
                        "examples": 5}  # fmt: skip
 
 
+@needs_tokenizer
+def test_data_parallel_replicas_share_the_prompts(task):
+    """Two replicas (DP=2 under torchrun), 2 prompts a batch (FLAGS): replica 0 decodes
+    batches 0 and 2, replica 1 batch 1; rank 0 gathers them into the single run's outputs, in
+    order."""
+    tmp = task["tmp"]
+    data = tmp / "dp.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in PROMPTS))
+    out = tmp / "dp" / "outputs.jsonl"
+    result = run_tool(
+        "tools/evaluate.py", "--task", "generation", "--load", task["checkpoint"],
+        "--data-path", str(data), "--output", str(out), *FLAGS,
+        torchrun=2, ENGINE_PROGRESS_INTERVAL_S="0.001",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["output"] for r in written(out)] == task["generated"]
+    progress = [line for line in result.stderr.splitlines() if line.startswith("generation: [")]
+    assert progress and "100.0% 3/3 prompts" in progress[-1]  # rank 0's share: batches 0, 2
+
+
 def evaluate_error(capsys: pytest.CaptureFixture, *args: str) -> str:
     """The tool's one-line error (it exits 2 before any model loads)."""
     from tools.evaluate import main
