@@ -90,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    # hf-to-engine, reshard and engine-to-hf count the tensors converted.
-    progress = Progress(unit="tensors", label=args.command)
+    # hf-to-engine, reshard and engine-to-hf count the tensors converted, the LoRA commands
+    # their steps (they set their own unit).
+    lora = args.command in ("lora-merge", "lora-to-peft")
+    progress = Progress(unit="steps" if lora else "tensors", label=args.command)
     try:
         dtype = None if args.dtype is None else getattr(torch, args.dtype)
         if args.command == "hf-to-engine":
@@ -102,11 +104,20 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         elif args.command == "lora-merge":
             out = merge_lora_checkpoint(
-                args.load_dir, args.save_dir, args.pretrained_checkpoint, args.ckpt_step, dtype
+                args.load_dir,
+                args.save_dir,
+                args.pretrained_checkpoint,
+                args.ckpt_step,
+                dtype,
+                progress,
             )
         elif args.command == "lora-to-peft":
             out = lora_to_peft(
-                args.load_dir, args.save_dir, args.base_model_name_or_path, args.ckpt_step
+                args.load_dir,
+                args.save_dir,
+                args.base_model_name_or_path,
+                args.ckpt_step,
+                progress,
             )
         elif args.command == "reshard":
             out = reshard(

@@ -9,7 +9,7 @@ write from the live model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from engine.models.build import build_uninitialised
 from engine.models.config import ModelConfig
 from engine.models.families import family_of
 from engine.peft import LoraConfig, apply_lora, merge_lora, save_peft_adapter
+from engine.progress import Progress
 
 
 def _lora_record(adapters_dir: str | Path, iteration: int | None) -> tuple[Path, dict]:
@@ -81,12 +82,13 @@ def merge_lora_checkpoint(
     base_dir: str | Path | None = None,
     iteration: int | None = None,
     dtype: torch.dtype | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Write the base with ``B A * alpha / r`` added to every adapted block, as an engine
     checkpoint (TP=1, weights only) under ``save_dir``; returns its directory.
 
     ``base_dir``: the base (default: the path the adapters' checkpoint records); its digest
-    must be the recorded one."""
+    must be the recorded one. ``progress`` counts the steps (base, adapters, merge, save)."""
     directory, metadata = _lora_record(adapters_dir, iteration)
     recorded = metadata["config"].get("lora_base") or {}
     base = base_dir or recorded.get("path")
@@ -101,16 +103,23 @@ def merge_lora_checkpoint(
             f"{base} is not the base the adapters in {directory} were trained on (digest "
             f"{digest}, recorded {recorded.get('digest')})"
         )
+    step = _steps(progress, ["load base", "load adapters", "merge", "save"])
     with _one_rank():
         model = _model_with_adapters(metadata, dtype)
+        step()
         load_checkpoint(base, [model], finetune=True, load_rng=False, adapters=False)
+        step()
         load_checkpoint(adapters_dir, [model], finetune=True, load_rng=False,
                         iteration=iteration, adapters=True)  # fmt: skip
+        step()
         merge_lora(model)
+        step()
         source = {"format": "engine+lora", "path": str(directory), "base": str(base)}
-        return save_checkpoint(
+        out = save_checkpoint(
             save_dir, 0, [model], None, None, 0, {"converted_from": source}, save_rng=False
         )
+        step()
+        return out
 
 
 def lora_to_peft(
@@ -118,13 +127,35 @@ def lora_to_peft(
     save_dir: str | Path,
     base_model_name_or_path: str | None = None,
     iteration: int | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Write the adapters of an engine LoRA checkpoint as a PEFT adapter directory; returns
-    ``save_dir``. The base is not read: PEFT's files hold the adapters alone."""
+    ``save_dir``. The base is not read: PEFT's files hold the adapters alone. ``progress``
+    counts the steps (adapters, save)."""
     directory, metadata = _lora_record(adapters_dir, iteration)
+    step = _steps(progress, ["load adapters", "save"])
     with _one_rank():
         model = _model_with_adapters(metadata, None)
+        step()
         load_checkpoint(adapters_dir, [model], finetune=True, load_rng=False,
                         iteration=iteration, adapters=True)  # fmt: skip
+        step()
         save_peft_adapter([model], save_dir, _saved_lora(metadata), base_model_name_or_path)
+        step()
         return Path(save_dir)
+
+
+def _steps(progress: Progress | None, names: list[str]) -> Callable[[], None]:
+    """A function to call before each of ``names`` and after the last: it shows the step
+    starting (or done) on ``progress``, whose total is the number of steps."""
+    if progress is None:
+        return lambda: None
+    progress.set_total(len(names))
+    done = iter(range(len(names) + 1))
+
+    def step() -> None:
+        count = next(done)
+        now = names[count] if count < len(names) else "done"
+        progress.update(count, fields={"step": now}, force=True)
+
+    return step

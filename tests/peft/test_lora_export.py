@@ -42,16 +42,18 @@ def hf_base(seed: int):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def convert(*args: str) -> None:
+def convert(*args: str) -> str:
     """The tool as users run it; ``lora-*`` in a process of its own (they start a process
-    group of one, which a process that later forks gloo ranks must not have held)."""
+    group of one, which a process that later forks gloo ranks must not have held), returning
+    its stderr (the progress)."""
     if not args[0].startswith("lora-"):
         assert convert_main(list(args)) == 0, args
-        return
+        return ""
     tool = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *args]
     run = subprocess.run(tool, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
+    return run.stderr
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +73,17 @@ TOKENS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(
 
 def test_peft_loads_the_adapters_and_merges_as_the_engine(trained):
     root = trained
-    convert("lora-to-peft", "--load-dir", str(root / "adapters"), "--save-dir",
-            str(root / "peft"), "--base-model-name-or-path", str(root / "hf"))  # fmt: skip
+    progress = convert(
+        "lora-to-peft", "--load-dir", str(root / "adapters"), "--save-dir", str(root / "peft"),
+        "--base-model-name-or-path", str(root / "hf"),
+    )  # fmt: skip
+    assert "lora-to-peft: [" in progress and "100.0% 2/2 steps" in progress, progress
     config = json.loads((root / "peft" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (4, 8.0, "LORA")
-    convert("lora-merge", "--load-dir", str(root / "adapters"), "--save-dir", str(root / "merged"))
+    progress = convert(
+        "lora-merge", "--load-dir", str(root / "adapters"), "--save-dir", str(root / "merged")
+    )
+    assert "100.0% 4/4 steps" in progress and "step done" in progress, progress
     convert("engine-to-hf", "--load-dir", str(root / "merged"), "--save-dir",
             str(root / "merged_hf"))  # fmt: skip
     merged = transformers.LlamaForCausalLM.from_pretrained(root / "merged_hf").eval()
