@@ -98,14 +98,13 @@ class TrainingRun:
             context_parallel_size=p.context_parallel_size,
         )
         model_parallel_seed(t.seed)
-        fsdp = job.ddp.use_torch_fsdp2  # FSDP moves each layer's shards to the device itself
-        if loads_every_weight(job):
-            # No weight drawn to be overwritten: allocated where it trains, uninitialised.
-            chunks = build_model_chunks(
-                self.model_config, initialise=False, device="cpu" if fsdp else device
-            )
-        else:  # built and initialised where it trains (FSDP2: on the host, then sharded)
-            chunks = build_model_chunks(self.model_config, device="cpu" if fsdp else device)
+        # Built where it trains (FSDP2: on the host; it moves each layer's shards itself), and
+        # uninitialised when a checkpoint fills every weight: none is drawn to be overwritten.
+        chunks = build_model_chunks(
+            self.model_config,
+            initialise=not loads_every_weight(job),
+            device="cpu" if job.ddp.use_torch_fsdp2 else device,
+        )
         if job.lora is not None:
             # Before DDP: what requires a gradient (the adapters only) decides what DDP
             # buckets and the optimizer steps; the frozen base gets neither.
