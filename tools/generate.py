@@ -38,8 +38,8 @@ from engine.data.sft_dataset import ROLES, ChatTemplate, chat_template_of, rende
 from engine.data.tokenizer import Tokenizer
 from engine.device import init_distributed, leave_distributed
 from engine.inference.decoding import (
-    DEFAULT_MICRO_BATCH_SIZE,
     add_decoding_flags,
+    batch_size,
     completion,
     decode_batches,
     encode,
@@ -232,9 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.load, args.ckpt_step)
         rank0 = dist.get_rank() == 0
         # Progress only for many prompts: one batch already shows itself as it streams.
-        size = args.micro_batch_size or DEFAULT_MICRO_BATCH_SIZE
         progress = Progress(len(prompts), "prompts", label="generate",
-                            enabled=rank0 and len(prompts) > size)  # fmt: skip
+                            enabled=rank0 and len(prompts) > batch_size(args))  # fmt: skip
         printer = Printer(tokenizer, prompts, texts, progress.clear) if rank0 else None
 
         def batch_done(start: int, size: int) -> None:

@@ -75,6 +75,25 @@ def completion(tokenizer: Tokenizer, prompt: Sequence[int], new: Sequence[int]) 
     return tokenizer.detokenize(list(prompt) + list(new))[len(before) :]
 
 
+def batch_size(args: argparse.Namespace) -> int:
+    """Prompts per `generate` call: ``--micro-batch-size``, else `DEFAULT_MICRO_BATCH_SIZE`."""
+    return args.micro_batch_size or DEFAULT_MICRO_BATCH_SIZE
+
+
+def _batches(
+    num_prompts: int, args: argparse.Namespace, replica: tuple[int, int]
+) -> list[tuple[int, range]]:
+    """``(batch number, its prompts)`` of the batches ``replica`` ``(r, n)`` decodes: numbers
+    ``r, r + n, ...`` of the consecutive batches of `batch_size` prompts."""
+    size = batch_size(args)
+    rank, replicas = replica
+    return [
+        (number, range(start, min(start + size, num_prompts)))
+        for number, start in enumerate(range(0, num_prompts, size))
+        if number % replicas == rank
+    ]
+
+
 def decode_batches(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -85,8 +104,8 @@ def decode_batches(
     on_batch: Callable[[int, int], None] | None = None,
     replica: tuple[int, int] = (0, 1),
 ) -> list[list[int]]:
-    """The new ids of every prompt, ``--micro-batch-size`` prompts per `generate` call
-    (collective: every model-parallel rank passes the same prompts).
+    """The new ids of every prompt, `batch_size` prompts per `generate` call (collective:
+    every model-parallel rank passes the same prompts).
 
     Args:
         stops: the ids that end a sequence (ignored with ``--ignore-eos``).
@@ -98,37 +117,25 @@ def decode_batches(
             decodes it, so the outputs do not depend on ``n``.
     """
     sampling = sampling_params(args)
-    size = args.micro_batch_size or DEFAULT_MICRO_BATCH_SIZE
-    rank, replicas = replica
-    outputs: list[list[int]] = []
-    for number, start in enumerate(range(0, len(prompts), size)):
-        batch = prompts[start : start + size]
-        if number % replicas != rank:
-            outputs += [[] for _ in batch]
-            continue
-        outputs += generate(
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for number, rows in _batches(len(prompts), args, replica):
+        outputs[rows.start : rows.stop] = generate(
             model,
-            batch,
+            prompts[rows.start : rows.stop],
             args.max_new_tokens,
             replace(sampling, seed=sampling.seed + number),
             eos_id=None if args.ignore_eos else stops,
             pad_id=pad_id,
-            on_tokens=on_tokens(start, len(batch)) if on_tokens is not None else None,
+            on_tokens=on_tokens(rows.start, len(rows)) if on_tokens is not None else None,
         )
         if on_batch is not None:
-            on_batch(start, len(batch))
+            on_batch(rows.start, len(rows))
     return outputs
 
 
 def prompts_decoded_by(replica: tuple[int, int], num_prompts: int, args: argparse.Namespace) -> int:
     """How many of ``num_prompts`` prompts `decode_batches` decodes on ``replica``."""
-    size = args.micro_batch_size or DEFAULT_MICRO_BATCH_SIZE
-    rank, replicas = replica
-    return sum(
-        min(size, num_prompts - start)
-        for number, start in enumerate(range(0, num_prompts, size))
-        if number % replicas == rank
-    )
+    return sum(len(rows) for _, rows in _batches(num_prompts, args, replica))
 
 
 def gather_replicas(
@@ -144,5 +151,8 @@ def gather_replicas(
     dist.gather_object(outputs, gathered, group=group, group_dst=0)
     if gathered is None:
         return None
-    size = args.micro_batch_size or DEFAULT_MICRO_BATCH_SIZE
-    return [gathered[(i // size) % replicas][i] for i in range(len(outputs))]
+    merged = list(outputs)
+    for replica, theirs in enumerate(gathered):
+        for _, rows in _batches(len(outputs), args, (replica, replicas)):
+            merged[rows.start : rows.stop] = theirs[rows.start : rows.stop]
+    return merged
