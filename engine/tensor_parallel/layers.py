@@ -40,6 +40,7 @@ from engine.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
+from engine.tensor_parallel.sharding import shard_pieces
 
 InitMethod = Callable[[torch.Tensor], None]
 """Fills a full, unsharded float32 weight in place: a CPU one, or one on any device if the
@@ -167,10 +168,9 @@ def initialise_shard(
         else:
             full = _cpu_full(full_shape)
         init_method(full)
-        # Block by block into the weight itself (`shard_tensor` would concatenate a copy).
+        # Piece by piece into the weight itself (`shard_tensor` would concatenate a copy).
         offset = 0
-        for block in full.split(list(partition_sizes), dim=partition_dim):
-            piece = block.chunk(world, dim=partition_dim)[rank]
+        for piece in shard_pieces(full, partition_dim, partition_sizes, rank, world):
             weight.narrow(partition_dim, offset, piece.size(partition_dim)).copy_(piece)
             offset += piece.size(partition_dim)
 

@@ -31,14 +31,19 @@ def rows_over_data_parallel(full: torch.Tensor, like: torch.Tensor) -> torch.Ten
     return distribute_tensor(full, mesh, like.placements, src_data_rank=None)  # type: ignore[attr-defined]
 
 
+def shard_pieces(
+    full: torch.Tensor, partition_dim: int, partition_sizes: Sequence[int], rank: int, world: int
+) -> list[torch.Tensor]:
+    """This rank's pieces of ``full``, in order: chunk ``rank`` of every block (views)."""
+    blocks = full.split(list(partition_sizes), dim=partition_dim)
+    return [block.chunk(world, dim=partition_dim)[rank] for block in blocks]
+
+
 def shard_tensor(
     full: torch.Tensor, partition_dim: int, partition_sizes: Sequence[int], rank: int, world: int
 ) -> torch.Tensor:
-    """This rank's shard of ``full``: chunk ``rank`` of every block, concatenated."""
-    blocks = full.split(list(partition_sizes), dim=partition_dim)
-    return torch.cat(
-        [block.chunk(world, dim=partition_dim)[rank] for block in blocks], partition_dim
-    )
+    """This rank's shard of ``full``: its `shard_pieces`, concatenated."""
+    return torch.cat(shard_pieces(full, partition_dim, partition_sizes, rank, world), partition_dim)
 
 
 def gather_tensor(
